@@ -1,0 +1,240 @@
+"""The training objective ``L = (1 - alpha) L_lm + alpha L_kd`` from the student's last hidden states (METHOD.md).
+
+``lm_kd_loss`` is the one seam the LightningModule calls. Two paths give the same numbers:
+
+- ``fused=False``: materialise ``logits = hidden @ weight.T`` ``(N, V)`` and let autograd do the rest.
+- ``fused=True``: a ``torch.autograd.Function`` walks over chunks of positions and, in its forward, computes each
+  chunk's logits, its LM and KD losses and, by autograd on that chunk alone, the gradient of the total loss with
+  respect to the chunk's logits; it turns that into the chunk's rows of ``d hidden`` and accumulates ``d weight``
+  (the fused-linear-loss idea of Liger-Kernel's ``fused_linear_cross_entropy`` / ``fused_linear_distillation``).
+  Neither the ``(N, V)`` logits nor their gradient ever exist; peak extra memory is one chunk's worth plus
+  ``d weight``. The backward only scales the stored gradients by the incoming scalar.
+
+[D] choices:
+
+- KD positions are the LM positions (``labels != -100``) that have a non-empty teacher target, so document
+  boundaries and padding masked out of the LM loss are masked out of the KD loss too.
+- ``lm`` and ``kd`` in ``LossOutput`` are detached values for logging; only ``total`` carries gradient (the
+  fused path computes the gradient of ``total`` alone).
+- ``teacher_student_kl`` is a logged diagnostic, computed under ``no_grad``:
+  ``mean_i sum_k F1_ik (log F1_ik - log q_ik)`` with ``F1`` the teacher's kept set renormalised at tau 1 and ``q``
+  the student's plain full-vocabulary softmax at the kept ids -- i.e. ``KLD`` at tau 1 without tail bucket, whatever
+  the training loss and temperature are. It is >= 0, and 0 only when the student matches the kept set and puts no
+  mass elsewhere.
+- When ``alpha == 0`` or ``target is None`` the KD term is skipped entirely: ``total`` is the LM loss itself,
+  bit-for-bit the LM-only computation (same chunking, no teacher-dependent work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pd_lightning.distill.losses import KLD, DistillLoss, upcast
+from pd_lightning.distill.target import SparseTarget
+from pd_lightning.distill.temperature import TargetTransform
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 32 * 2**20  # automatic chunk: one fp32 (chunk, V) tensor of about 32 MiB
+
+_DIAGNOSTIC = KLD()  # teacher_student_kl: forward KL at tau 1, no tail bucket
+
+
+@dataclass
+class LossOutput:
+    """What ``lm_kd_loss`` returns.
+
+    Attributes:
+        total: scalar ``(1 - alpha) * lm + alpha * kd`` (``lm`` itself when KD is skipped); the only one with grad.
+        lm: detached mean cross-entropy over positions with ``labels != -100``.
+        kd: detached mean KD loss over KD positions, or ``None`` when KD is skipped.
+        mean_temperature: mean teacher temperature over KD positions, or ``None`` when KD is skipped.
+        teacher_student_kl: mean forward KL diagnostic (module docstring), or ``None`` when KD is skipped.
+    """
+
+    total: Tensor
+    lm: Tensor
+    kd: Tensor | None
+    mean_temperature: Tensor | None
+    teacher_student_kl: Tensor | None
+
+
+@dataclass
+class _KD:
+    """Everything the chunk loop needs for the KD term (built once per batch)."""
+
+    target: SparseTarget
+    counted: Tensor  # (N,) bool KD positions
+    loss: DistillLoss
+    transform: TargetTransform | None
+    context: Tensor | None
+    alpha: float
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk so that one fp32 ``(chunk, V)`` tensor is about ``CHUNK_BYTES``."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def _chunk_objective(
+    logits: Tensor, labels: Tensor, scale_lm: Tensor, kd: _KD | None, rows: slice, scale_kd: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Objective contribution of one chunk: ``(scale_lm * lm_sum + scale_kd * kd_sum, lm_sum, kd_sum, tau)``."""
+    logp = F.log_softmax(logits, dim=-1)  # (n, V)
+    lm_sum = F.nll_loss(logp, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if kd is None:
+        return scale_lm * lm_sum, lm_sum, None, None
+    kd_tok, tau = kd.loss.token_losses(
+        logits, kd.target.select(rows), kd.counted[rows], kd.transform, kd.context, student_logp=logp
+    )
+    kd_sum = kd_tok.sum()
+    return scale_lm * lm_sum + scale_kd * kd_sum, lm_sum, kd_sum, tau
+
+
+def _diagnostic_sum(logp: Tensor, kd: _KD, rows: slice) -> Tensor:
+    with torch.no_grad():
+        counted = kd.counted[rows]
+        return _DIAGNOSTIC.token_losses(logp, kd.target.select(rows), counted, student_logp=logp)[0].sum()
+
+
+def _fused_loop(
+    hidden: Tensor, weight: Tensor, labels: Tensor, kd: _KD | None, chunk_size: int, grad_hidden: bool, grad_weight: bool
+) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+    """Chunk loop of the fused path; returns ``[lm, kd, tau_sum, kl_sum]`` sums and the gradients of ``total``."""
+    n = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    n_lm = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    n_kd = None if kd is None else kd.counted.sum().clamp(min=1)
+    scale_lm = (1.0 / n_lm) if kd is None else (1.0 - kd.alpha) / n_lm
+    scale_kd = torch.zeros(()) if kd is None else kd.alpha / n_kd
+    sums = [torch.zeros((), dtype=acc, device=hidden.device) for _ in range(4)]  # lm, kd, tau, kl
+    d_hidden = torch.empty_like(hidden) if grad_hidden else None  # (N, H)
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grad_weight else None  # (V, H)
+    need_grad = grad_hidden or grad_weight
+    step = chunk_size if chunk_size > 0 else auto_chunk_size(weight.shape[0])
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        h = hidden[rows]  # (n, H)
+        logits = upcast(h @ weight.T).detach().requires_grad_(need_grad)  # (n, V) leaf of this chunk's graph
+        with torch.enable_grad():
+            obj, lm_sum, kd_sum, tau = _chunk_objective(logits, labels[rows], scale_lm, kd, rows, scale_kd)
+            d_logits = torch.autograd.grad(obj, logits)[0].to(hidden.dtype) if need_grad else None  # (n, V)
+        sums[0] += lm_sum.detach()
+        if kd is not None:
+            sums[1] += kd_sum.detach()
+            sums[2] += torch.where(kd.counted[rows], tau, 0.0).sum()
+            sums[3] += _diagnostic_sum(logits.detach().log_softmax(-1), kd, rows)
+        del logits, obj
+        if d_hidden is not None:
+            torch.mm(d_logits, weight, out=d_hidden[rows])  # (n, H)
+        if d_weight is not None:
+            if d_logits.dtype == acc:
+                d_weight.addmm_(d_logits.T, h)  # (V, H) += (V, n) @ (n, H)
+            else:
+                d_weight += (d_logits.T @ h).to(acc)  # low-precision matmul, fp32 accumulation
+    means = [sums[0] / n_lm]
+    if kd is not None:
+        means += [sums[1] / n_kd, sums[2] / n_kd, sums[3] / n_kd]
+    return means, d_hidden, None if d_weight is None else d_weight.to(weight.dtype)
+
+
+class _FusedLinearLMKD(torch.autograd.Function):
+    """``(hidden, weight) -> (total, lm, kd, mean_tau, kl)``; gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, kd: _KD | None, chunk_size: int):  # type: ignore[override]
+        means, d_hidden, d_weight = _fused_loop(
+            hidden, weight, labels, kd, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        total = means[0] if kd is None else (1.0 - kd.alpha) * means[0] + kd.alpha * means[1]
+        ctx.save_for_backward(d_hidden, d_weight)
+        outputs = [total.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32)]
+        outputs += [m.clone() for m in means]
+        ctx.mark_non_differentiable(*outputs[1:])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, *unused: Tensor):  # type: ignore[override]
+        d_hidden, d_weight = ctx.saved_tensors
+        if not bool(grad_total == 1.0):  # scaled losses (e.g. AMP, accumulation): the only allocation here
+            d_hidden = None if d_hidden is None else d_hidden * grad_total.to(d_hidden.dtype)
+            d_weight = None if d_weight is None else d_weight * grad_total.to(d_weight.dtype)
+        return d_hidden, d_weight, None, None, None
+
+
+def lm_kd_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target: SparseTarget | None,
+    alpha: float,
+    loss: DistillLoss | None,
+    temperature: TargetTransform | None = None,
+    chunk_size: int = 0,
+    fused: bool = True,
+) -> LossOutput:
+    """``(1 - alpha) * L_lm + alpha * L_kd`` from the last hidden states and the output head (METHOD.md, Objective).
+
+    Args:
+        hidden: ``(N, H)`` student hidden states after the final norm (any float dtype).
+        weight: ``(V, H)`` output head (``lm_head.weight``).
+        labels: ``(N,)`` int64 next-token ids, ``-100`` = ignored.
+        target: ``N`` rows of sparse teacher targets, or ``None`` when the data carries none.
+        alpha: KD weight in [0, 1] (from the ``AlphaScheduler``).
+        loss: the KD divergence; needed when ``alpha > 0``.
+        temperature: per-token temperatures / weights; ``None`` = static tau 1.
+        chunk_size: positions per chunk on the fused path; 0 = automatic (``auto_chunk_size``).
+        fused: chunked fused path (never materialises the ``(N, V)`` logits) instead of plain autograd.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = automatic), got {chunk_size}")
+    if alpha > 0 and target is None:
+        raise ValueError(
+            f"alpha={alpha} > 0 asks for a KD loss, but the data provides no teacher targets: use a data module with "
+            "a teacher-logit cache (or an online teacher), or set alpha to 0"
+        )
+    if alpha > 0 and loss is None:
+        raise ValueError(f"alpha={alpha} > 0 needs a KD loss, but loss is None")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or labels.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"expected hidden (N, H), weight (V, H), labels (N,); got {tuple(hidden.shape)}, {tuple(weight.shape)}, "
+            f"{tuple(labels.shape)}"
+        )
+    kd = None
+    if alpha > 0:
+        if target.ids.shape[0] != hidden.shape[0]:
+            raise ValueError(f"target has {target.ids.shape[0]} rows, hidden has {hidden.shape[0]}")
+        counted = loss.counted(target, labels != IGNORE_INDEX)  # (N,)
+        context = None if temperature is None else temperature.batch_context(target, counted)
+        kd = _KD(target, counted, loss, temperature, context, alpha)
+
+    if fused:
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            total, lm, *rest = _FusedLinearLMKD.apply(hidden, weight, labels, kd, chunk_size)
+        else:  # evaluation: same loop, no gradients
+            means, _, _ = _fused_loop(hidden, weight, labels, kd, chunk_size, False, False)
+            lm, rest = means[0], means[1:]
+            total = lm if kd is None else (1.0 - alpha) * lm + alpha * rest[0]
+        if kd is None:
+            return LossOutput(total, lm, None, None, None)
+        return LossOutput(total, lm, *rest)
+
+    logits = upcast(hidden @ weight.T)  # (N, V)
+    logp = F.log_softmax(logits, dim=-1)  # (N, V)
+    n_lm = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    lm = F.nll_loss(logp, labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_lm
+    if kd is None:
+        return LossOutput(lm, lm.detach(), None, None, None)
+    rows = slice(None)
+    kd_tok, tau = loss.token_losses(logits, target, counted, temperature, kd.context, student_logp=logp)
+    n_kd = counted.sum().clamp(min=1)
+    kd_mean = kd_tok.sum() / n_kd
+    total = (1.0 - alpha) * lm + alpha * kd_mean
+    mean_tau = torch.where(counted, tau, 0.0).sum() / n_kd
+    kl = _diagnostic_sum(logp.detach(), kd, rows) / n_kd
+    return LossOutput(total, lm.detach(), kd_mean.detach(), mean_tau, kl)

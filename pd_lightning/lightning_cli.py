@@ -1,0 +1,43 @@
+"""LightningCLI subclasses behind ``pd-lightning fit|validate|test`` (student) and ``pd-lightning predict`` (teacher)."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+DEMO_TOKENS = "data/demo/tokens.h5"
+TRAINER_DEFAULTS = {
+    "use_distributed_sampler": False,  # SequenceDataModule shards and resumes its own sampler
+    "default_root_dir": "runs",
+    "callbacks": [{"class_path": "pd_lightning.progress.ValidationReport"}],
+}
+
+
+def _positive_or_none(max_steps: int | None) -> int | None:
+    return max_steps if max_steps is not None and max_steps > 0 else None
+
+
+class TrainCLI(LightningCLI):
+    """LightningCLI for the student: links the data's runtime values into the model (never typed twice)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.student.vocab_size", apply_on="instantiate")
+        parser.link_arguments("trainer.max_steps", "model.max_steps", compute_fn=_positive_or_none)
+        parser.set_defaults(
+            {"data": {"class_path": "pd_lightning.data.datamodule.TokenDataModule", "init_args": {"path": DEMO_TOKENS}}}
+        )
+
+
+def train_cli(args: list[str] | None = None, run: bool = True) -> TrainCLI:
+    from pd_lightning.data.datamodule import SequenceDataModule
+    from pd_lightning.module import DistillationModule
+
+    return TrainCLI(
+        DistillationModule,
+        SequenceDataModule,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,162 @@
+"""``DistillationModule``: the LightningModule that wires the student, the loss plug-ins and the schedules.
+
+Loss per step: L = (1 - alpha(step)) * L_lm + alpha(step) * L_kd  (``pd_lightning.distill.objective``).
+With ``loss=None`` (the default) and alpha = 0 this is plain LM pre-training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+from jsonargparse import lazy_instance
+from torch import Tensor
+
+from pd_lightning.distill.lr import Cosine, LRSchedule
+from pd_lightning.distill.objective import lm_kd_loss
+from pd_lightning.distill.target import SparseTarget
+from pd_lightning.model.config import StudentConfig
+from pd_lightning.model.transformer import Transformer
+
+
+class DistillationModule(L.LightningModule):
+    """Pre-trains a student on (1 - alpha) * LM loss + alpha * KD loss.
+
+    Args:
+        student: the student's shape (``--model.student.preset 1.9B`` or explicit fields).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (applied to matrices only, not to norms).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        lr_schedule: learning-rate schedule as a function of the step (Cosine, WSDLR, Constant).
+        loss: KD divergence (a ``DistillLoss``: KLD, NLL, MSE, ReverseKL, JSD, TVD); None = LM loss only.
+        temperature: transform of the teacher target (StaticTemperature, NormKD, WTTM, AdaKD_SD, AdaKD_H).
+        alpha: schedule of the KD weight alpha (an ``AlphaScheduler``); default Constant(0) = LM only.
+        fused_loss: compute LM + KD from the hidden states in token chunks without materialising the logits.
+        loss_chunk_size: tokens per chunk of the fused loss (0 = automatic).
+        activation_checkpointing: recompute each block in the backward pass to save memory.
+        max_steps: total optimizer steps the schedules span; None = the trainer's estimated stepping batches.
+    """
+
+    def __init__(
+        self,
+        student: StudentConfig,
+        lr: float = 6e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        lr_schedule: LRSchedule = lazy_instance(Cosine),
+        loss: object | None = None,
+        temperature: object | None = None,
+        alpha: object | None = None,
+        fused_loss: bool = True,
+        loss_chunk_size: int = 0,
+        activation_checkpointing: bool = False,
+        max_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"--model.lr must be positive, got {lr}")
+        if loss_chunk_size < 0:
+            raise ValueError(f"--model.loss_chunk_size must be >= 0, got {loss_chunk_size}")
+        self.save_hyperparameters()
+        self.student_config = student
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
+        self.lr_schedule = lr_schedule
+        self.kd_loss = loss
+        self.temperature = temperature
+        self.alpha_schedule = alpha
+        self.fused_loss, self.loss_chunk_size = fused_loss, loss_chunk_size
+        self.max_steps = max_steps
+        self.model = Transformer(student, activation_checkpointing=activation_checkpointing)
+        self._t_last: float | None = None
+
+    # ---- schedules ----------------------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        if self._trainer is not None and math.isfinite(self.trainer.estimated_stepping_batches):
+            return int(self.trainer.estimated_stepping_batches)
+        raise ValueError("set --trainer.max_steps (or --model.max_steps): the schedules need the run's length")
+
+    def alpha_at(self, step: int) -> float:
+        return 0.0 if self.alpha_schedule is None else float(self.alpha_schedule(step, self.total_steps))
+
+    # ---- steps --------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+    def _loss(self, batch: dict[str, Tensor], alpha: float):
+        hidden = self.model(batch["input_ids"], return_hidden=True)  # (B, T, C)
+        target = SparseTarget.from_batch(batch) if alpha > 0 or self.kd_loss is not None else None
+        return lm_kd_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.model.output_weight,
+            batch["labels"].reshape(-1),
+            target=target,
+            alpha=alpha,
+            loss=self.kd_loss,
+            temperature=self.temperature,
+            chunk_size=self.loss_chunk_size,
+            fused=self.fused_loss,
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        alpha = self.alpha_at(self.global_step)
+        out = self._loss(batch, alpha)
+        log = dict(on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", out.total, prog_bar=True, **log)
+        self.log("train/lm_loss", out.lm, **log)
+        self.log("train/ppl", torch.exp(out.lm.detach().clamp(max=30)), **log)
+        self.log("train/alpha", alpha, **log)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
+        for name in ("kd", "mean_temperature", "teacher_student_kl"):
+            value = getattr(out, name, None)
+            if value is not None:
+                self.log(f"train/{'kd_loss' if name == 'kd' else name}", value, **log)
+        return out.total
+
+    def on_train_batch_end(self, outputs, batch: dict[str, Tensor], batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None:
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / max(now - self._t_last, 1e-9), on_step=True, prog_bar=True)
+        self._t_last = now
+
+    def on_train_epoch_start(self) -> None:
+        self._t_last = None
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self._loss(batch, 0.0)
+        n = batch["input_ids"].shape[0]
+        self.log("val/loss", out.lm, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("val/ppl", torch.exp(out.lm.clamp(max=30)), sync_dist=True, batch_size=n)
+
+    test_step = validation_step
+
+    # ---- optimizer ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
+        total = self.total_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_schedule(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["pd_lightning"] = {"student_shape": self.student_config.shape()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("pd_lightning", {}).get("student_shape")
+        current = self.student_config.shape()
+        if saved is not None and saved != current:
+            diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+            raise ValueError(
+                "--ckpt_path: the checkpoint holds a student of a different shape than this run's "
+                f"(field: (checkpoint, this run)) {diff}"
+            )
