@@ -23,7 +23,8 @@ def _function_cli(fn, args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from_python = argv is not None
+    argv = list(argv) if from_python else sys.argv[1:]
     command = argv[0] if argv else ""
     try:
         if command == "prepare":
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from pd_lightning.lightning_cli import train_cli
 
-            train_cli(argv)
+            train_cli(argv if from_python else None)
     except USER_ERRORS as e:
         # Bad input: one clear line naming the flag or file, non-zero exit, no traceback.
         print(f"pd-lightning: error: {e}", file=sys.stderr)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI
+
+from pd_lightning.progress import ValidationReport
 
 DEMO_TOKENS = "data/demo/tokens.h5"
 TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,  # SequenceDataModule shards and resumes its own sampler
     "default_root_dir": "runs",
-    "callbacks": [{"class_path": "pd_lightning.progress.ValidationReport"}],
+    "callbacks": [lazy_instance(ValidationReport)],
 }
 
 
@@ -25,6 +28,14 @@ class TrainCLI(LightningCLI):
         parser.set_defaults(
             {"data": {"class_path": "pd_lightning.data.datamodule.TokenDataModule", "init_args": {"path": DEMO_TOKENS}}}
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configuration the user gave when resuming with ``--ckpt_path``.
+
+        Lightning's default replaces the model's arguments by the checkpoint's hyperparameters, silently dropping
+        the user's flags. Here the command line and YAMLs rule, and ``DistillationModule.on_load_checkpoint`` refuses
+        a checkpoint whose student has another shape, naming the fields that differ.
+        """
 
 
 def train_cli(args: list[str] | None = None, run: bool = True) -> TrainCLI:

@@ -14,9 +14,12 @@ import torch
 from jsonargparse import lazy_instance
 from torch import Tensor
 
+from pd_lightning.distill.losses import DistillLoss
 from pd_lightning.distill.lr import Cosine, LRSchedule
 from pd_lightning.distill.objective import lm_kd_loss
+from pd_lightning.distill.schedules import AlphaScheduler
 from pd_lightning.distill.target import SparseTarget
+from pd_lightning.distill.temperature import TargetTransform
 from pd_lightning.model.config import StudentConfig
 from pd_lightning.model.transformer import Transformer
 
@@ -48,9 +51,9 @@ class DistillationModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         lr_schedule: LRSchedule = lazy_instance(Cosine),
-        loss: object | None = None,
-        temperature: object | None = None,
-        alpha: object | None = None,
+        loss: DistillLoss | None = None,
+        temperature: TargetTransform | None = None,
+        alpha: AlphaScheduler | None = None,
         fused_loss: bool = True,
         loss_chunk_size: int = 0,
         activation_checkpointing: bool = False,

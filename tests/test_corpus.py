@@ -45,10 +45,10 @@ def test_bpe_roundtrip_is_lossless(prepared):
 
 
 def test_parquet_and_existing_tokenizer(tmp_path, prepared):
+    from pydoc_data.topics import topics
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pydoc_data.topics import topics
 
     texts = [topics[k] for k in sorted(topics)[:40]]
     pq.write_table(pa.table({"content": texts}), tmp_path / "x.parquet")

@@ -28,6 +28,7 @@ attributes are :class:`CacheSpec` (identity of the content) plus ``rank``, ``wor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -239,11 +240,17 @@ def encode(sequence_index: Tensor, tokens: Tensor, target: SparseTarget, spec: C
     return EncodedSequences(
         sequence_index=sequence_index.detach().to(torch.int64).cpu().numpy(),
         tokens=tokens.detach().to(torch.int32).cpu().numpy(),
-        counts=counts.cpu().numpy().astype(np.uint32),  # narrowed when the shard is finalised
+        counts=counts.cpu().numpy().astype(count_dtype(spec.max_entries or spec.vocab_size)),
         entries=packed.cpu().numpy().astype(entry_dtype(spec.vocab_size)),
         std=target.std.detach().float().clamp(-65504, 65504).cpu().numpy().astype(np.float16),
         entropy=target.entropy.detach().float().cpu().numpy().astype(np.float16),
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _prefix_table(k: int) -> np.ndarray:
+    """``(K + 1, K)`` bool: row ``c`` is True in its first ``c`` columns."""
+    return np.arange(k)[None, :] < np.arange(k + 1)[:, None]
 
 
 def decode(counts: np.ndarray, entries: np.ndarray, max_entries: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +268,10 @@ def decode(counts: np.ndarray, entries: np.ndarray, max_entries: int) -> tuple[n
         return ids_flat.reshape(w, k), lp_flat.reshape(w, k)
     ids = np.zeros((w, k), dtype=np.int64)
     logprobs = np.full((w, k), -np.inf, dtype=np.float32)
-    mask = np.arange(k, dtype=np.int32) < counts[:, None]  # (W, K) prefix of each row
+    if k <= 1024:  # (W, K) prefix of each row, gathered from a table: ~10x faster than a broadcast compare
+        mask = np.take(_prefix_table(k), counts, axis=0)
+    else:
+        mask = np.arange(k, dtype=np.int64) < counts.astype(np.int64)[:, None]
     ids[mask] = ids_flat
     logprobs[mask] = lp_flat
     return ids, logprobs

@@ -85,9 +85,7 @@ class WSDLR(LRSchedule):
         _check_fraction("decay_fraction", decay_fraction)
         _check_fraction("min_lr_ratio", min_lr_ratio)
         if warmup_fraction + decay_fraction > 1.0:
-            raise ValueError(
-                f"warmup_fraction + decay_fraction must be <= 1, got {warmup_fraction} + {decay_fraction}"
-            )
+            raise ValueError(f"warmup_fraction + decay_fraction must be <= 1, got {warmup_fraction} + {decay_fraction}")
         self.warmup_fraction = warmup_fraction
         self.decay_fraction = decay_fraction
         self.min_lr_ratio = min_lr_ratio

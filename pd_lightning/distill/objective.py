@@ -80,36 +80,43 @@ def auto_chunk_size(vocab_size: int) -> int:
 
 
 def _chunk_objective(
-    logits: Tensor, labels: Tensor, scale_lm: Tensor, kd: _KD | None, rows: slice, scale_kd: Tensor
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Objective contribution of one chunk: ``(scale_lm * lm_sum + scale_kd * kd_sum, lm_sum, kd_sum, tau)``."""
-    logp = F.log_softmax(logits, dim=-1)  # (n, V)
+    logits: Tensor, labels: Tensor, kd: _KD | None, rows: slice, scale_lm: Tensor, scale_kd: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One chunk: ``(scale_lm * lm_sum + scale_kd * kd_sum, log_softmax(logits), lm_sum, kd_sum, tau)``."""
+    logp = F.log_softmax(logits, dim=-1)  # (n, V), shared by the LM loss, the KD loss (at tau_s = 1) and the log
     lm_sum = F.nll_loss(logp, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if kd is None:
-        return scale_lm * lm_sum, lm_sum, None, None
+        return scale_lm * lm_sum, logp, lm_sum, None, None
     kd_tok, tau = kd.loss.token_losses(
         logits, kd.target.select(rows), kd.counted[rows], kd.transform, kd.context, student_logp=logp
     )
     kd_sum = kd_tok.sum()
-    return scale_lm * lm_sum + scale_kd * kd_sum, lm_sum, kd_sum, tau
+    return scale_lm * lm_sum + scale_kd * kd_sum, logp, lm_sum, kd_sum, tau
 
 
 def _diagnostic_sum(logp: Tensor, kd: _KD, rows: slice) -> Tensor:
+    """Sum over the chunk's KD positions of the ``teacher_student_kl`` diagnostic (module docstring)."""
     with torch.no_grad():
-        counted = kd.counted[rows]
-        return _DIAGNOSTIC.token_losses(logp, kd.target.select(rows), counted, student_logp=logp)[0].sum()
+        logp = logp.detach()
+        return _DIAGNOSTIC.token_losses(logp, kd.target.select(rows), kd.counted[rows], student_logp=logp)[0].sum()
 
 
 def _fused_loop(
-    hidden: Tensor, weight: Tensor, labels: Tensor, kd: _KD | None, chunk_size: int, grad_hidden: bool, grad_weight: bool
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    kd: _KD | None,
+    chunk_size: int,
+    grad_hidden: bool,
+    grad_weight: bool,
 ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
-    """Chunk loop of the fused path; returns ``[lm, kd, tau_sum, kl_sum]`` sums and the gradients of ``total``."""
+    """Chunk loop of the fused path: ``[lm, kd, mean_tau, kl]`` means and the gradients of ``total``."""
     n = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n_lm = (labels != IGNORE_INDEX).sum().clamp(min=1)
     n_kd = None if kd is None else kd.counted.sum().clamp(min=1)
     scale_lm = (1.0 / n_lm) if kd is None else (1.0 - kd.alpha) / n_lm
-    scale_kd = torch.zeros(()) if kd is None else kd.alpha / n_kd
+    scale_kd = None if kd is None else kd.alpha / n_kd
     sums = [torch.zeros((), dtype=acc, device=hidden.device) for _ in range(4)]  # lm, kd, tau, kl
     d_hidden = torch.empty_like(hidden) if grad_hidden else None  # (N, H)
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grad_weight else None  # (V, H)
@@ -120,14 +127,14 @@ def _fused_loop(
         h = hidden[rows]  # (n, H)
         logits = upcast(h @ weight.T).detach().requires_grad_(need_grad)  # (n, V) leaf of this chunk's graph
         with torch.enable_grad():
-            obj, lm_sum, kd_sum, tau = _chunk_objective(logits, labels[rows], scale_lm, kd, rows, scale_kd)
+            obj, logp, lm_sum, kd_sum, tau = _chunk_objective(logits, labels[rows], kd, rows, scale_lm, scale_kd)
             d_logits = torch.autograd.grad(obj, logits)[0].to(hidden.dtype) if need_grad else None  # (n, V)
         sums[0] += lm_sum.detach()
         if kd is not None:
             sums[1] += kd_sum.detach()
             sums[2] += torch.where(kd.counted[rows], tau, 0.0).sum()
-            sums[3] += _diagnostic_sum(logits.detach().log_softmax(-1), kd, rows)
-        del logits, obj
+            sums[3] += _diagnostic_sum(logp, kd, rows)
+        del logits, logp, obj
         if d_hidden is not None:
             torch.mm(d_logits, weight, out=d_hidden[rows])  # (n, H)
         if d_weight is not None:
@@ -151,8 +158,7 @@ class _FusedLinearLMKD(torch.autograd.Function):
         )
         total = means[0] if kd is None else (1.0 - kd.alpha) * means[0] + kd.alpha * means[1]
         ctx.save_for_backward(d_hidden, d_weight)
-        outputs = [total.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32)]
-        outputs += [m.clone() for m in means]
+        outputs = [total] + [m.clone() for m in means]  # clones: total may be means[0] itself
         ctx.mark_non_differentiable(*outputs[1:])
         return tuple(outputs)
 
@@ -230,11 +236,10 @@ def lm_kd_loss(
     lm = F.nll_loss(logp, labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_lm
     if kd is None:
         return LossOutput(lm, lm.detach(), None, None, None)
-    rows = slice(None)
     kd_tok, tau = loss.token_losses(logits, target, counted, temperature, kd.context, student_logp=logp)
     n_kd = counted.sum().clamp(min=1)
     kd_mean = kd_tok.sum() / n_kd
     total = (1.0 - alpha) * lm + alpha * kd_mean
     mean_tau = torch.where(counted, tau, 0.0).sum() / n_kd
-    kl = _diagnostic_sum(logp.detach(), kd, rows) / n_kd
+    kl = _diagnostic_sum(logp, kd, slice(None)) / n_kd
     return LossOutput(total, lm.detach(), kd_mean.detach(), mean_tau, kl)

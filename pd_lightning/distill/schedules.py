@@ -172,7 +172,7 @@ def wsd_shape(step: int, total_steps: int, warmup_fraction: float, decay_fractio
 
 
 class WSD(AlphaScheduler):
-    """WSD-alpha: alpha warms up, holds while the LR is at its peak, then decays (Table 5; the paper's best with WSD-LR).
+    """WSD-alpha: alpha warms up, holds while the LR is at its peak, then decays (Table 5; best with WSD-LR).
 
     ``alpha = alpha_min + (alpha_max - alpha_min) * wsd_shape(step)``; the phase edges equal ``lr.WSDLR``'s when
     the fractions are linked (LightningCLI ``link_arguments``). PD* uses ``alpha_max = 0.9``.

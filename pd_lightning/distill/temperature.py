@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from pd_lightning.distill.target import SparseTarget
 
+TAIL_EPS = 1e-6  # WTTM: a tail mass below this is rounding error of the kept sum (fp32 sums of ~100 entries)
+
 
 @dataclass
 class Temperatures:
@@ -72,7 +74,7 @@ class TargetTransform(nn.Module, ABC):
                 f"{type(self).__name__} needs the teacher's full-vocabulary {name} per token (target.{name}), but "
                 "the data provides none: write the cache with that statistic or use StaticTemperature"
             )
-        return value.float()
+        return value if value.dtype == torch.float64 else value.float()
 
 
 class StaticTemperature(TargetTransform):
@@ -136,6 +138,8 @@ class WTTM(TargetTransform):
       gamma < 1; LLM tails are far from uniform, so it overweights high-tail tokens).
     - ``"bucket"``: the tail as one outcome, ``t^gamma`` (a lower bound for gamma < 1).
 
+    A tail mass below ``TAIL_EPS`` (1e-6) is taken as 0: it is rounding error of the kept sum.
+
     Args:
         gamma: power ``gamma = 1 / tau`` applied to the teacher, > 0 (gamma < 1 softens).
         tail: how the tail's share of ``U_gamma`` is approximated (see above).
@@ -152,11 +156,15 @@ class WTTM(TargetTransform):
     def weight(self, target: SparseTarget, vocab_size: int) -> Tensor:
         """``(n,)`` ``U_gamma`` from the kept entries plus the tail approximation."""
         valid = target.valid  # (n, K)
-        logp = torch.where(valid, target.logprobs.float(), 0.0)  # (n, K); padding -> 0 (masked below)
+        logp = target.logprobs if target.logprobs.dtype == torch.float64 else target.logprobs.float()
+        logp = torch.where(valid, logp, 0.0)  # (n, K); padding -> 0 (masked below)
         p = torch.where(valid, logp.exp(), 0.0)
         kept_u = torch.where(valid, (self.gamma * logp).exp(), 0.0).sum(-1)  # (n,)
-        tail = (1.0 - p.sum(-1)).clamp(min=0.0)  # (n,)
-        unkept = (vocab_size - valid.sum(-1)).clamp(min=1).float()  # (n,) M
+        unkept = vocab_size - valid.sum(-1)  # (n,) M
+        tail = 1.0 - p.sum(-1)  # (n,)
+        # Rounding leaves ~1e-7 of "tail" on a complete support, and t^gamma magnifies it (1e-7^0.3 = 8e-3).
+        tail = torch.where((tail > TAIL_EPS) & (unkept > 0), tail, 0.0)
+        unkept = unkept.clamp(min=1).float()
         if self.tail == "bucket":
             support = torch.ones_like(tail)
         elif self.tail == "uniform":

@@ -19,7 +19,9 @@ PRESETS: list[dict] = [
     dict(preset="tiny", n_embd=64, n_layer=2, n_head=4, n_query_groups=2, intermediate_size=176, vocab_size=512),
     dict(preset="demo", n_embd=128, n_layer=4, n_head=4, n_query_groups=2, intermediate_size=352, vocab_size=4096),
     # The paper's Table 7.
-    dict(preset="330M", n_embd=1024, intermediate_size=4096, n_layer=12, n_head=16, n_query_groups=2, tie_embeddings=True),
+    dict(
+        preset="330M", n_embd=1024, intermediate_size=4096, n_layer=12, n_head=16, n_query_groups=2, tie_embeddings=True
+    ),
     dict(preset="670M", n_embd=1024, intermediate_size=4096, n_layer=24, n_head=16, n_query_groups=2),
     dict(preset="1.9B", n_embd=2048, intermediate_size=6912, n_layer=24, n_head=16, n_query_groups=2),
     dict(preset="3.8B", n_embd=3072, intermediate_size=8192, n_layer=28, n_head=24, n_query_groups=8),
@@ -67,7 +69,9 @@ class StudentConfig:
         if self.preset is not None:
             matches = [p for p in PRESETS if p["preset"] == self.preset]
             if not matches:
-                raise ValueError(f"unknown preset {self.preset!r} (--model.student.preset); choose one of {PRESET_NAMES}")
+                raise ValueError(
+                    f"unknown preset {self.preset!r} (--model.student.preset); choose one of {PRESET_NAMES}"
+                )
             for key, value in matches[0].items():
                 if getattr(self, key) is None:
                     setattr(self, key, value)

@@ -65,7 +65,9 @@ def to_hf_config(cfg: StudentConfig, max_position_embeddings: int = 4096, **spec
 
 def from_hf_config(hf_config) -> StudentConfig:
     if getattr(hf_config, "model_type", None) != "llama":
-        raise ValueError(f"only Llama-architecture models convert to a student, got model_type={hf_config.model_type!r}")
+        raise ValueError(
+            f"only Llama-architecture models convert to a student, got model_type={hf_config.model_type!r}"
+        )
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise ValueError("Llama models with attention/MLP biases have no student equivalent")
     rope = getattr(hf_config, "rope_parameters", None) or {}

@@ -1,0 +1,153 @@
+"""Teacher-cache read throughput per DataLoader worker: HDF5 shards vs the same bytes in numpy memmaps.
+
+Builds a synthetic cache (vocabulary 151,552, seq_len 2048, K=100) with the real writer, then times, in one
+process and with a warm page cache, reading whole 2048-position sequences at random (``TeacherCache.read``:
+HDF5 reads, fletcher32 checks, decoding to ``(L, K)`` int64 ids / fp32 log-probs with -inf padding, torch
+tensors). The baseline reads the same arrays from ``.npy`` memmaps and runs the same decoding. Two entry
+distributions: ``mixed`` (entries per token drawn like a top-0.95-100 cache: many confident 1-3 entry tokens,
+a long tail, ~12% at the cap; mean ~24) and ``full`` (all 100). Reports the median over repetitions; the last
+line is ``RESULT cache_tokens_per_s=... memmap_tokens_per_s=... ratio=...`` for the mixed case.
+
+Run: ``.venv/bin/python benchmarks/loader_throughput.py [--sequences 512] [--reps 7] [--profile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from pd_lightning.data.cache import CacheSpec, CacheWriter, TeacherCache
+from pd_lightning.data.cache_format import DATASETS, decode
+from pd_lightning.distill.processors import TopPK
+from pd_lightning.distill.target import SparseTarget
+
+VOCAB, SEQ_LEN, K = 151_552, 2048, 100
+
+
+def synthetic_counts(rng: np.random.Generator, n: int, mode: str) -> np.ndarray:
+    """Entries per position: ``full`` = K everywhere; ``mixed`` = a top-0.95-100-like mix."""
+    if mode == "full":
+        return np.full(n, K)
+    kind = rng.random(n)
+    counts = np.where(kind < 0.35, rng.integers(1, 4, n), np.minimum(rng.geometric(1 / 30, n), K))
+    return np.where(kind > 0.88, K, counts)
+
+
+def build(folder: Path, mode: str, sequences: int, seed: int = 0) -> Path:
+    """Write a synthetic cache with the real writer and return its folder."""
+    rng = np.random.default_rng(seed)
+    spec = CacheSpec.for_processor(
+        TopPK(0.95, K),
+        vocab_size=VOCAB,
+        seq_len=SEQ_LEN,
+        num_sequences=sequences,
+        teacher_fingerprint="synthetic",
+        tokenizer_fingerprint="synthetic",
+        source_fingerprint=f"synthetic-{mode}",
+    )
+    writer = CacheWriter(folder, spec, commit_sequences=16)
+    for i in range(sequences):
+        counts = torch.from_numpy(synthetic_counts(rng, SEQ_LEN, mode))
+        valid = torch.arange(K)[None, :] < counts[:, None]  # (L, K)
+        ids = torch.from_numpy(rng.integers(0, VOCAB, (SEQ_LEN, K)))
+        logprobs = -torch.from_numpy(rng.exponential(3.0, (SEQ_LEN, K))).float().cumsum(-1) / 10
+        target = SparseTarget(
+            ids=ids.masked_fill(~valid, 0),
+            logprobs=logprobs.masked_fill(~valid, -float("inf")),
+            std=torch.rand(SEQ_LEN) * 3,
+            entropy=torch.rand(SEQ_LEN) * 5,
+        )
+        writer.write(torch.tensor([i]), torch.from_numpy(rng.integers(0, VOCAB, (1, SEQ_LEN + 1))), target)
+    writer.finalize()
+    return folder
+
+
+class MemmapCache:
+    """The same arrays as the shard, as ``.npy`` memmaps, read and decoded exactly like ``TeacherCache.read``."""
+
+    def __init__(self, shard: Path, folder: Path) -> None:
+        folder.mkdir(exist_ok=True)
+        with h5py.File(shard, "r") as f:
+            for name in DATASETS:
+                np.save(folder / f"{name}.npy", f[name][:])
+        self.a = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in DATASETS}
+
+    def read(self, r: int) -> dict[str, torch.Tensor]:
+        a, base = self.a, r * SEQ_LEN
+        tokens = a["tokens"][r]
+        counts = a["counts"][base : base + SEQ_LEN]
+        first = int(a["sequence_offsets"][r])
+        entries = a["entries"][first : first + int(counts.sum(dtype=np.int64))]
+        ids, logprobs = decode(counts, entries, K)
+        tokens = torch.from_numpy(tokens.astype(np.int64))
+        return {
+            "input_ids": tokens[:-1],
+            "labels": tokens[1:].clone(),
+            "teacher_ids": torch.from_numpy(ids),
+            "teacher_logprobs": torch.from_numpy(logprobs),
+            "teacher_std": torch.from_numpy(a["std"][base : base + SEQ_LEN].astype(np.float32)),
+            "teacher_entropy": torch.from_numpy(a["entropy"][base : base + SEQ_LEN].astype(np.float32)),
+        }
+
+
+def tokens_per_s(read, order: np.ndarray) -> float:
+    start = time.perf_counter()
+    for i in order:
+        read(int(i))
+    return len(order) * SEQ_LEN / (time.perf_counter() - start)
+
+
+def run(mode: str, sequences: int, reps: int, windows: int, profile: bool, tmp: Path) -> tuple[float, float]:
+    folder = build(tmp / mode, mode, sequences)
+    cache = TeacherCache(folder)
+    memmap = MemmapCache(cache.files[0], tmp / f"{mode}-npy")
+    for i in range(sequences):  # warm the page cache (and the file handles)
+        cache.read(i)
+        memmap.read(i)
+    rng = np.random.default_rng(1)
+    results = {"cache": [], "memmap": []}
+    for _ in range(reps):
+        order = rng.integers(0, sequences, windows)
+        results["cache"].append(tokens_per_s(cache.read, order))
+        results["memmap"].append(tokens_per_s(memmap.read, order))
+    if profile:
+        prof = cProfile.Profile()
+        prof.runcall(tokens_per_s, cache.read, rng.integers(0, sequences, windows))
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    c, m = statistics.median(results["cache"]), statistics.median(results["memmap"])
+    size = sum(f.stat().st_size for f in cache.files)
+    print(
+        f"{mode:>5}: {cache.spec.num_sequences * SEQ_LEN / 1e6:.2f}M tokens, {size / 1e6:.0f} MB "
+        f"({size / (sequences * SEQ_LEN):.1f} B/token); cache {c / 1e6:.2f}M tok/s, memmap {m / 1e6:.2f}M tok/s, "
+        f"ratio {c / m:.2f}  (median of {reps} x {windows} windows)"
+    )
+    return c, m
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=512, help="2048-token sequences per synthetic cache")
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions (the median is reported)")
+    parser.add_argument("--windows", type=int, default=200, help="random windows per repetition")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the cache reads")
+    parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one DataLoader worker = one core
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        full = run("full", args.sequences, args.reps, args.windows, args.profile, Path(tmp))
+        mixed = run("mixed", args.sequences, args.reps, args.windows, args.profile, Path(tmp))
+    print(f"full k=100: cache_tokens_per_s={full[0]:.0f} memmap_tokens_per_s={full[1]:.0f}")
+    print(f"RESULT cache_tokens_per_s={mixed[0]:.0f} memmap_tokens_per_s={mixed[1]:.0f} ratio={mixed[0] / mixed[1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

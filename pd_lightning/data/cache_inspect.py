@@ -1,0 +1,196 @@
+"""Inspecting a teacher cache: full verification, size/statistics summary, entries-per-token histogram plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pd_lightning.data.cache_format import (
+    DATASETS,
+    NLOGP_MAX,
+    Q_BITS,
+    Q_MAX,
+    SCHEMA_VERSION,
+    CacheCorruptError,
+    CacheIncompleteError,
+    CacheMismatchError,
+    read_dataset,
+)
+from pd_lightning.data.cache_reader import TeacherCache
+
+_BLOCK_TOKENS = 1 << 20  # positions scanned per step
+
+
+def _blocks(offsets: np.ndarray, length: int) -> list[tuple[int, int]]:
+    """Sequence ranges ``[a, b)`` of about ``_BLOCK_TOKENS`` positions."""
+    step = max(1, _BLOCK_TOKENS // length)
+    n = len(offsets) - 1
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def verify(path: str | Path, vocab_size: int | None = None) -> dict[str, Any]:
+    """Read every byte of a cache, checking checksums and consistency; return a short summary.
+
+    Checks: every shard present, opens and is complete (else :class:`CacheIncompleteError`); fletcher32 of every
+    chunk and the internal consistency of counts, offsets and sizes (else :class:`CacheCorruptError` naming
+    file and dataset); ids and tokens below the cache's vocabulary and below ``vocab_size``
+    (else :class:`CacheMismatchError`).
+
+    Args:
+        path: the cache folder.
+        vocab_size: the student's vocabulary size (optional).
+    """
+    cache = TeacherCache(path)
+    limit = cache.vocab_size if vocab_size is None else min(vocab_size, cache.vocab_size)
+    length, tokens_total, entries_total, max_id = cache.seq_len, 0, 0, -1
+    for s, file in enumerate(cache.files):
+        offsets = cache._offsets[s]
+        with h5py.File(file, "r") as f:
+            for name in DATASETS:  # the small ones in full; big ones block by block below
+                if name not in f:
+                    raise CacheCorruptError(f"cache shard {file} lacks dataset '{name}'")
+            num_seq, num_entries = len(offsets) - 1, f["entries"].shape[0]
+            if offsets[0] != 0 or offsets[-1] != num_entries or (np.diff(offsets) < 0).any():
+                raise CacheCorruptError(f"cache shard {file}: sequence_offsets inconsistent with 'entries'")
+            if f["tokens"].shape != (num_seq, length + 1) or f["counts"].shape[0] != num_seq * length:
+                raise CacheCorruptError(f"cache shard {file}: dataset shapes do not match {num_seq} sequences")
+            for a, b in _blocks(offsets, length):
+                read_dataset(file, f["std"], slice(a * length, b * length))
+                read_dataset(file, f["entropy"], slice(a * length, b * length))
+                tokens = read_dataset(file, f["tokens"], slice(a, b))
+                counts = read_dataset(file, f["counts"], slice(a * length, b * length)).astype(np.int64)
+                if not np.array_equal(counts.reshape(-1, length).sum(1), np.diff(offsets[a : b + 1])):
+                    raise CacheCorruptError(f"cache shard {file}: 'counts' disagree with 'sequence_offsets'")
+                entries = read_dataset(file, f["entries"], slice(int(offsets[a]), int(offsets[b])))
+                if entries.size:
+                    max_id = max(max_id, int((entries >> Q_BITS).max()))
+                if tokens.size and (tokens.min() < 0 or tokens.max() >= cache.vocab_size):
+                    raise CacheCorruptError(f"cache shard {file}: token ids outside [0, {cache.vocab_size})")
+            tokens_total += num_seq * length
+            entries_total += num_entries
+    if max_id >= limit:
+        raise CacheMismatchError(
+            f"teacher cache {path} holds id {max_id}, not below vocab_size={limit} "
+            f"(cache vocab {cache.vocab_size}, student vocab {vocab_size})"
+        )
+    return {"shards": len(cache.files), "sequences": len(cache), "tokens": tokens_total, "entries": entries_total}
+
+
+def cache_info(path: str | Path, sample_tokens: int | None = None) -> dict[str, Any]:
+    """Size and content statistics of a cache (for ``pd-lightning cache-info``).
+
+    Keys: ``tokens``, ``entries``, ``bytes`` (files on disk), ``bytes_per_token``, ``bytes_per_entry`` (the
+    ``entries`` dataset's storage per entry), ``bookkeeping_bytes_per_token`` (counts + per-sequence tables),
+    ``stats_bytes_per_token`` (std + entropy), ``token_bytes_per_token``, ``mean_entries_per_token``,
+    ``entries_histogram`` (``{entries per position: positions}``), ``mean_kept_mass``, ``mean_std``,
+    ``mean_entropy``, ``sampled_tokens``, the spec (``schema_version``, fingerprints, ``processor``, ...),
+    ``shards`` and ``complete``. An unfinished cache gives ``complete: False``, the reason and the number of
+    sequences committed so far.
+
+    Args:
+        path: the cache folder.
+        sample_tokens: positions per shard scanned for the histogram and means (``None``: all).
+    """
+    path = Path(path)
+    try:
+        cache = TeacherCache(path)
+    except CacheIncompleteError as err:
+        committed = 0
+        for part in sorted(path.glob("shard-*.parts/part-*.npz")):
+            with np.load(part) as data:
+                committed += len(data["sequence_index"])
+        return {"path": str(path), "complete": False, "reason": str(err), "committed_sequences": committed}
+    length, k = cache.seq_len, cache.max_entries
+    storage = dict.fromkeys(DATASETS, 0)
+    total_bytes, tokens, entries, scanned = 0, 0, 0, 0
+    histogram = np.zeros(k + 1, dtype=np.int64)
+    kept_mass = std_sum = entropy_sum = 0.0
+    for s, file in enumerate(cache.files):
+        total_bytes += file.stat().st_size
+        offsets = cache._offsets[s]
+        with h5py.File(file, "r") as f:
+            for name in DATASETS:
+                storage[name] += f[name].id.get_storage_size()
+            tokens += int(f.attrs["num_tokens"])
+            entries += int(f.attrs["num_entries"])
+            budget = int(f.attrs["num_tokens"]) if sample_tokens is None else sample_tokens
+            for a, b in _blocks(offsets, length):
+                if budget <= 0:
+                    break
+                b = min(b, a + max(1, -(-budget // length)))
+                counts = read_dataset(file, f["counts"], slice(a * length, b * length)).astype(np.int64)
+                packed = read_dataset(file, f["entries"], slice(int(offsets[a]), int(offsets[b])))
+                probs = np.exp((packed & Q_MAX).astype(np.float64) * (-NLOGP_MAX / Q_MAX))  # (E_b,)
+                rows = np.repeat(np.arange(len(counts)), counts)  # position of each entry
+                kept_mass += float(np.bincount(rows, weights=probs, minlength=len(counts)).sum())
+                histogram += np.bincount(counts, minlength=k + 1)[: k + 1]
+                std_sum += float(read_dataset(file, f["std"], slice(a * length, b * length)).astype(np.float64).sum())
+                entropy_sum += float(
+                    read_dataset(file, f["entropy"], slice(a * length, b * length)).astype(np.float64).sum()
+                )
+                scanned += len(counts)
+                budget -= len(counts)
+    spec = cache.meta
+    return {
+        "path": str(path),
+        "complete": True,
+        "schema_version": SCHEMA_VERSION,
+        **{key: spec[key] for key in ("teacher_fingerprint", "tokenizer_fingerprint", "source_fingerprint")},
+        "processor": spec["processor"],
+        "vocab_size": cache.vocab_size,
+        "seq_len": length,
+        "num_sequences": len(cache),
+        "max_entries": k,
+        "shards": len(cache.files),
+        "tokens": tokens,
+        "entries": entries,
+        "bytes": total_bytes,
+        "bytes_per_token": total_bytes / max(tokens, 1),
+        "bytes_per_entry": storage["entries"] / max(entries, 1),
+        "bookkeeping_bytes_per_token": sum(storage[n] for n in ("counts", "sequence_index", "sequence_offsets"))
+        / max(tokens, 1),
+        "stats_bytes_per_token": (storage["std"] + storage["entropy"]) / max(tokens, 1),
+        "token_bytes_per_token": storage["tokens"] / max(tokens, 1),
+        "mean_entries_per_token": entries / max(tokens, 1),
+        "entries_histogram": {int(c): int(n) for c, n in enumerate(histogram) if n},
+        "mean_kept_mass": kept_mass / max(scanned, 1),
+        "mean_std": std_sum / max(scanned, 1),
+        "mean_entropy": entropy_sum / max(scanned, 1),
+        "sampled_tokens": scanned,
+    }
+
+
+def plot_entries_histogram(info: dict[str, Any], png_path: str | Path) -> Path:
+    """Bar chart of ``info["entries_histogram"]`` (from :func:`cache_info`) saved as a PNG.
+
+    Args:
+        info: the :func:`cache_info` dict (JSON round-trips with string keys are accepted).
+        png_path: output file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = {int(c): int(n) for c, n in info["entries_histogram"].items()}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(list(hist), list(hist.values()), width=1.0)
+    ax.set_xlabel("kept entries per token")
+    ax.set_ylabel("tokens")
+    proc = info.get("processor", {})
+    name = proc.get("class_path", "?").rsplit(".", 1)[-1] if isinstance(proc, dict) else str(proc)
+    args = json.dumps(proc.get("init_args", {})) if isinstance(proc, dict) else ""
+    ax.set_title(
+        f"{name} {args}: mean {info['mean_entries_per_token']:.1f} entries, "
+        f"{info['bytes_per_token']:.1f} B/token, kept mass {info['mean_kept_mass']:.3f}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,131 @@
+"""Training through the CLI as a user runs it: falling loss, exact resume, refusals."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from pd_lightning.cli import main
+
+
+def tiny_fit_args(tokens: Path, root: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--seed_everything", "7",
+        "--model.student.preset", "tiny",
+        "--model.lr", "3e-3",
+        "--data.class_path", "pd_lightning.data.datamodule.TokenDataModule",
+        "--data.init_args.path", str(tokens),
+        "--data.init_args.batch_size", "4",
+        "--data.init_args.val_sequences", "8",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(root),
+        "--trainer.logger.name", "log",
+        "--trainer.logger.version", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def train_losses(root: Path) -> dict[int, float]:
+    """step (1-based: the loss of the step that produced global_step = step) -> logged train loss."""
+    with open(root / "log" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return {int(r["step"]) + 1: float(r["train/loss"]) for r in rows}
+
+
+def val_losses(root: Path) -> list[float]:
+    with open(root / "log" / "version_0" / "metrics.csv") as f:
+        return [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+
+
+def test_lm_pretraining_loss_falls(tmp_path, prepared, capsys):
+    main(tiny_fit_args(prepared["tokens"], tmp_path, 60, "--trainer.val_check_interval", "20"))
+    vals = val_losses(tmp_path)
+    assert len(vals) == 3 and vals[0] > vals[1] > vals[2] and vals[-1] < vals[0] - 0.05, vals
+    out = capsys.readouterr().out
+    assert "val/loss" in out  # ValidationReport prints one line per validation
+    ckpts = list(tmp_path.rglob("*.ckpt"))
+    assert ckpts
+    # The checkpoint rebuilds the module (plug-ins included) from its saved hyperparameters.
+    from pd_lightning.module import DistillationModule
+
+    restored = DistillationModule.load_from_checkpoint(ckpts[0], map_location="cpu", weights_only=False)
+    assert restored.student_config.n_layer == 2 and restored.student_config.vocab_size == 512
+
+
+CKPT = [
+    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    "--trainer.callbacks.every_n_train_steps=3",
+    "--trainer.callbacks.save_top_k=-1",
+    "--trainer.callbacks.filename={step}",
+    # Short epochs so the run crosses epoch boundaries (each epoch reshuffles).
+    "--trainer.limit_train_batches=5",
+    "--trainer.limit_val_batches=0",
+]
+
+
+@pytest.mark.parametrize("resume_step", [3, 6])
+def test_exact_resume(tmp_path, prepared, resume_step):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    main(tiny_fit_args(prepared["tokens"], full, 12, *CKPT))
+    reference = train_losses(full)
+    assert sorted(reference) == list(range(1, 13))
+    ckpt = next(full.rglob(f"step={resume_step}.ckpt"))
+    main(tiny_fit_args(prepared["tokens"], resumed, 12, *CKPT, "--ckpt_path", str(ckpt)))
+    after = train_losses(resumed)
+    assert sorted(after) == list(range(resume_step + 1, 13))  # no step repeated or skipped
+    for step in after:
+        assert after[step] == reference[step], (step, after[step], reference[step])
+    # The final weights agree too.
+    a = torch.load(next(full.rglob("step=12.ckpt")), weights_only=True)["state_dict"]
+    b = torch.load(next(resumed.rglob("step=12.ckpt")), weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampler_visits_each_sequence_once_per_epoch():
+    from pd_lightning.data.sampler import ResumableSampler
+
+    ranks = [ResumableSampler(23, True, 5, r, 3) for r in range(3)]
+    seen = [i for s in ranks for i in s]
+    assert len(seen) == len(set(seen)) == 21  # trimmed to a multiple of the world size, disjoint across ranks
+    s = ResumableSampler(23, True, 5)
+    full = list(s)
+    s.resume(0, 10)
+    assert list(s) == full[10:] and len(s) == 13
+    s.set_epoch(1)
+    assert len(list(s)) == 23 and list(s) != full
+
+
+def test_resume_with_other_shape_is_refused(tmp_path, prepared, capsys):
+    main(tiny_fit_args(prepared["tokens"], tmp_path / "a", 3, *CKPT))
+    ckpt = next((tmp_path / "a").rglob("step=3.ckpt"))
+    with pytest.raises(SystemExit) as e:
+        main(
+            tiny_fit_args(
+                prepared["tokens"], tmp_path / "b", 6, "--model.student.n_layer", "3", "--ckpt_path", str(ckpt)
+            )
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path" in err and "n_layer" in err
+
+
+def test_unknown_preset_and_missing_data(tmp_path, prepared, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(tiny_fit_args(prepared["tokens"], tmp_path, 3, "--model.student.preset", "13B"))
+    assert e.value.code != 0
+    assert "13B" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(tiny_fit_args(tmp_path / "nothing.h5", tmp_path, 3))
+    assert e.value.code != 0
+    assert "nothing.h5" in capsys.readouterr().err
