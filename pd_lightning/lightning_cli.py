@@ -1,4 +1,4 @@
-"""LightningCLI subclasses behind ``pd-lightning fit|validate|test`` (student) and ``pd-lightning predict`` (teacher)."""
+"""LightningCLI subclass behind `pd-lightning fit|validate|test` (the student) and the predict CLI (teacher)."""
 
 from __future__ import annotations
 

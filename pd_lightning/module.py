@@ -50,7 +50,7 @@ class DistillationModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
-        lr_schedule: LRSchedule = lazy_instance(Cosine),
+        lr_schedule: LRSchedule = lazy_instance(Cosine),  # noqa: B008 (LightningCLI default idiom)
         loss: DistillLoss | None = None,
         temperature: TargetTransform | None = None,
         alpha: AlphaScheduler | None = None,
