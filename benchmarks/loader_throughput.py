@@ -42,7 +42,7 @@ def synthetic_counts(rng: np.random.Generator, n: int, mode: str) -> np.ndarray:
     return np.where(kind > 0.88, K, counts)
 
 
-def build(folder: Path, mode: str, sequences: int, seed: int = 0) -> Path:
+def build(folder: Path, mode: str, sequences: int, chunk_entries: int, seed: int = 0) -> Path:
     """Write a synthetic cache with the real writer and return its folder."""
     rng = np.random.default_rng(seed)
     spec = CacheSpec.for_processor(
@@ -54,7 +54,7 @@ def build(folder: Path, mode: str, sequences: int, seed: int = 0) -> Path:
         tokenizer_fingerprint="synthetic",
         source_fingerprint=f"synthetic-{mode}",
     )
-    writer = CacheWriter(folder, spec, commit_sequences=16)
+    writer = CacheWriter(folder, spec, commit_sequences=16, chunk_entries=chunk_entries)
     for i in range(sequences):
         counts = torch.from_numpy(synthetic_counts(rng, SEQ_LEN, mode))
         valid = torch.arange(K)[None, :] < counts[:, None]  # (L, K)
@@ -106,8 +106,9 @@ def tokens_per_s(read, order: np.ndarray) -> float:
     return len(order) * SEQ_LEN / (time.perf_counter() - start)
 
 
-def run(mode: str, sequences: int, reps: int, windows: int, profile: bool, tmp: Path) -> tuple[float, float]:
-    folder = build(tmp / mode, mode, sequences)
+def run(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[float, float]:
+    sequences, reps, windows = args.sequences, args.reps, args.windows
+    folder = build(tmp / mode, mode, sequences, args.chunk_entries)
     cache = TeacherCache(folder)
     memmap = MemmapCache(cache.files[0], tmp / f"{mode}-npy")
     for i in range(sequences):  # warm the page cache (and the file handles)
@@ -119,7 +120,7 @@ def run(mode: str, sequences: int, reps: int, windows: int, profile: bool, tmp: 
         order = rng.integers(0, sequences, windows)
         results["cache"].append(tokens_per_s(cache.read, order))
         results["memmap"].append(tokens_per_s(memmap.read, order))
-    if profile:
+    if args.profile:
         prof = cProfile.Profile()
         prof.runcall(tokens_per_s, cache.read, rng.integers(0, sequences, windows))
         pstats.Stats(prof).sort_stats("tottime").print_stats(12)
@@ -138,15 +139,18 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=512, help="2048-token sequences per synthetic cache")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (the median is reported)")
     parser.add_argument("--windows", type=int, default=200, help="random windows per repetition")
+    parser.add_argument("--chunk-entries", type=int, default=CacheWriter.__init__.__kwdefaults__["chunk_entries"])
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the cache reads")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one DataLoader worker = one core
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        full = run("full", args.sequences, args.reps, args.windows, args.profile, Path(tmp))
-        mixed = run("mixed", args.sequences, args.reps, args.windows, args.profile, Path(tmp))
+        full = run(args, "full", Path(tmp))
+        mixed = run(args, "mixed", Path(tmp))
     print(f"full k=100: cache_tokens_per_s={full[0]:.0f} memmap_tokens_per_s={full[1]:.0f}")
-    print(f"RESULT cache_tokens_per_s={mixed[0]:.0f} memmap_tokens_per_s={mixed[1]:.0f} ratio={mixed[0] / mixed[1]:.3f}")
+    print(
+        f"RESULT cache_tokens_per_s={mixed[0]:.0f} memmap_tokens_per_s={mixed[1]:.0f} ratio={mixed[0] / mixed[1]:.3f}"
+    )
 
 
 if __name__ == "__main__":

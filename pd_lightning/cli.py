@@ -1,7 +1,10 @@
 """The ``pd-lightning`` command.
 
     pd-lightning fit|validate|test --config ...   train / score the student (LightningCLI, DistillationModule)
+    pd-lightning predict --config ...             run a teacher over a token file, write the logits cache
     pd-lightning prepare ...                      text -> packed token file (HDF5)
+    pd-lightning cache-info PATH [--json]         figures of a logits cache
+    pd-lightning export-hf ...                    student checkpoint -> Hugging Face Llama folder
 
 Heavy imports (Lightning, transformers) happen inside the branch that needs them, so ``prepare`` starts fast.
 """
@@ -16,10 +19,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pd_lightning.data.cache_format import CacheError
+
+    return (*USER_ERRORS, CacheError)
+
+
 def _function_cli(fn, args: list[str]) -> None:
     from jsonargparse import CLI
 
     CLI(fn, args=args)
+
+
+def cache_info_command(path: str, json: bool = False, plot: str | None = None) -> None:
+    """Figures of a teacher-logit cache: tokens, entries, bytes per token / entry, kept mass, fingerprints.
+
+    Args:
+        path: the cache folder (or one shard file).
+        json: print one JSON object instead of a table.
+        plot: write a PNG histogram of the entries per token to this file.
+    """
+    import json as json_lib
+
+    from pd_lightning.data.cache_inspect import cache_info, plot_entries_histogram
+
+    info = cache_info(path)
+    if plot:
+        plot_entries_histogram(info, plot)
+    if json:
+        print(json_lib.dumps(info, default=str))
+        return
+    for key, value in info.items():
+        if key == "entries_histogram":
+            continue
+        print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,11 +64,21 @@ def main(argv: list[str] | None = None) -> None:
             from pd_lightning.data.corpus import prepare
 
             _function_cli(prepare, argv[1:])
+        elif command == "cache-info":
+            _function_cli(cache_info_command, argv[1:])
+        elif command == "export-hf":
+            from pd_lightning.export import export_checkpoint
+
+            _function_cli(export_checkpoint, argv[1:])
+        elif command == "predict":
+            from pd_lightning.lightning_cli import predict_cli
+
+            predict_cli(argv if from_python else None)
         else:
             from pd_lightning.lightning_cli import train_cli
 
             train_cli(argv if from_python else None)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         # Bad input: one clear line naming the flag or file, non-zero exit, no traceback.
         print(f"pd-lightning: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

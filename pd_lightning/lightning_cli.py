@@ -52,3 +52,31 @@ def train_cli(args: list[str] | None = None, run: bool = True) -> TrainCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+class PredictCLI(LightningCLI):
+    """LightningCLI for ``pd-lightning predict``: teacher + logits processor + cache writer (``--writer.*``)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from pd_lightning.predict import CacheWriterCallback
+
+        parser.add_lightning_class_args(CacheWriterCallback, "writer")
+
+    def before_instantiate_classes(self) -> None:
+        # Predictions go to the cache, not into a list in memory.
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.get("return_predictions") is None:
+            cfg["return_predictions"] = False
+
+
+def predict_cli(args: list[str] | None = None, run: bool = True) -> PredictCLI:
+    from pd_lightning.predict import TeacherLogits, TokenSequences
+
+    return PredictCLI(
+        TeacherLogits,
+        TokenSequences,
+        trainer_defaults={"logger": False, "enable_checkpointing": False, "default_root_dir": "runs/predict"},
+        save_config_callback=None,
+        args=args,
+        run=run,
+    )

@@ -15,9 +15,9 @@ from jsonargparse import lazy_instance
 from torch import Tensor
 
 from pd_lightning.distill.losses import DistillLoss
-from pd_lightning.distill.lr import Cosine, LRSchedule
+from pd_lightning.distill.lr import WSDLR, Cosine, LRSchedule
 from pd_lightning.distill.objective import lm_kd_loss
-from pd_lightning.distill.schedules import AlphaScheduler
+from pd_lightning.distill.schedules import WSD, AlphaScheduler, WSDBeta
 from pd_lightning.distill.target import SparseTarget
 from pd_lightning.distill.temperature import TargetTransform
 from pd_lightning.model.config import StudentConfig
@@ -41,6 +41,8 @@ class DistillationModule(L.LightningModule):
         loss_chunk_size: tokens per chunk of the fused loss (0 = automatic).
         activation_checkpointing: recompute each block in the backward pass to save memory.
         max_steps: total optimizer steps the schedules span; None = the trainer's estimated stepping batches.
+        link_wsd: when the LR schedule is WSDLR and alpha is WSD / WSDBeta, alpha takes the LR's phase edges
+            (warmup_fraction, decay_fraction), so the two are never typed twice and cannot drift apart.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class DistillationModule(L.LightningModule):
         loss_chunk_size: int = 0,
         activation_checkpointing: bool = False,
         max_steps: int | None = None,
+        link_wsd: bool = True,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -71,6 +74,9 @@ class DistillationModule(L.LightningModule):
         self.kd_loss = loss
         self.temperature = temperature
         self.alpha_schedule = alpha
+        if link_wsd and isinstance(lr_schedule, WSDLR) and isinstance(alpha, WSD | WSDBeta):
+            alpha.warmup_fraction = lr_schedule.warmup_fraction
+            alpha.decay_fraction = lr_schedule.decay_fraction
         self.fused_loss, self.loss_chunk_size = fused_loss, loss_chunk_size
         self.max_steps = max_steps
         self.model = Transformer(student, activation_checkpointing=activation_checkpointing)
@@ -150,16 +156,38 @@ class DistillationModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_schedule(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def setup(self, stage: str) -> None:
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if stage == "fit" and data is not None and not getattr(data, "provides_teacher_targets", False):
+            alphas = [self.alpha_at(s) for s in range(0, self.total_steps, max(1, self.total_steps // 1000))]
+            if max(alphas, default=0.0) > 0:
+                raise ValueError(
+                    f"--model.alpha reaches {max(alphas):.3g} > 0 but --data ({type(data).__name__}) provides no teacher "
+                    "targets: train from a logits cache (pd_lightning.data.cache_datamodule.CacheDataModule)"
+                )
+
     # ---- checkpoints --------------------------------------------------------------------------------------------
+    def _data_identity(self) -> dict:
+        data = self._trainer.datamodule if self._trainer is not None else None
+        if data is None or not hasattr(data, "tokenizer_fingerprint"):
+            return {}
+        return {"tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["pd_lightning"] = {"student_shape": self.student_config.shape()}
+        checkpoint["pd_lightning"] = {"student_shape": self.student_config.shape(), **self._data_identity()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("pd_lightning", {}).get("student_shape")
+        saved = checkpoint.get("pd_lightning", {})
         current = self.student_config.shape()
-        if saved is not None and saved != current:
-            diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if "student_shape" in saved and saved["student_shape"] != current:
+            diff = {k: (saved["student_shape"].get(k), v) for k, v in current.items() if saved["student_shape"].get(k) != v}
             raise ValueError(
                 "--ckpt_path: the checkpoint holds a student of a different shape than this run's "
                 f"(field: (checkpoint, this run)) {diff}"
+            )
+        identity = self._data_identity()
+        if saved.get("tokenizer_fingerprint") and identity and saved["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]:
+            raise ValueError(
+                f"--ckpt_path: the checkpoint was trained on tokenizer {saved['tokenizer_fingerprint']}, "
+                f"--data uses tokenizer {identity['tokenizer_fingerprint']}"
             )

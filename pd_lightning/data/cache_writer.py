@@ -99,7 +99,7 @@ class CacheWriter:
         world_size: int = 1,
         overwrite: bool = False,
         commit_sequences: int = 64,
-        chunk_entries: int = 1 << 15,
+        chunk_entries: int = 1 << 14,
         progress: Callable[[int], object] | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
@@ -338,8 +338,8 @@ def _merge_parts(parts: list[Path], out: Path, spec: CacheSpec, rank: int, world
                 name, shape=shape, dtype=dtype, chunks=chunks, maxshape=(None,) * len(shape), fletcher32=True
             )
 
-        create("sequence_index", (num_seq,), np.int64, (4096,))[:] = index_all
-        create("sequence_offsets", (num_seq + 1,), np.int64, (4096,))[:] = offsets
+        create("sequence_index", (num_seq,), np.int64, (_fit(num_seq, 4096),))[:] = index_all
+        create("sequence_offsets", (num_seq + 1,), np.int64, (_fit(num_seq + 1, 4096),))[:] = offsets
         d_tokens = create("tokens", (num_seq, length + 1), np.int32, (tok_rows, length + 1))
         d_counts = create("counts", (num_seq * length,), cdtype, (tok_chunk,))
         d_std = create("std", (num_seq * length,), np.float16, (tok_chunk,))

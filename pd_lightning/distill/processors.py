@@ -185,7 +185,9 @@ class Sampled(LogitsProcessor):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"Sampled: n must be an integer >= 1, got n={n!r}")
         if not proposal_temperature > 0 or math.isinf(proposal_temperature):
-            raise ValueError(f"Sampled: proposal_temperature must be finite and > 0, got {proposal_temperature}")
+            raise ValueError(
+                f"Sampled: proposal_temperature must be finite and > 0, got proposal_temperature={proposal_temperature}"
+            )
         self.n = n
         self.proposal_temperature = float(proposal_temperature)
         self.seed = int(seed)
@@ -227,7 +229,7 @@ class Full(LogitsProcessor):
 
     def __init__(self, max_vocab_size: int = 65536) -> None:
         if max_vocab_size < 1:
-            raise ValueError(f"Full: max_vocab_size must be >= 1, got {max_vocab_size}")
+            raise ValueError(f"Full: max_vocab_size must be >= 1, got max_vocab_size={max_vocab_size}")
         self.max_vocab_size = max_vocab_size
 
     def max_entries(self, vocab_size: int) -> int | None:

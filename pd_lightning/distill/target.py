@@ -80,9 +80,12 @@ class SparseTarget:
         """Build the flattened target from a training batch, or ``None`` when the batch carries none."""
         if TEACHER_IDS not in batch:
             return None
+        ids = batch[TEACHER_IDS]
+        k = ids.shape[-1]
+        std, entropy = batch.get(TEACHER_STD), batch.get(TEACHER_ENTROPY)
         return cls(
-            ids=batch[TEACHER_IDS].long(),
-            logprobs=batch[TEACHER_LOGPROBS].float(),
-            std=batch.get(TEACHER_STD),
-            entropy=batch.get(TEACHER_ENTROPY),
-        ).flatten()
+            ids=ids.reshape(-1, k).long(),
+            logprobs=batch[TEACHER_LOGPROBS].reshape(-1, k).float(),
+            std=None if std is None else std.reshape(-1).float(),
+            entropy=None if entropy is None else entropy.reshape(-1).float(),
+        )

@@ -1,0 +1,52 @@
+"""Training data from a teacher-logit cache: tokens + sparse teacher targets per position."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from pd_lightning.data.cache_reader import TeacherCache
+from pd_lightning.data.corpus import TokenFile
+from pd_lightning.data.datamodule import SequenceDataModule, TokenDataset
+
+
+class CacheDataModule(SequenceDataModule):
+    """Batches of ``input_ids``, ``labels`` and the teacher's sparse targets (``teacher_ids``, ``teacher_logprobs``
+    (B, T, K), ``teacher_std``, ``teacher_entropy`` (B, T)) read from a cache written by ``pd-lightning predict``.
+
+    The student's vocabulary is linked to the cache's (the teacher's logits width), so every cached id is valid.
+    Any number of ranks, workers and any batch size read any cache, whatever the number of writer ranks.
+
+    Args:
+        path: the cache folder.
+        val_tokens: token file whose ``val`` part scores the LM loss (must share the cache's tokenizer).
+    """
+
+    def __init__(self, path: str, val_tokens: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.cache = TeacherCache(path)
+        self.val_file = None
+        if val_tokens is not None:
+            self.val_file = TokenFile(val_tokens, flag="--data.val_tokens")
+            self.cache.check_compatible(tokenizer_fingerprint=self.val_file.fingerprint, seq_len=None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cache.vocab_size
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.cache.spec.tokenizer_fingerprint
+
+    @property
+    def seq_len(self) -> int:
+        return self.cache.seq_len
+
+    @property
+    def provides_teacher_targets(self) -> bool:
+        return True
+
+    def train_dataset(self) -> Dataset:
+        return self.cache
+
+    def val_dataset(self) -> Dataset | None:
+        return None if self.val_file is None else TokenDataset(self.val_file, "val", self.val_sequences)

@@ -1,0 +1,195 @@
+"""``pd-lightning predict``: stream a token file through a teacher and write its truncated logits to an HDF5 cache.
+
+Pieces (all LightningCLI plug-ins):
+- ``TokenSequences``: the data module; yields the sequences this rank still has to write (resume skips the rest).
+- ``TeacherLogits``: the LightningModule; teacher forward + ``LogitsProcessor`` per batch.
+- ``CacheWriterCallback``: one shard per rank, written by a background thread so the teacher never waits on disk;
+  finalises the shard at the end, commits what it has on an exception (a rerun continues from there).
+"""
+
+from __future__ import annotations
+
+import re
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pd_lightning.data.cache_format import CacheSpec, shard_sequences, token_source_fingerprint
+from pd_lightning.data.cache_writer import BackgroundWriter, CacheWriter
+from pd_lightning.data.corpus import TokenFile
+from pd_lightning.distill.processors import LogitsProcessor, position_keys
+from pd_lightning.teacher import Teacher, load_teacher
+
+
+class _Rows(Dataset):
+    def __init__(self, tokens: TokenFile, split: str, indices: np.ndarray) -> None:
+        self.tokens, self.split, self.indices = tokens, split, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        index = int(self.indices[i])
+        row = self.tokens.rows(self.split, index).astype(np.int64)
+        return {"sequence_index": torch.tensor(index), "tokens": torch.from_numpy(row)}
+
+
+class TokenSequences(L.LightningDataModule):
+    """Sequences of a token file to run through the teacher.
+
+    Args:
+        path: the token file written by ``pd-lightning prepare``.
+        split: which part to cache (train or val).
+        batch_size: sequences per teacher forward pass.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, path: str, split: str = "train", batch_size: int = 8, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
+        self.tokens = TokenFile(path, flag="--data.path")
+        if split not in ("train", "val"):
+            raise ValueError(f"--data.split must be train or val, got {split!r}")
+        if self.tokens.lengths[split] == 0:
+            raise ValueError(f"--data.split {split!r}: the token file {path!r} holds no {split} sequences")
+        self.path, self.split, self.batch_size, self.num_workers = path, split, batch_size, num_workers
+        self.pending: np.ndarray | None = None  # set by CacheWriterCallback.setup
+
+    @property
+    def num_sequences(self) -> int:
+        return self.tokens.lengths[self.split]
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.pending is None:
+            raise ValueError("pd-lightning predict needs the cache writer (--writer.output)")
+        return DataLoader(
+            _Rows(self.tokens, self.split, self.pending),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class TeacherLogits(L.LightningModule):
+    """Runs the teacher and its logits processor.
+
+    Args:
+        teacher: a local Hugging Face causal-LM folder or a pd-lightning ``.ckpt``.
+        processor: how to truncate the teacher's distribution (TopPK, Sampled, Full).
+        dtype: the teacher's weights dtype (float32, bfloat16, float16).
+        trust_remote_code: let transformers run the folder's own modelling code (off unless you set it).
+    """
+
+    def __init__(
+        self, teacher: str, processor: LogitsProcessor, dtype: str = "float32", trust_remote_code: bool = False
+    ) -> None:
+        super().__init__()
+        self.teacher_path, self.processor = teacher, processor
+        self.teacher: Teacher = load_teacher(teacher, dtype, trust_remote_code)
+        self.model = self.teacher.model  # registered, so Lightning moves it to the device
+        self.model.requires_grad_(False)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict:
+        tokens = batch["tokens"]  # (B, L + 1)
+        seq_index = batch["sequence_index"]  # (B,)
+        L_ = tokens.shape[1] - 1
+        logits = self.model(tokens[:, :-1])  # (B, L, V)
+        try:
+            target = self.processor(logits, position_keys(seq_index, L_))
+        except ValueError as e:
+            m = re.search(r"at row (\d+)", str(e))
+            if not m:
+                raise
+            row = int(m.group(1))
+            seq, pos = int(seq_index[row // L_]), row % L_
+            raise ValueError(f"teacher {self.teacher_path!r} produced NaN/Inf logits at sequence {seq}, position {pos}")
+        return {"sequence_index": seq_index.cpu(), "tokens": tokens.cpu(), "target": _to_cpu(target)}
+
+
+def _to_cpu(target):
+    from dataclasses import replace
+
+    return replace(
+        target,
+        ids=target.ids.cpu(),
+        logprobs=target.logprobs.cpu(),
+        std=None if target.std is None else target.std.cpu(),
+        entropy=None if target.entropy is None else target.entropy.cpu(),
+    )
+
+
+class CacheWriterCallback(L.Callback):
+    """Writes the predictions into ``output`` (one shard per rank) in a background thread.
+
+    Args:
+        output: the cache folder.
+        overwrite: replace a cache of other parameters found in ``output`` (refused otherwise).
+        commit_sequences: sequences per committed part (what a kill can lose).
+        max_pending: batches queued for the writer thread before the teacher waits.
+    """
+
+    def __init__(self, output: str, overwrite: bool = False, commit_sequences: int = 64, max_pending: int = 4) -> None:
+        self.output, self.overwrite = output, overwrite
+        self.commit_sequences, self.max_pending = commit_sequences, max_pending
+        self.writer: BackgroundWriter | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        data: TokenSequences = trainer.datamodule
+        teacher: Teacher = pl_module.teacher
+        if teacher.tokenizer_fingerprint is not None and teacher.tokenizer_fingerprint != data.tokens.fingerprint:
+            raise ValueError(
+                f"--data.path {data.path!r} was tokenized with tokenizer {data.tokens.fingerprint}, but the teacher "
+                f"{pl_module.teacher_path!r} uses tokenizer {teacher.tokenizer_fingerprint}: prepare the token file "
+                "with --tokenizer <the teacher's folder>"
+            )
+        if data.tokens.vocab_size > teacher.vocab_size:
+            raise ValueError(
+                f"--data.path {data.path!r} has vocabulary {data.tokens.vocab_size} > the teacher's {teacher.vocab_size}"
+            )
+        spec = CacheSpec.for_processor(
+            pl_module.processor,
+            vocab_size=teacher.vocab_size,
+            seq_len=data.tokens.seq_len,
+            num_sequences=data.num_sequences,
+            teacher_fingerprint=teacher.fingerprint,
+            tokenizer_fingerprint=data.tokens.fingerprint,
+            source_fingerprint=token_source_fingerprint(data.path, data.split),
+        )
+        writer = CacheWriter(
+            self.output,
+            spec,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            overwrite=self.overwrite,
+            commit_sequences=self.commit_sequences,
+        )
+        data.pending = writer.pending_sequences
+        if writer.complete:
+            print(f"{writer.path} is already complete; nothing to do")
+        else:
+            done = len(shard_sequences(spec.num_sequences, trainer.global_rank, trainer.world_size)) - len(data.pending)
+            if done:
+                print(f"resuming {writer.path}: {done} sequences already written, {len(data.pending)} to go")
+        self.writer = BackgroundWriter(writer, max_pending=self.max_pending)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs: dict, batch, batch_idx: int, dataloader_idx=0) -> None:
+        self.writer.write(outputs["sequence_index"], outputs["tokens"], outputs["target"])
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.writer is not None:
+            path = self.writer.finalize()
+            self.writer = None
+            print(f"wrote {path}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()  # commit what is buffered; a rerun continues from there
+            finally:
+                self.writer = None

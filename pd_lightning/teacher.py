@@ -1,0 +1,112 @@
+"""Teachers: loading one (a local Hugging Face causal LM or a pd-lightning checkpoint) and its identity.
+
+``load_teacher`` returns a ``Teacher``: a module mapping input ids (B, T) to logits (B, T, V), with the
+fingerprints a logits cache records. ``trust_remote_code`` is used only when the caller sets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    vocab_size: int
+    fingerprint: str
+    tokenizer_fingerprint: str | None
+
+    def __call__(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+
+class _HFLogits(nn.Module):
+    """Wraps a ``transformers`` causal LM so that calling it returns the logits tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _file_fingerprint(paths: list[Path], extra: bytes = b"") -> str:
+    """sha256 over each file's size and its first and last MiB (cheap for multi-GB weights, changes with them)."""
+    digest = hashlib.sha256(extra)
+    for p in sorted(paths):
+        size = p.stat().st_size
+        digest.update(f"{p.name}:{size}".encode())
+        with p.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Teacher:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model.teacher {str(path)!r}: not a Hugging Face model folder ({e})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ValueError(f"--model.teacher {str(path)!r}: not a causal language model ({e})") from None
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
+    fingerprint = _file_fingerprint(weights, json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    tok_fp = None
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        tok_fp = tokenizer_fingerprint(load_tokenizer(path, flag="--model.teacher"))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return Teacher(_HFLogits(model).eval(), vocab, fingerprint, tok_fp)
+
+
+def _load_checkpoint(path: Path, dtype: torch.dtype) -> Teacher:
+    from pd_lightning.model.config import StudentConfig
+    from pd_lightning.model.transformer import Transformer
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    student = (ckpt.get("hyper_parameters") or {}).get("student")
+    if not isinstance(student, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"--model.teacher {str(path)!r}: not a pd-lightning checkpoint (no student hyperparameters)")
+    cfg = StudentConfig(**student)
+    model = Transformer(cfg)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    extra = ckpt.get("pd_lightning", {})
+    return Teacher(model.to(dtype).eval(), cfg.vocab_size, _file_fingerprint([path]), extra.get("tokenizer_fingerprint"))
+
+
+def load_teacher(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False) -> Teacher:
+    """Load a teacher from a local HF causal-LM folder or a pd-lightning ``.ckpt`` file.
+
+    Args:
+        path: the folder (config.json + weights) or checkpoint file.
+        dtype: float32, bfloat16 or float16.
+        trust_remote_code: allow the folder's own modelling code (only when you trust its source).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"--model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--model.teacher: {str(p)!r} does not exist")
+    if p.is_file():
+        return _load_checkpoint(p, DTYPES[dtype])
+    if not (p / "config.json").is_file():
+        raise ValueError(f"--model.teacher {str(p)!r}: not a Hugging Face model folder (no config.json)")
+    return _load_hf(p, DTYPES[dtype], trust_remote_code)
