@@ -1,12 +1,13 @@
 """Teacher-cache read throughput per DataLoader worker: HDF5 shards vs the same bytes in numpy memmaps.
 
-Builds a synthetic cache (vocabulary 151,552, seq_len 2048, K=100) with the real writer, then times, in one
-process and with a warm page cache, reading whole 2048-position sequences at random (``TeacherCache.read``:
-HDF5 reads, fletcher32 checks, decoding to ``(L, K)`` int64 ids / fp32 log-probs with -inf padding, torch
-tensors). The baseline reads the same arrays from ``.npy`` memmaps and runs the same decoding. Two entry
-distributions: ``mixed`` (entries per token drawn like a top-0.95-100 cache: many confident 1-3 entry tokens,
-a long tail, ~12% at the cap; mean ~24) and ``full`` (all 100). Reports the median over repetitions; the last
-line is ``RESULT cache_tokens_per_s=... memmap_tokens_per_s=... ratio=...`` for the mixed case.
+Builds a synthetic cache (vocabulary 151,552, seq_len 2048 by default, K=100) with the real writer, then times,
+in one process and with a warm page cache, reading 2048-position windows at random sequences and offsets with
+``TeacherCache.read``: HDF5 reads, fletcher32 checks, decoding to ``(L, K)`` int64 ids and fp32 log-probs with
+-inf padding, torch tensors. The baseline reads the same arrays from ``.npy`` memmaps and runs the same
+decoding. Two entry distributions: ``mixed`` (entries per token drawn like a top-0.95-100 cache: 40% of the
+tokens confident with 1-3 entries, a long tail, 14% at the cap; mean ~28) and ``full`` (all 100). Reports the
+median over repetitions; the last line is ``RESULT cache_tokens_per_s=... memmap_tokens_per_s=... ratio=...``
+for the mixed case.
 
 Run: ``.venv/bin/python benchmarks/loader_throughput.py [--sequences 512] [--reps 7] [--profile]``
 """
@@ -30,7 +31,7 @@ from pd_lightning.data.cache_format import DATASETS, decode
 from pd_lightning.distill.processors import TopPK
 from pd_lightning.distill.target import SparseTarget
 
-VOCAB, SEQ_LEN, K = 151_552, 2048, 100
+VOCAB, WINDOW, K = 151_552, 2048, 100
 
 
 def synthetic_counts(rng: np.random.Generator, n: int, mode: str) -> np.ndarray:
@@ -42,13 +43,13 @@ def synthetic_counts(rng: np.random.Generator, n: int, mode: str) -> np.ndarray:
     return np.where(kind > 0.88, K, counts)
 
 
-def build(folder: Path, mode: str, sequences: int, chunk_entries: int, seed: int = 0) -> Path:
+def build(folder: Path, mode: str, sequences: int, seq_len: int, chunk_entries: int, seed: int = 0) -> Path:
     """Write a synthetic cache with the real writer and return its folder."""
     rng = np.random.default_rng(seed)
     spec = CacheSpec.for_processor(
         TopPK(0.95, K),
         vocab_size=VOCAB,
-        seq_len=SEQ_LEN,
+        seq_len=seq_len,
         num_sequences=sequences,
         teacher_fingerprint="synthetic",
         tokenizer_fingerprint="synthetic",
@@ -56,17 +57,17 @@ def build(folder: Path, mode: str, sequences: int, chunk_entries: int, seed: int
     )
     writer = CacheWriter(folder, spec, commit_sequences=16, chunk_entries=chunk_entries)
     for i in range(sequences):
-        counts = torch.from_numpy(synthetic_counts(rng, SEQ_LEN, mode))
+        counts = torch.from_numpy(synthetic_counts(rng, seq_len, mode))
         valid = torch.arange(K)[None, :] < counts[:, None]  # (L, K)
-        ids = torch.from_numpy(rng.integers(0, VOCAB, (SEQ_LEN, K)))
-        logprobs = -torch.from_numpy(rng.exponential(3.0, (SEQ_LEN, K))).float().cumsum(-1) / 10
+        ids = torch.from_numpy(rng.integers(0, VOCAB, (seq_len, K)))
+        logprobs = -torch.from_numpy(rng.exponential(3.0, (seq_len, K))).float().cumsum(-1) / 10
         target = SparseTarget(
             ids=ids.masked_fill(~valid, 0),
             logprobs=logprobs.masked_fill(~valid, -float("inf")),
-            std=torch.rand(SEQ_LEN) * 3,
-            entropy=torch.rand(SEQ_LEN) * 5,
+            std=torch.rand(seq_len) * 3,
+            entropy=torch.rand(seq_len) * 5,
         )
-        writer.write(torch.tensor([i]), torch.from_numpy(rng.integers(0, VOCAB, (1, SEQ_LEN + 1))), target)
+        writer.write(torch.tensor([i]), torch.from_numpy(rng.integers(0, VOCAB, (1, seq_len + 1))), target)
     writer.finalize()
     return folder
 
@@ -74,18 +75,20 @@ def build(folder: Path, mode: str, sequences: int, chunk_entries: int, seed: int
 class MemmapCache:
     """The same arrays as the shard, as ``.npy`` memmaps, read and decoded exactly like ``TeacherCache.read``."""
 
-    def __init__(self, shard: Path, folder: Path) -> None:
+    def __init__(self, shard: Path, folder: Path, seq_len: int) -> None:
+        self.seq_len = seq_len
         folder.mkdir(exist_ok=True)
         with h5py.File(shard, "r") as f:
             for name in DATASETS:
                 np.save(folder / f"{name}.npy", f[name][:])
         self.a = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in DATASETS}
 
-    def read(self, r: int) -> dict[str, torch.Tensor]:
-        a, base = self.a, r * SEQ_LEN
-        tokens = a["tokens"][r]
-        counts = a["counts"][base : base + SEQ_LEN]
-        first = int(a["sequence_offsets"][r])
+    def read(self, r: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        a, base = self.a, r * self.seq_len
+        tokens = a["tokens"][r, start : stop + 1]
+        counts = a["counts"][base : base + stop]
+        first = int(a["sequence_offsets"][r]) + int(counts[:start].sum(dtype=np.int64))
+        counts = counts[start:]
         entries = a["entries"][first : first + int(counts.sum(dtype=np.int64))]
         ids, logprobs = decode(counts, entries, K)
         tokens = torch.from_numpy(tokens.astype(np.int64))
@@ -94,41 +97,46 @@ class MemmapCache:
             "labels": tokens[1:].clone(),
             "teacher_ids": torch.from_numpy(ids),
             "teacher_logprobs": torch.from_numpy(logprobs),
-            "teacher_std": torch.from_numpy(a["std"][base : base + SEQ_LEN].astype(np.float32)),
-            "teacher_entropy": torch.from_numpy(a["entropy"][base : base + SEQ_LEN].astype(np.float32)),
+            "teacher_std": torch.from_numpy(a["std"][base + start : base + stop].astype(np.float32)),
+            "teacher_entropy": torch.from_numpy(a["entropy"][base + start : base + stop].astype(np.float32)),
         }
 
 
-def tokens_per_s(read, order: np.ndarray) -> float:
+def tokens_per_s(read, windows: np.ndarray) -> float:
+    """Read ``windows`` ``(n, 2)`` of (sequence, start) pairs, WINDOW positions each."""
     start = time.perf_counter()
-    for i in order:
-        read(int(i))
-    return len(order) * SEQ_LEN / (time.perf_counter() - start)
+    for i, a in windows.tolist():
+        read(i, a, a + WINDOW)
+    return len(windows) * WINDOW / (time.perf_counter() - start)
+
+
+def random_windows(rng: np.random.Generator, sequences: int, seq_len: int, n: int) -> np.ndarray:
+    return np.stack([rng.integers(0, sequences, n), rng.integers(0, seq_len - WINDOW + 1, n)], axis=1)
 
 
 def run(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[float, float]:
-    sequences, reps, windows = args.sequences, args.reps, args.windows
-    folder = build(tmp / mode, mode, sequences, args.chunk_entries)
+    sequences, reps, windows, seq_len = args.sequences, args.reps, args.windows, args.seq_len
+    folder = build(tmp / mode, mode, sequences, seq_len, args.chunk_entries)
     cache = TeacherCache(folder)
-    memmap = MemmapCache(cache.files[0], tmp / f"{mode}-npy")
+    memmap = MemmapCache(cache.files[0], tmp / f"{mode}-npy", seq_len)
     for i in range(sequences):  # warm the page cache (and the file handles)
         cache.read(i)
-        memmap.read(i)
+        memmap.read(i, 0, seq_len)
     rng = np.random.default_rng(1)
     results = {"cache": [], "memmap": []}
     for _ in range(reps):
-        order = rng.integers(0, sequences, windows)
+        order = random_windows(rng, sequences, seq_len, windows)
         results["cache"].append(tokens_per_s(cache.read, order))
         results["memmap"].append(tokens_per_s(memmap.read, order))
     if args.profile:
         prof = cProfile.Profile()
-        prof.runcall(tokens_per_s, cache.read, rng.integers(0, sequences, windows))
+        prof.runcall(tokens_per_s, cache.read, random_windows(rng, sequences, seq_len, windows))
         pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     c, m = statistics.median(results["cache"]), statistics.median(results["memmap"])
     size = sum(f.stat().st_size for f in cache.files)
     print(
-        f"{mode:>5}: {cache.spec.num_sequences * SEQ_LEN / 1e6:.2f}M tokens, {size / 1e6:.0f} MB "
-        f"({size / (sequences * SEQ_LEN):.1f} B/token); cache {c / 1e6:.2f}M tok/s, memmap {m / 1e6:.2f}M tok/s, "
+        f"{mode:>5}: {sequences * seq_len / 1e6:.2f}M tokens, {size / 1e6:.0f} MB "
+        f"({size / (sequences * seq_len):.1f} B/token); cache {c / 1e6:.2f}M tok/s, memmap {m / 1e6:.2f}M tok/s, "
         f"ratio {c / m:.2f}  (median of {reps} x {windows} windows)"
     )
     return c, m
@@ -136,7 +144,8 @@ def run(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=512, help="2048-token sequences per synthetic cache")
+    parser.add_argument("--sequences", type=int, default=512, help="sequences per synthetic cache")
+    parser.add_argument("--seq-len", type=int, default=WINDOW, help="cached sequence length (>= 2048)")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (the median is reported)")
     parser.add_argument("--windows", type=int, default=200, help="random windows per repetition")
     parser.add_argument("--chunk-entries", type=int, default=CacheWriter.__init__.__kwdefaults__["chunk_entries"])

@@ -11,7 +11,6 @@ import time
 
 import lightning as L
 import torch
-from jsonargparse import lazy_instance
 from torch import Tensor
 
 from pd_lightning.distill.losses import DistillLoss
@@ -33,7 +32,7 @@ class DistillationModule(L.LightningModule):
         weight_decay: AdamW weight decay (applied to matrices only, not to norms).
         betas: AdamW betas.
         eps: AdamW epsilon.
-        lr_schedule: learning-rate schedule as a function of the step (Cosine, WSDLR, Constant).
+        lr_schedule: learning-rate schedule as a function of the step (Cosine, WSDLR, Constant); None = Cosine().
         loss: KD divergence (a ``DistillLoss``: KLD, NLL, MSE, ReverseKL, JSD, TVD); None = LM loss only.
         temperature: transform of the teacher target (StaticTemperature, NormKD, WTTM, AdaKD_SD, AdaKD_H).
         alpha: schedule of the KD weight alpha (an ``AlphaScheduler``); default Constant(0) = LM only.
@@ -52,7 +51,7 @@ class DistillationModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
-        lr_schedule: LRSchedule = lazy_instance(Cosine),  # noqa: B008 (LightningCLI default idiom)
+        lr_schedule: LRSchedule | None = None,
         loss: DistillLoss | None = None,
         temperature: TargetTransform | None = None,
         alpha: AlphaScheduler | None = None,
@@ -70,13 +69,13 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters()
         self.student_config = student
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
-        self.lr_schedule = lr_schedule
+        self.lr_schedule = lr_schedule if lr_schedule is not None else Cosine()
         self.kd_loss = loss
         self.temperature = temperature
         self.alpha_schedule = alpha
-        if link_wsd and isinstance(lr_schedule, WSDLR) and isinstance(alpha, WSD | WSDBeta):
-            alpha.warmup_fraction = lr_schedule.warmup_fraction
-            alpha.decay_fraction = lr_schedule.decay_fraction
+        if link_wsd and isinstance(self.lr_schedule, WSDLR) and isinstance(alpha, WSD | WSDBeta):
+            alpha.warmup_fraction = self.lr_schedule.warmup_fraction
+            alpha.decay_fraction = self.lr_schedule.decay_fraction
         self.fused_loss, self.loss_chunk_size = fused_loss, loss_chunk_size
         self.max_steps = max_steps
         self.model = Transformer(student, activation_checkpointing=activation_checkpointing)

@@ -29,6 +29,7 @@ from pd_lightning.data.cache import (
     content_checksum,
     plot_entries_histogram,
     shard_sequences,
+    token_source_fingerprint,
     verify,
 )
 from pd_lightning.distill.processors import LogitsProcessor, Sampled, TopPK
@@ -175,6 +176,24 @@ def test_multi_shard_any_reader_layout(tmp_path: Path) -> None:
             for i in range(r, 11, readers):
                 assert_matches(cache[i], *refs[i])
     assert verify(tmp_path) == {"shards": 3, "sequences": 11, "tokens": 11 * 16, "entries": verify(tmp_path)["entries"]}
+    refs = write_cache(tmp_path / "sparse", TopPK(0.9, 12), num=2, world=3)  # more ranks than sequences
+    cache = TeacherCache(tmp_path / "sparse")
+    for i in range(2):
+        assert_matches(cache[i], *refs[i])
+
+
+def test_shards_of_any_partition_are_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pd_lightning.data import cache_writer
+
+    def blocks(num: int, rank: int, world: int) -> np.ndarray:  # contiguous blocks instead of strides
+        return np.array_split(np.arange(num, dtype=np.int64), world)[rank]
+
+    monkeypatch.setattr(cache_writer, "shard_sequences", blocks)
+    refs = write_cache(tmp_path, TopPK(0.9, 12), num=7, world=2)
+    cache = TeacherCache(tmp_path)
+    assert cache._shard_of is not None  # the general index map, not the strided shortcut
+    for i in range(7):
+        assert_matches(cache[i], *refs[i])
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
@@ -285,7 +304,7 @@ def test_other_parameters_are_refused_same_are_complete(tmp_path: Path) -> None:
     with pytest.raises(CacheMismatchError, match=r"teacher_fingerprint: 'teacher-a' != 'teacher-b'"):
         CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4, teacher="teacher-b"))
     same = CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4))
-    assert same.complete and len(same.pending_sequences) == 4  # (nothing is written while complete)
+    assert same.complete and len(same.pending_sequences) == 0  # a producer has nothing to compute
     tokens, logits = sequence_data(0, 300, 16)
     assert same.write(torch.tensor([0]), tokens, TopPK(0.9, 8)(logits)) == 0
     assert same.finalize() == tmp_path / "shard-00000-of-00001.h5" and content_checksum(tmp_path) == before
@@ -371,7 +390,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path) -> None:
     script = tmp_path / "writer.py"
     script.write_text(textwrap.dedent(WRITER_SCRIPT))
     reference = _run_writer(script, tmp_path / "reference", 0.0)
-    killed = _run_writer(script, tmp_path / "resumed", 0.15)
+    killed = _run_writer(script, tmp_path / "resumed", 0.25)
     parts = tmp_path / "resumed" / "shard-00000-of-00001.parts"
     deadline = time.monotonic() + 60
     while len(list(parts.glob("part-*.npz"))) < 2 and time.monotonic() < deadline:
@@ -442,3 +461,19 @@ def test_cache_info_and_plot(tmp_path: Path) -> None:
     }
     png = plot_entries_histogram(info, tmp_path / "hist.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_token_source_fingerprint(tmp_path: Path) -> None:
+    def token_file(name: str, change: int | None = None) -> Path:
+        rows = np.arange(50 * 9, dtype=np.int32).reshape(50, 9)
+        if change is not None:
+            rows[change, 3] += 1
+        with h5py.File(tmp_path / name, "w") as f:
+            f["train"], f["val"] = rows, rows[:5]
+            f.attrs.update(tokenizer_fingerprint="tok-1", vocab_size=1000, seq_len=8, complete=True)
+        return tmp_path / name
+
+    a = token_source_fingerprint(token_file("a.h5"), "train")
+    assert a == token_source_fingerprint(token_file("b.h5"), "train")  # content, not the file name
+    assert a != token_source_fingerprint(token_file("a.h5"), "val")
+    assert a != token_source_fingerprint(token_file("c.h5", change=49), "train")  # the last row is sampled

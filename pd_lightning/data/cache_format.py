@@ -17,13 +17,17 @@ dataset                shape, dtype       meaning
 =====================  =================  ============================================================
 
 Entry values: ``q = round(-log p / NLOGP_MAX * 16383)`` with ``NLOGP_MAX = ln(1e6)``, i.e. ``-log p`` in steps
-of 8.4e-4 (error <= 4.2e-4). Probabilities below 1e-6 are **clamped up to 1e-6** (q = 16383). Positions inside a
-sequence are found by ``sequence_offsets[s] + cumsum(counts)``, so the per-position bookkeeping is one
-``counts`` element (1 byte for K <= 255) plus 16 bytes per sequence. Ids are lossless up to ``2^50``.
+of 8.4e-4 (error <= 4.2e-4). Probabilities below 1e-6 are **clamped up to 1e-6** (q = 16383). Ids are lossless
+up to ``2^18`` in uint32 (4 B per entry) and up to ``2^50`` in uint64 (8 B per entry). Positions inside a
+sequence are found by ``sequence_offsets[s] + cumsum(counts)``, so the bookkeeping is one ``counts`` element
+per position (1 B while no position keeps more than 255 entries) plus 20 B per sequence (index, offset, the
+extra label token). Per position: 4 B token id + 1 B count + 4 B statistics + 4 B (or 8 B) per kept entry.
 
-Every dataset is chunked with fletcher32 checksums; chunk sizes target 2048-position window reads. Root
-attributes are :class:`CacheSpec` (identity of the content) plus ``rank``, ``world_size``, ``num_tokens``,
-``num_entries`` and ``complete`` (written last; a shard is renamed into place only when complete).
+Every dataset is chunked with fletcher32 checksums (4 B per chunk). Chunk targets: ``entries`` 16384 elements
+(64 KB), per-position datasets whole sequences of about 2048 positions, ``tokens`` about 4096 ids; each is
+evened out so that the last chunk is (almost) full. Root attributes are :class:`CacheSpec` (the identity of the
+content) plus ``rank``, ``world_size``, ``num_shard_sequences``, ``num_tokens``, ``num_entries``,
+``max_count`` and ``complete`` (written last; a shard is renamed into place only when complete).
 """
 
 from __future__ import annotations

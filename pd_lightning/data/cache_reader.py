@@ -27,6 +27,7 @@ from pd_lightning.data.cache_format import (
     read_attrs,
     read_dataset,
     shard_name,
+    shard_sequences,
 )
 from pd_lightning.distill.target import TEACHER_ENTROPY, TEACHER_IDS, TEACHER_LOGPROBS, TEACHER_STD
 
@@ -102,9 +103,9 @@ class TeacherCache(Dataset):
                 raise CacheMismatchError(f"{file} differs from {self.files[0]}: {spec.describe_difference(specs[0])}")
         self.spec = specs[0]
         self._offsets = offsets  # per shard (S_s + 1,) entry offset of each sequence
-        n = self.spec.num_sequences
-        self._shard_of = np.full(n, -1, dtype=np.int32)  # (N,) shard holding each sequence
-        self._row_of = np.zeros(n, dtype=np.int64)  # (N,) its row in that shard
+        n, world = self.spec.num_sequences, len(self.files)
+        self._shard_of: np.ndarray | None = np.full(n, -1, dtype=np.int32)  # (N,) shard holding each sequence
+        self._row_of: np.ndarray | None = np.zeros(n, dtype=np.int64)  # (N,) its row in that shard
         for s, (file, idx) in enumerate(zip(self.files, index)):
             if idx.size and (idx.min() < 0 or idx.max() >= n or (self._shard_of[idx] >= 0).any()):
                 raise CacheCorruptError(f"{file}: sequence_index out of range or duplicated across shards")
@@ -112,6 +113,8 @@ class TeacherCache(Dataset):
             self._row_of[idx] = np.arange(len(idx))
         if (self._shard_of < 0).any():
             raise CacheIncompleteError(f"teacher cache {self.path} lacks {(self._shard_of < 0).sum()} of {n} sequences")
+        if all(np.array_equal(idx, shard_sequences(n, s, world)) for s, idx in enumerate(index)):
+            self._shard_of = self._row_of = None  # the writers' partition: i -> shard i % world, row i // world
         self.max_entries = self.spec.max_entries or max(max(max_counts), 1)
         self._pid: int | None = None
         self._shards: dict[int, _Shard] = {}
@@ -189,13 +192,16 @@ class TeacherCache(Dataset):
             start: first position.
             stop: end position (default ``seq_len``).
         """
-        length = self.spec.seq_len
+        i, length = int(i), self.spec.seq_len
         stop = length if stop is None else stop
         if not 0 <= i < self.spec.num_sequences:
             raise IndexError(f"sequence {i} out of range [0, {self.spec.num_sequences})")
         if not 0 <= start < stop <= length:
             raise IndexError(f"positions [{start}, {stop}) out of range [0, {length}]")
-        s, r = int(self._shard_of[i]), int(self._row_of[i])
+        if self._shard_of is None:
+            s, r = i % len(self.files), i // len(self.files)
+        else:
+            s, r = int(self._shard_of[i]), int(self._row_of[i])
         shard = self._shard(s)
         base = r * length
         try:

@@ -136,17 +136,21 @@ class CacheWriter:
             if not match:
                 continue
             rank, world = map(int, match.groups())
+            # concurrent ranks: each deletes only its own entries; rank 0 also those of other world sizes
+            mine = (rank, world) == (self.rank, self.world_size) or (self.rank == 0 and world != self.world_size)
             is_parts = entry.suffix == ".parts"
             if is_parts and not (entry / "manifest.json").exists():
-                _remove(entry)  # killed before its manifest was committed: holds no committed part
-                continue
+                if mine:  # killed before its manifest was committed: holds no committed part
+                    _remove(entry)
+                continue  # (another rank's may be being created right now)
             try:
                 spec = self._spec_of(entry, is_parts)
             except CacheError as err:
                 if not overwrite:
                     raise CacheCorruptError(f"{err}; delete it or pass overwrite=True") from err
-                log.warning("overwrite=True: removing unreadable %s (%s)", entry, err)
-                _remove(entry)
+                if mine:
+                    log.warning("overwrite=True: removing unreadable %s (%s)", entry, err)
+                    _remove(entry)
                 continue
             if spec != self.spec:
                 if not overwrite:
@@ -155,14 +159,16 @@ class CacheWriter:
                         f"({spec.describe_difference(self.spec)}); pass overwrite=True to replace it, "
                         "or write to another folder"
                     )
-                log.warning("overwrite=True: removing %s (other parameters)", entry)
-                _remove(entry)
+                if mine:
+                    log.warning("overwrite=True: removing %s (other parameters)", entry)
+                    _remove(entry)
             elif is_parts:
                 unfinished.add(world)
             else:
                 finished.setdefault(world, set()).add(rank)
         if self.rank in finished.get(self.world_size, ()) or any(len(r) == w for w, r in finished.items()):
             self.complete = True
+            self._done[:] = True  # nothing pending
             if self.parts_dir.exists():  # killed between the final rename and the clean-up
                 _remove(self.parts_dir)
             log.info("teacher cache %s is already complete for these parameters; nothing to write", self.cache_dir)
@@ -220,16 +226,16 @@ class CacheWriter:
             tokens: ``(B, seq_len + 1)`` token rows (inputs and labels).
             target: the processor's output for the ``B * seq_len`` positions, sequence-major.
         """
-        if self.complete:
+        if self.complete or not len(self._mine):
             return 0
         index = torch.as_tensor(sequence_index).detach().cpu().to(torch.int64)  # (B,)
         if index.dim() != 1:
             raise ValueError(f"sequence_index must be 1-D, got shape {tuple(index.shape)}")
         idx = index.numpy()
-        keep = (idx % self.world_size == self.rank) & (idx >= 0) & (idx < self.spec.num_sequences)
-        pos = np.searchsorted(self._mine, idx).clip(max=max(len(self._mine) - 1, 0))
-        keep &= ~self._done[pos] if len(self._mine) else False
-        keep &= ~np.isin(idx, np.concatenate([b.sequence_index for b in self._buffer] or [np.empty(0, np.int64)]))
+        pos = np.searchsorted(self._mine, idx).clip(max=len(self._mine) - 1)  # (B,)
+        keep = (self._mine[pos] == idx) & ~self._done[pos]  # this rank's, not committed yet
+        buffered = np.concatenate([b.sequence_index for b in self._buffer] or [np.empty(0, np.int64)])
+        keep &= ~np.isin(idx, buffered)  # not buffered yet
         _, first = np.unique(idx, return_index=True)
         keep &= np.isin(np.arange(len(idx)), first)  # repeats within the batch
         if not keep.any():
