@@ -35,7 +35,7 @@ def cache_info_command(path: str, json: bool = False, plot: str | None = None) -
     """Figures of a teacher-logit cache: tokens, entries, bytes per token / entry, kept mass, fingerprints.
 
     Args:
-        path: the cache folder (or one shard file).
+        path: the cache folder.
         json: print one JSON object instead of a table.
         plot: write a PNG histogram of the entries per token to this file.
     """
@@ -44,7 +44,7 @@ def cache_info_command(path: str, json: bool = False, plot: str | None = None) -
     from pd_lightning.data.cache_inspect import cache_info, plot_entries_histogram
 
     info = cache_info(path)
-    if plot:
+    if plot and info.get("complete"):
         plot_entries_histogram(info, plot)
     if json:
         print(json_lib.dumps(info, default=str))

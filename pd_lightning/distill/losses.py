@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pd_lightning.distill.target import SparseTarget
-from pd_lightning.distill.temperature import TargetTransform
+from pd_lightning.distill.temperature import Temperatures, TargetTransform
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -80,6 +80,40 @@ class DistillLoss(nn.Module, ABC):
         has_target = target.valid.any(-1)  # (N,)
         return has_target if mask is None else mask & has_target
 
+    def temperatures(
+        self,
+        logits: Tensor,
+        target: SparseTarget,
+        counted: Tensor,
+        transform: TargetTransform | None = None,
+        context: Tensor | None = None,
+    ) -> Temperatures:
+        """The transform's temperatures with ``hinton`` applied; neutral (tau 1, weight 0) where not counted.
+
+        Positions that do not count may carry garbage statistics (padding); neutral values there keep the backward
+        pass free of NaN (``torch.where`` passes ``0 * NaN = NaN`` to the unselected branch otherwise).
+        """
+        dtype = logits.dtype
+        tau_t = tau_s = weight = None
+        if transform is not None:
+            temps = transform(logits, target, context)
+            tau_t, tau_s, weight = temps.teacher, temps.student, temps.weight
+        if self.hinton:
+            if tau_s is not None:
+                raise ValueError(
+                    f"hinton=True cannot be combined with {type(transform).__name__}, which sets its own student "
+                    "temperature"
+                )
+            tau_s = tau_t
+            if tau_t is not None:
+                weight = tau_t.to(dtype) ** 2 if weight is None else weight * tau_t.to(dtype) ** 2
+        ones = torch.ones(logits.shape[0], dtype=dtype, device=logits.device)
+        return Temperatures(
+            teacher=ones if tau_t is None else torch.where(counted, tau_t.to(dtype), 1.0),  # (n,)
+            student=None if tau_s is None else torch.where(counted, tau_s.to(dtype), 1.0),  # (n,)
+            weight=None if weight is None else torch.where(counted, weight.to(dtype), 0.0),  # (n,)
+        )
+
     def token_losses(
         self,
         logits: Tensor,
@@ -89,7 +123,7 @@ class DistillLoss(nn.Module, ABC):
         context: Tensor | None = None,
         student_logp: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Weighted per-position loss for one chunk of positions.
+        """Weighted per-position loss for one chunk of positions, from the student's logits.
 
         Args:
             logits: ``(n, V)`` student logits (upcast to fp32 here).
@@ -105,64 +139,65 @@ class DistillLoss(nn.Module, ABC):
             ``(n,)`` loss per position (0 where not counted) and ``(n,)`` teacher temperature per position.
         """
         logits = upcast(logits)  # (n, V)
-        n, vocab = logits.shape
-        dtype = logits.dtype
-        tau_t = tau_s = weight = None
-        if transform is not None:
-            temps = transform(logits, target, context)
-            tau_t, tau_s, weight = temps.teacher, temps.student, temps.weight
-        if self.hinton:
-            if tau_s is not None:
-                raise ValueError(
-                    f"hinton=True cannot be combined with {type(transform).__name__}, which sets its own student "
-                    "temperature"
-                )
-            tau_s = tau_t
-            if tau_t is not None:
-                weight = tau_t.to(dtype) ** 2 if weight is None else weight * tau_t.to(dtype) ** 2
-        # Positions that do not count may carry garbage statistics (padding); neutral values keep the backward
-        # pass free of NaN there (torch.where passes 0 * NaN = NaN otherwise).
-        if tau_t is not None:
-            tau_t = torch.where(counted, tau_t.to(dtype), 1.0)  # (n,)
-        if tau_s is not None:
-            tau_s = torch.where(counted, tau_s.to(dtype), 1.0)  # (n,)
-
-        # Student log-probabilities over the full vocabulary, at tau_s.
-        if tau_s is None:
+        temps = self.temperatures(logits, target, counted, transform, context)
+        if temps.student is None:
             s_full = student_logp if student_logp is not None else F.log_softmax(logits, dim=-1)  # (n, V)
         else:
-            s_full = F.log_softmax(logits / tau_s[:, None], dim=-1)  # (n, V)
-        valid = target.valid  # (n, K)
-        s_logp = s_full.gather(1, target.ids)  # (n, K)
-
-        # Teacher target F: kept log-probs / tau_t, renormalised over the kept set (padding stays -inf).
-        t_raw = target.logprobs.to(dtype)  # (n, K)
-        t_scaled = t_raw if tau_t is None else t_raw / tau_t[:, None]
-        t_logp = torch.log_softmax(t_scaled, dim=-1)  # (n, K); NaN on rows without entries (masked below)
-
+            s_full = F.log_softmax(logits / temps.student[:, None], dim=-1)  # (n, V)
+        s_tail = None
         if self.tail_bucket:
-            kept_mass = torch.where(valid, t_raw.exp(), 0.0).sum(-1).clamp(max=1.0)  # (n,)
-            t_tail = torch.log1p(-kept_mass)  # (n,) log of the tau=1 tail mass; -inf when there is none
-            t_logp = t_logp + kept_mass.log()[:, None]  # F_k = (1 - tail) * softmax_kept(...)
             # Student tail: log of its mass on the ids outside the kept set, exactly (no 1 - sum cancellation).
+            n, vocab = logits.shape
+            valid = target.valid  # (n, K)
             rows = torch.arange(n, device=logits.device)[:, None].expand_as(valid)
             kept = torch.zeros(n, vocab, dtype=torch.bool, device=logits.device)
             kept[rows[valid], target.ids[valid]] = True  # (n, V)
-            has_tail = ~kept.all(-1)  # (n,)
+            has_tail = ~kept.all(-1)  # (n,); -inf tail (no NaN gradient) where the kept set is everything
             outside = torch.where(has_tail[:, None], s_full.masked_fill(kept, float("-inf")), s_full)
-            s_tail = torch.logsumexp(outside, dim=-1)  # (n,)
+            s_tail = torch.where(has_tail, torch.logsumexp(outside, dim=-1), float("-inf"))  # (n,)
+        per_token = self.kept_losses(s_full.gather(1, target.ids), target, counted, temps, s_tail)
+        return per_token, temps.teacher.detach()
+
+    def kept_losses(
+        self,
+        s_logp: Tensor,
+        target: SparseTarget,
+        counted: Tensor,
+        temps: Temperatures,
+        s_tail: Tensor | None = None,
+    ) -> Tensor:
+        """Weighted per-position loss from the student's log-probabilities at the kept ids.
+
+        Args:
+            s_logp: ``(n, K)`` student log-probabilities ``log q`` at ``target.ids`` (at its temperature).
+            target: the ``n`` rows of the sparse teacher target.
+            counted: ``(n,)`` bool positions that count.
+            temps: from ``temperatures`` (teacher temperature and weight are used here).
+            s_tail: ``(n,)`` log of the student's mass outside the kept set; required when ``tail_bucket``.
+
+        Returns:
+            ``(n,)`` loss per position, 0 where not counted.
+        """
+        dtype = s_logp.dtype
+        valid = target.valid  # (n, K)
+        # Teacher target F: kept log-probs / tau_t, renormalised over the kept set (padding stays -inf).
+        t_raw = target.logprobs.to(dtype)  # (n, K)
+        t_logp = torch.log_softmax(t_raw / temps.teacher[:, None], dim=-1)  # (n, K); NaN on empty rows (masked)
+        if self.tail_bucket:
+            if s_tail is None:
+                raise ValueError("tail_bucket=True needs the student's tail mass (s_tail)")
+            kept_mass = torch.where(valid, t_raw.exp(), 0.0).sum(-1).clamp(max=1.0)  # (n,)
+            t_tail = torch.log1p(-kept_mass)  # (n,) log of the tau=1 tail mass; -inf when there is none
+            t_logp = t_logp + kept_mass.log()[:, None]  # F_k = (1 - tail) * softmax_kept(...)
             s_logp = torch.cat([s_logp, s_tail[:, None]], dim=-1)  # (n, K + 1)
             t_logp = torch.cat([t_logp, t_tail[:, None]], dim=-1)  # (n, K + 1)
-            valid = torch.cat([valid, (has_tail & (kept_mass < 1.0))[:, None]], dim=-1)  # (n, K + 1)
-
+            tail_ok = (kept_mass < 1.0) & torch.isfinite(s_tail)  # (n,)
+            valid = torch.cat([valid, tail_ok[:, None]], dim=-1)  # (n, K + 1)
         valid = valid & counted[:, None]
         t_logp = torch.where(valid, t_logp, 0.0)
         s_logp = torch.where(valid, s_logp, 0.0)
         per_token = torch.where(valid, self.divergence(s_logp, t_logp), 0.0).sum(-1)  # (n,)
-        if weight is not None:
-            per_token = per_token * torch.where(counted, weight.to(dtype), 0.0)
-        tau_out = torch.ones(n, dtype=dtype, device=logits.device) if tau_t is None else tau_t.detach()
-        return per_token, tau_out
+        return per_token if temps.weight is None else per_token * temps.weight
 
     def _chunk_sum(
         self,

@@ -1,0 +1,200 @@
+"""`pd-lightning predict` end to end with a tiny local HF teacher: SIGKILL + resume, cache-info, refusals,
+and distillation from the resulting cache through `pd-lightning fit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pd_lightning.cli import main
+from pd_lightning.data.cache_format import content_checksum
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def predict_args(teacher: Path, tokens: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "predict",
+        "--model.teacher", str(teacher),
+        "--model.processor", "pd_lightning.distill.processors.TopPK",
+        "--model.processor.p", "0.95",
+        "--model.processor.k", "20",
+        "--data.path", str(tokens),
+        "--data.split", "val",
+        "--data.batch_size", "4",
+        "--writer.output", str(out),
+        "--writer.commit_sequences", "8",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("shard-*.h5"))
+
+
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory, hf_teacher, prepared) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    main(predict_args(hf_teacher, prepared["tokens"], out))
+    return out
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, hf_teacher, prepared, reference_cache):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "pd_lightning.cli", *predict_args(hf_teacher, prepared["tokens"], out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = out / "shard-00000-of-00001.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "predict finished before it could be killed; make the job longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not shard_files(out), "a killed run must not leave a shard under its final name"
+    # The half-written cache is refused by readers, naming the remedy.
+    from pd_lightning.data.cache_reader import TeacherCache
+
+    with pytest.raises(Exception, match="predict"):
+        TeacherCache(out)
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    (a,), (b,) = shard_files(out), shard_files(reference_cache)
+    assert content_checksum(a) == content_checksum(b)
+
+
+def test_cache_info_json(reference_cache, capsys):
+    main(["cache-info", str(reference_cache), "--json", "true"])
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("tokens", "bytes_per_token", "bytes_per_entry", "mean_entries_per_token", "mean_kept_mass"):
+        assert isinstance(info[key], int | float), key
+    assert info["schema_version"] == 1 and info["tokens"] == 465 * 64
+    assert 1 <= info["mean_entries_per_token"] <= 20
+    assert info["bytes_per_entry"] <= 4.0 + 0.05  # entry = packed uint32 (id + quantised -log p) + chunk padding
+
+
+def test_rerun_of_complete_cache_and_other_parameters(reference_cache, hf_teacher, prepared, capsys):
+    main(predict_args(hf_teacher, prepared["tokens"], reference_cache))
+    assert "already complete" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(predict_args(hf_teacher, prepared["tokens"], reference_cache, "--model.processor.k", "5"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "overwrite" in err
+
+
+def test_teacher_refusals(tmp_path, hf_teacher, prepared, corpus_dir, capsys):
+    def fails(args, *needles):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        for n in needles:
+            assert n in err, err
+
+    out = tmp_path / "c"
+    fails(predict_args(tmp_path / "nope", prepared["tokens"], out), "--model.teacher", "nope")
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8, "num_layers": 1, "num_heads": 1}))
+    fails(predict_args(t5, prepared["tokens"], out), "not a causal language model")
+    # A token file from another tokenizer than the teacher's.
+    from pd_lightning.data.corpus import prepare
+
+    other = tmp_path / "other" / "tokens.h5"
+    prepare(input=[str(corpus_dir / "a.txt")], output=str(other), seq_len=16, vocab_size=300)
+    fails(predict_args(hf_teacher, other, out, "--data.split", "train"), "tokenizer", "--tokenizer")
+    # NaN in the teacher's logits: the error names the sequence and position.
+    from transformers import AutoModelForCausalLM
+
+    bad = tmp_path / "nan-teacher"
+    model = AutoModelForCausalLM.from_pretrained(str(hf_teacher))
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")
+    model.save_pretrained(str(bad))
+    for f in hf_teacher.glob("*token*"):
+        (bad / f.name).write_bytes(f.read_bytes())
+    fails(predict_args(bad, prepared["tokens"], out), "NaN", "sequence 0, position 0")
+    assert not shard_files(out)
+
+
+def fit_from_cache(cache: Path, tokens: Path, root: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--seed_everything", "3",
+        "--model.student.preset", "tiny",
+        "--model.loss", "pd_lightning.distill.losses.KLD",
+        "--model.temperature", "pd_lightning.distill.temperature.StaticTemperature",
+        "--model.temperature.tau", "2.0",
+        "--model.alpha", "pd_lightning.distill.schedules.Constant",
+        "--model.alpha.alpha", "0.9",
+        "--data.class_path", "pd_lightning.data.cache_datamodule.CacheDataModule",
+        "--data.init_args.path", str(cache),
+        "--data.init_args.val_tokens", str(tokens),
+        "--data.init_args.batch_size", "4",
+        "--data.init_args.val_sequences", "8",
+        "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(root),
+        "--trainer.logger.name", "log",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_distil_from_cache_logs_kd_and_resumes_exactly(tmp_path, reference_cache, prepared):
+    import csv
+
+    ckpt = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=4",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+        "--trainer.limit_val_batches=0",
+        "--data.init_args.num_workers=1",
+    ]
+    main(fit_from_cache(reference_cache, prepared["tokens"], tmp_path / "a", 8, *ckpt))
+    main(fit_from_cache(reference_cache, prepared["tokens"], tmp_path / "b", 8, *ckpt,
+                        "--ckpt_path", str(next((tmp_path / "a").rglob("step=4.ckpt")))))  # fmt: skip
+
+    def rows(root):
+        with open(next(root.rglob("metrics.csv"))) as f:
+            return {int(r["step"]): r for r in csv.DictReader(f) if r.get("train/loss")}
+
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert sorted(b) == [4, 5, 6, 7]
+    for step, r in a.items():
+        assert float(r["train/alpha"]) == pytest.approx(0.9)
+        total, lm, kd = (float(r[k]) for k in ("train/loss", "train/lm_loss", "train/kd_loss"))
+        assert total == pytest.approx(0.1 * lm + 0.9 * kd, rel=1e-5)
+        assert float(r["train/mean_temperature"]) == pytest.approx(2.0)
+        if step in b:
+            assert b[step]["train/loss"] == r["train/loss"]
+
+
+def test_kd_without_teacher_targets_is_refused(tmp_path, prepared, capsys):
+    from tests.test_train import tiny_fit_args
+
+    args = tiny_fit_args(prepared["tokens"], tmp_path, 3, "--model.loss", "pd_lightning.distill.losses.KLD",
+                         "--model.alpha", "pd_lightning.distill.schedules.Constant", "--model.alpha.alpha", "0.5")  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert "--model.alpha" in capsys.readouterr().err
