@@ -16,11 +16,19 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The demo pipeline on the embedded corpus; each step is a file target, so an interrupted demo resumes.
 $(DEMO)/tokens.h5: | $(BIN)/.installed
 	$(BIN)/pd-lightning prepare --input builtin --output $(DEMO)/tokens.h5 --seq_len 256 --vocab_size 4096 --overwrite true
 
-demo: $(DEMO)/tokens.h5
-	$(BIN)/pd-lightning fit --config configs/demo/lm.yaml
+runs/demo-teacher/teacher.ckpt: $(DEMO)/tokens.h5
+	$(BIN)/pd-lightning fit --config configs/demo/teacher.yaml
+
+$(DEMO)/cache/top-0.95-100/shard-00000-of-00001.h5: runs/demo-teacher/teacher.ckpt
+	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --writer.overwrite true --trainer.enable_progress_bar false
+	$(BIN)/pd-lightning cache-info $(DEMO)/cache/top-0.95-100
+
+demo: $(DEMO)/cache/top-0.95-100/shard-00000-of-00001.h5
+	$(BIN)/pd-lightning fit --config configs/demo/student_kd.yaml
 
 test: setup
 	$(BIN)/pytest -q
@@ -34,5 +42,12 @@ lint: setup
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
+bench: setup
+	$(BIN)/python benchmarks/loader_throughput.py
+	$(BIN)/python benchmarks/cache_size.py
+	$(BIN)/python benchmarks/cache_write_overhead.py
+	$(BIN)/python benchmarks/kd_overhead.py
+	$(BIN)/python benchmarks/loss_memory.py
+
 clean:
-	rm -rf runs lightning_logs $(DEMO)
+	rm -rf runs lightning_logs $(DEMO) data/bench

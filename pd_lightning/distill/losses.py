@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pd_lightning.distill.target import SparseTarget
-from pd_lightning.distill.temperature import Temperatures, TargetTransform
+from pd_lightning.distill.temperature import TargetTransform, Temperatures
 
 
 def upcast(x: Tensor) -> Tensor:

@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from pd_lightning.distill.losses import KLD, DistillLoss, upcast
 from pd_lightning.distill.target import SparseTarget
-from pd_lightning.distill.temperature import TargetTransform
+from pd_lightning.distill.temperature import TargetTransform, Temperatures
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 32 * 2**20  # automatic chunk: one fp32 (chunk, V) tensor of about 32 MiB
@@ -79,26 +80,88 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
-def _chunk_objective(
-    logits: Tensor, labels: Tensor, kd: _KD | None, rows: slice, scale_lm: Tensor, scale_kd: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """One chunk: ``(scale_lm * lm_sum + scale_kd * kd_sum, log_softmax(logits), lm_sum, kd_sum, tau)``."""
-    logp = F.log_softmax(logits, dim=-1)  # (n, V), shared by the LM loss, the KD loss (at tau_s = 1) and the log
-    lm_sum = F.nll_loss(logp, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+class _Chunk(NamedTuple):
+    """What one chunk of the fused loop yields (sums over the chunk's positions)."""
+
+    d_logits: Tensor | None  # (n, V) gradient of the total loss w.r.t. the chunk's logits
+    lm_sum: Tensor
+    kd_sum: Tensor | None
+    tau_sum: Tensor | None
+    kl_sum: Tensor | None
+
+
+def _generic_chunk(
+    logits: Tensor, labels: Tensor, kd: _KD | None, rows: slice, scale_lm: Tensor, scale_kd: Tensor | None, grad: bool
+) -> _Chunk:
+    """Any loss / transform: autograd through the chunk's ``(n, V)`` computation (a few ``(n, V)`` buffers)."""
+    logits = logits.requires_grad_(grad)  # (n, V) leaf of this chunk's graph
+    with torch.enable_grad():
+        logp = F.log_softmax(logits, dim=-1)  # (n, V), shared by the LM loss, the KD loss (at tau_s 1) and the log
+        lm_sum = F.nll_loss(logp, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        obj = scale_lm * lm_sum
+        if kd is not None:
+            target, counted = kd.target.select(rows), kd.counted[rows]
+            kd_tok, tau = kd.loss.token_losses(logits, target, counted, kd.transform, kd.context, student_logp=logp)
+            kd_sum = kd_tok.sum()
+            obj = obj + scale_kd * kd_sum
+        d_logits = torch.autograd.grad(obj, logits)[0] if grad else None
     if kd is None:
-        return scale_lm * lm_sum, logp, lm_sum, None, None
-    kd_tok, tau = kd.loss.token_losses(
-        logits, kd.target.select(rows), kd.counted[rows], kd.transform, kd.context, student_logp=logp
-    )
-    kd_sum = kd_tok.sum()
-    return scale_lm * lm_sum + scale_kd * kd_sum, logp, lm_sum, kd_sum, tau
-
-
-def _diagnostic_sum(logp: Tensor, kd: _KD, rows: slice) -> Tensor:
-    """Sum over the chunk's KD positions of the ``teacher_student_kl`` diagnostic (module docstring)."""
+        return _Chunk(d_logits, lm_sum.detach(), None, None, None)
     with torch.no_grad():
         logp = logp.detach()
-        return _DIAGNOSTIC.token_losses(logp, kd.target.select(rows), kd.counted[rows], student_logp=logp)[0].sum()
+        kl_sum = _DIAGNOSTIC.token_losses(logp, target, counted, student_logp=logp)[0].sum()
+    return _Chunk(d_logits, lm_sum.detach(), kd_sum.detach(), torch.where(counted, tau, 0.0).sum(), kl_sum)
+
+
+def _sparse_chunk(
+    logits: Tensor,
+    labels: Tensor,
+    kd: _KD | None,
+    temps: Temperatures | None,
+    rows: slice,
+    scale_lm: Tensor,
+    scale_kd: Tensor | None,
+    grad: bool,
+) -> _Chunk:
+    """Student at tau 1, no tail bucket: the loss sees ``log q`` only at the label and the kept ids.
+
+    With ``g_ij = log q(id_ij) = z(id_ij) - lse_i`` the chain rule through the log-softmax gives
+    ``dL/dz_iv = sum_j dL/dg_ij [v = id_ij] - softmax_iv * sum_j dL/dg_ij``: autograd runs on the ``(n, K + 1)``
+    gathered values only, and the dense gradient is written over the logits buffer in place (softmax, scale,
+    scatter), so the chunk needs one ``(n, V)`` buffer in all.
+    """
+    safe_labels = labels.clamp(min=0)[:, None]  # (n, 1); -100 -> 0, masked below
+    z_lm = logits.gather(1, safe_labels)  # (n, 1)
+    z_kd = None if kd is None else logits.gather(1, kd.target.ids[rows])  # (n, K)
+    z = logits  # (n, V), overwritten in place from here on
+    zmax = z.amax(-1, keepdim=True)  # (n, 1)
+    z.sub_(zmax).exp_()  # exp(z - max)
+    norm = z.sum(-1, keepdim=True)  # (n, 1)
+    lse = zmax + norm.log()  # (n, 1)
+    g_lm = (z_lm - lse).requires_grad_(grad)  # (n, 1) log q at the labels
+    g_kd = None if kd is None else (z_kd - lse).requires_grad_(grad)  # (n, K) log q at the kept ids
+    with torch.enable_grad():
+        lm_sum = -torch.where(labels[:, None] != IGNORE_INDEX, g_lm, 0.0).sum()
+        obj = scale_lm * lm_sum
+        if kd is not None:
+            target, counted = kd.target.select(rows), kd.counted[rows]
+            kd_sum = kd.loss.kept_losses(g_kd, target, counted, temps).sum()
+            obj = obj + scale_kd * kd_sum
+        leaves = [g_lm] if kd is None else [g_lm, g_kd]
+        grads = torch.autograd.grad(obj, leaves) if grad else None
+    d_logits = None
+    if grads is not None:
+        row_sum = sum(g.sum(-1, keepdim=True) for g in grads)  # (n, 1)
+        d_logits = z.mul_(-row_sum / norm)  # -softmax * row_sum
+        d_logits.scatter_add_(1, safe_labels, grads[0])  # ignored labels have zero gradient
+        if kd is not None:
+            d_logits.scatter_add_(1, kd.target.ids[rows], grads[1])  # padding entries have zero gradient
+    if kd is None:
+        return _Chunk(d_logits, lm_sum.detach(), None, None, None)
+    with torch.no_grad():
+        ones = Temperatures(teacher=torch.ones_like(temps.teacher))
+        kl_sum = _DIAGNOSTIC.kept_losses(g_kd.detach(), target, counted, ones).sum()
+    return _Chunk(d_logits, lm_sum.detach(), kd_sum.detach(), torch.where(counted, temps.teacher, 0.0).sum(), kl_sum)
 
 
 def _fused_loop(
@@ -120,21 +183,30 @@ def _fused_loop(
     sums = [torch.zeros((), dtype=acc, device=hidden.device) for _ in range(4)]  # lm, kd, tau, kl
     d_hidden = torch.empty_like(hidden) if grad_hidden else None  # (N, H)
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grad_weight else None  # (V, H)
-    need_grad = grad_hidden or grad_weight
+    grad = grad_hidden or grad_weight
     step = chunk_size if chunk_size > 0 else auto_chunk_size(weight.shape[0])
     for start in range(0, n, step):
         rows = slice(start, start + step)
         h = hidden[rows]  # (n, H)
-        logits = upcast(h @ weight.T).detach().requires_grad_(need_grad)  # (n, V) leaf of this chunk's graph
-        with torch.enable_grad():
-            obj, logp, lm_sum, kd_sum, tau = _chunk_objective(logits, labels[rows], kd, rows, scale_lm, scale_kd)
-            d_logits = torch.autograd.grad(obj, logits)[0].to(hidden.dtype) if need_grad else None  # (n, V)
-        sums[0] += lm_sum.detach()
+        logits = upcast(h @ weight.T)  # (n, V)
+        temps = None
         if kd is not None:
-            sums[1] += kd_sum.detach()
-            sums[2] += torch.where(kd.counted[rows], tau, 0.0).sum()
-            sums[3] += _diagnostic_sum(logp, kd, rows)
-        del logits, logp, obj
+            target, counted = kd.target.select(rows), kd.counted[rows]
+            temps = kd.loss.temperatures(logits, target, counted, kd.transform, kd.context)
+        if kd is None or (temps.student is None and not kd.loss.tail_bucket):
+            chunk = _sparse_chunk(logits, labels[rows], kd, temps, rows, scale_lm, scale_kd, grad)
+        else:
+            chunk = _generic_chunk(logits, labels[rows], kd, rows, scale_lm, scale_kd, grad)
+        del logits
+        sums[0] += chunk.lm_sum
+        if kd is not None:
+            sums[1] += chunk.kd_sum
+            sums[2] += chunk.tau_sum
+            sums[3] += chunk.kl_sum
+        if not grad:
+            continue
+        d_logits = chunk.d_logits.to(hidden.dtype)  # (n, V)
+        del chunk
         if d_hidden is not None:
             torch.mm(d_logits, weight, out=d_hidden[rows])  # (n, H)
         if d_weight is not None:
@@ -142,6 +214,7 @@ def _fused_loop(
                 d_weight.addmm_(d_logits.T, h)  # (V, H) += (V, n) @ (n, H)
             else:
                 d_weight += (d_logits.T @ h).to(acc)  # low-precision matmul, fp32 accumulation
+        del d_logits
     means = [sums[0] / n_lm]
     if kd is not None:
         means += [sums[1] / n_kd, sums[2] / n_kd, sums[3] / n_kd]
@@ -241,5 +314,7 @@ def lm_kd_loss(
     kd_mean = kd_tok.sum() / n_kd
     total = (1.0 - alpha) * lm + alpha * kd_mean
     mean_tau = torch.where(counted, tau, 0.0).sum() / n_kd
-    kl = _diagnostic_sum(logp, kd, slice(None)) / n_kd
+    with torch.no_grad():
+        logp = logp.detach()
+        kl = _DIAGNOSTIC.token_losses(logp, target, counted, student_logp=logp)[0].sum() / n_kd
     return LossOutput(total, lm.detach(), kd_mean.detach(), mean_tau, kl)
