@@ -129,3 +129,19 @@ def test_unknown_preset_and_missing_data(tmp_path, prepared, capsys):
         main(tiny_fit_args(tmp_path / "nothing.h5", tmp_path, 3))
     assert e.value.code != 0
     assert "nothing.h5" in capsys.readouterr().err
+
+
+def test_ddp_two_cpu_processes(tmp_path, prepared):
+    """A real multi-process run (DDP, gloo): each rank reads its own half of the data; the run checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    args = tiny_fit_args(prepared["tokens"], tmp_path, 4, "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "pd_lightning.cli", *args], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "max_steps=4" in run.stderr + run.stdout
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["TokenDataModule"]["consumed"] == 4 * 4  # per rank: 4 batches of 4 sequences

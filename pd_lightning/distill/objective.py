@@ -188,7 +188,9 @@ def _fused_loop(
     for start in range(0, n, step):
         rows = slice(start, start + step)
         h = hidden[rows]  # (n, H)
-        logits = upcast(h @ weight.T)  # (n, V)
+        # (n, V) as a transposed view of (V, n): W @ h^T runs ~1.4x faster than h @ W^T for n ~ 100 on CPU BLAS,
+        # and the dense gradient keeps that layout, which the two backward matmuls take as it is.
+        logits = upcast(torch.mm(weight, h.T)).T  # (n, V), strides (1, n)
         temps = None
         if kd is not None:
             target, counted = kd.target.select(rows), kd.counted[rows]
