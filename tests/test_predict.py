@@ -16,6 +16,7 @@ import torch
 
 from pd_lightning.cli import main
 from pd_lightning.data.cache_format import content_checksum
+from tests.test_train import quiet_trainer_args, tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,15 +147,7 @@ def fit_from_cache(cache: Path, tokens: Path, root: Path, max_steps: int, *extra
         "--data.init_args.val_tokens", str(tokens),
         "--data.init_args.batch_size", "4",
         "--data.init_args.val_sequences", "8",
-        "--trainer.accelerator", "cpu",
-        "--trainer.max_steps", str(max_steps),
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", str(root),
-        "--trainer.logger.name", "log",
+        *quiet_trainer_args(root, max_steps),
         *extra,
     ]  # fmt: skip
 
@@ -190,8 +183,6 @@ def test_distil_from_cache_logs_kd_and_resumes_exactly(tmp_path, reference_cache
 
 
 def test_kd_without_teacher_targets_is_refused(tmp_path, prepared, capsys):
-    from tests.test_train import tiny_fit_args
-
     args = tiny_fit_args(prepared["tokens"], tmp_path, 3, "--model.loss", "pd_lightning.distill.losses.KLD",
                          "--model.alpha", "pd_lightning.distill.schedules.Constant", "--model.alpha.alpha", "0.5")  # fmt: skip
     with pytest.raises(SystemExit) as e:

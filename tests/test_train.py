@@ -11,16 +11,9 @@ import torch
 from pd_lightning.cli import main
 
 
-def tiny_fit_args(tokens: Path, root: Path, max_steps: int, *extra: str) -> list[str]:
+def quiet_trainer_args(root: Path, max_steps: int) -> list[str]:
+    """CPU, one device, a CSV log of every step under ``root/log/version_0``."""
     return [
-        "fit",
-        "--seed_everything", "7",
-        "--model.student.preset", "tiny",
-        "--model.lr", "3e-3",
-        "--data.class_path", "pd_lightning.data.datamodule.TokenDataModule",
-        "--data.init_args.path", str(tokens),
-        "--data.init_args.batch_size", "4",
-        "--data.init_args.val_sequences", "8",
         "--trainer.accelerator", "cpu",
         "--trainer.devices", "1",
         "--trainer.max_steps", str(max_steps),
@@ -32,6 +25,20 @@ def tiny_fit_args(tokens: Path, root: Path, max_steps: int, *extra: str) -> list
         "--trainer.logger.save_dir", str(root),
         "--trainer.logger.name", "log",
         "--trainer.logger.version", "0",
+    ]  # fmt: skip
+
+
+def tiny_fit_args(tokens: Path, root: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--seed_everything", "7",
+        "--model.student.preset", "tiny",
+        "--model.lr", "3e-3",
+        "--data.class_path", "pd_lightning.data.datamodule.TokenDataModule",
+        "--data.init_args.path", str(tokens),
+        "--data.init_args.batch_size", "4",
+        "--data.init_args.val_sequences", "8",
+        *quiet_trainer_args(root, max_steps),
         *extra,
     ]  # fmt: skip
 
