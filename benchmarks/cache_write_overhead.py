@@ -83,9 +83,17 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tokens_n = args.sequences * args.seq
-    print(f"teacher {cfg.num_parameters() / 1e6:.1f}M params, vocab {args.vocab}, {tokens_n} tokens, cache {size / 1e6:.1f} MB")
-    print(f"forward only           median {statistics.median(fwd):.2f} s  ({tokens_n / statistics.median(fwd):,.0f} tok/s)")
-    print(f"forward+process+write  median {statistics.median(full):.2f} s  paired ratios {[round(x, 3) for x in ratios]}")
+    print(
+        f"teacher {cfg.num_parameters() / 1e6:.1f}M params, vocab {args.vocab}, {tokens_n} tokens, "
+        f"cache {size / 1e6:.1f} MB"
+    )
+    print(
+        f"forward only           median {statistics.median(fwd):.2f} s  "
+        f"({tokens_n / statistics.median(fwd):,.0f} tok/s)"
+    )
+    print(
+        f"forward+process+write  median {statistics.median(full):.2f} s  paired ratios {[round(x, 3) for x in ratios]}"
+    )
     print(f"forward+process        paired ratios {[round(x, 3) for x in proc]}")
     print(
         f"RESULT write_overhead_ratio={statistics.median(ratios):.4f} forward_s={statistics.median(fwd):.3f} "

@@ -23,6 +23,9 @@ from pd_lightning.model.config import StudentConfig
 from pd_lightning.model.transformer import Transformer
 
 
+FUSED_AUTO_BYTES = 256 * 2**20
+
+
 class DistillationModule(L.LightningModule):
     """Pre-trains a student on (1 - alpha) * LM loss + alpha * KD loss.
 
@@ -36,7 +39,10 @@ class DistillationModule(L.LightningModule):
         loss: KD divergence (a ``DistillLoss``: KLD, NLL, MSE, ReverseKL, JSD, TVD); None = LM loss only.
         temperature: transform of the teacher target (StaticTemperature, NormKD, WTTM, AdaKD_SD, AdaKD_H).
         alpha: schedule of the KD weight alpha (an ``AlphaScheduler``); default Constant(0) = LM only.
-        fused_loss: compute LM + KD from the hidden states in token chunks without materialising the logits.
+        fused_loss: compute LM + KD from the hidden states in token chunks without materialising the (tokens x vocab)
+            logits or their gradient. None (auto) = fused when the batch's fp32 logits would exceed
+            ``FUSED_AUTO_BYTES`` (256 MiB): there the naive path's several (N, V) buffers dominate memory; below it
+            the naive path is faster on CPU (benchmarks/loss_memory.py: fused 1.13x the time at 0.10x the memory).
         loss_chunk_size: tokens per chunk of the fused loss (0 = automatic).
         activation_checkpointing: recompute each block in the backward pass to save memory.
         max_steps: total optimizer steps the schedules span; None = the trainer's estimated stepping batches.
@@ -55,7 +61,7 @@ class DistillationModule(L.LightningModule):
         loss: DistillLoss | None = None,
         temperature: TargetTransform | None = None,
         alpha: AlphaScheduler | None = None,
-        fused_loss: bool = True,
+        fused_loss: bool | None = None,
         loss_chunk_size: int = 0,
         activation_checkpointing: bool = False,
         max_steps: int | None = None,
@@ -109,8 +115,13 @@ class DistillationModule(L.LightningModule):
             loss=self.kd_loss,
             temperature=self.temperature,
             chunk_size=self.loss_chunk_size,
-            fused=self.fused_loss,
+            fused=self.use_fused(hidden.shape[0] * hidden.shape[1]),
         )
+
+    def use_fused(self, num_tokens: int) -> bool:
+        if self.fused_loss is not None:
+            return self.fused_loss
+        return num_tokens * self.student_config.vocab_size * 4 > FUSED_AUTO_BYTES
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         alpha = self.alpha_at(self.global_step)
@@ -161,8 +172,8 @@ class DistillationModule(L.LightningModule):
             alphas = [self.alpha_at(s) for s in range(0, self.total_steps, max(1, self.total_steps // 1000))]
             if max(alphas, default=0.0) > 0:
                 raise ValueError(
-                    f"--model.alpha reaches {max(alphas):.3g} > 0 but --data ({type(data).__name__}) provides no teacher "
-                    "targets: train from a logits cache (pd_lightning.data.cache_datamodule.CacheDataModule)"
+                    f"--model.alpha reaches {max(alphas):.3g} > 0 but --data ({type(data).__name__}) provides no "
+                    "teacher targets: train from a logits cache (pd_lightning.data.cache_datamodule.CacheDataModule)"
                 )
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -179,13 +190,19 @@ class DistillationModule(L.LightningModule):
         saved = checkpoint.get("pd_lightning", {})
         current = self.student_config.shape()
         if "student_shape" in saved and saved["student_shape"] != current:
-            diff = {k: (saved["student_shape"].get(k), v) for k, v in current.items() if saved["student_shape"].get(k) != v}
+            diff = {
+                k: (saved["student_shape"].get(k), v) for k, v in current.items() if saved["student_shape"].get(k) != v
+            }
             raise ValueError(
                 "--ckpt_path: the checkpoint holds a student of a different shape than this run's "
                 f"(field: (checkpoint, this run)) {diff}"
             )
         identity = self._data_identity()
-        if saved.get("tokenizer_fingerprint") and identity and saved["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]:
+        if (
+            saved.get("tokenizer_fingerprint")
+            and identity
+            and saved["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]
+        ):
             raise ValueError(
                 f"--ckpt_path: the checkpoint was trained on tokenizer {saved['tokenizer_fingerprint']}, "
                 f"--data uses tokenizer {identity['tokenizer_fingerprint']}"

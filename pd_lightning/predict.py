@@ -106,7 +106,9 @@ class TeacherLogits(L.LightningModule):
                 raise
             row = int(m.group(1))
             seq, pos = int(seq_index[row // L_]), row % L_
-            raise ValueError(f"teacher {self.teacher_path!r} produced NaN/Inf logits at sequence {seq}, position {pos}")
+            raise ValueError(
+                f"teacher {self.teacher_path!r} produced NaN/Inf logits at sequence {seq}, position {pos}"
+            ) from None
         # The target stays on the device: the writer thread compacts it there (only kept entries cross to host).
         return {"sequence_index": seq_index.cpu(), "tokens": tokens.cpu(), "target": target}
 
@@ -139,7 +141,8 @@ class CacheWriterCallback(L.Callback):
             )
         if data.tokens.vocab_size > teacher.vocab_size:
             raise ValueError(
-                f"--data.path {data.path!r} has vocabulary {data.tokens.vocab_size} > the teacher's {teacher.vocab_size}"
+                f"--data.path {data.path!r} has vocabulary {data.tokens.vocab_size} > "
+                f"the teacher's {teacher.vocab_size}"
             )
         spec = CacheSpec.for_processor(
             pl_module.processor,

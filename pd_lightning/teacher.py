@@ -89,7 +89,9 @@ def _load_checkpoint(path: Path, dtype: torch.dtype) -> Teacher:
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     extra = ckpt.get("pd_lightning", {})
-    return Teacher(model.to(dtype).eval(), cfg.vocab_size, _file_fingerprint([path]), extra.get("tokenizer_fingerprint"))
+    return Teacher(
+        model.to(dtype).eval(), cfg.vocab_size, _file_fingerprint([path]), extra.get("tokenizer_fingerprint")
+    )
 
 
 def load_teacher(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False) -> Teacher:

@@ -230,4 +230,6 @@ def test_bad_inputs_name_the_parameter():
         JSD(beta=1.0)
     with pytest.raises(ValueError, match="logits"):
         KLD()(torch.randn(4, 6), target)
+    with pytest.raises(ValueError, match="mask"):
+        KLD()(torch.randn(3, 6, dtype=torch.float64), target, torch.ones(4, dtype=torch.bool))
     assert issubclass(KLD, DistillLoss)

@@ -183,8 +183,8 @@ def test_distil_from_cache_logs_kd_and_resumes_exactly(tmp_path, reference_cache
 
 
 def test_kd_without_teacher_targets_is_refused(tmp_path, prepared, capsys):
-    args = tiny_fit_args(prepared["tokens"], tmp_path, 3, "--model.loss", "pd_lightning.distill.losses.KLD",
-                         "--model.alpha", "pd_lightning.distill.schedules.Constant", "--model.alpha.alpha", "0.5")  # fmt: skip
+    kd = ["--model.loss", "pd_lightning.distill.losses.KLD", "--model.alpha", "pd_lightning.distill.schedules.Constant"]
+    args = tiny_fit_args(prepared["tokens"], tmp_path, 3, *kd, "--model.alpha.alpha", "0.5")
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2

@@ -152,3 +152,34 @@ def test_ddp_two_cpu_processes(tmp_path, prepared):
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
     assert ckpt["global_step"] == 4
     assert ckpt["TokenDataModule"]["consumed"] == 4 * 4  # per rank: 4 batches of 4 sequences
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_alpha_zero_module_equals_lm_only_module_bit_for_bit(fused):
+    from pd_lightning.distill.losses import KLD
+    from pd_lightning.distill.schedules import Constant
+    from pd_lightning.distill.temperature import StaticTemperature
+    from pd_lightning.model.config import StudentConfig
+    from pd_lightning.module import DistillationModule
+
+    cfg = StudentConfig(preset="tiny", vocab_size=97)
+    torch.manual_seed(0)
+    lm = DistillationModule(cfg, fused_loss=fused, max_steps=10)
+    torch.manual_seed(0)
+    kd = DistillationModule(
+        cfg, loss=KLD(), temperature=StaticTemperature(2.0), alpha=Constant(0.0), fused_loss=fused, max_steps=10
+    )
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (2, 17), generator=g)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    teacher = {
+        "teacher_ids": torch.randint(0, 97, (2, 16, 5), generator=g),
+        "teacher_logprobs": torch.log_softmax(torch.randn(2, 16, 5, generator=g), -1) - 0.1,
+    }
+    a = lm._loss(batch, lm.alpha_at(0)).total
+    b = kd._loss({**batch, **teacher}, kd.alpha_at(0)).total
+    a.backward()
+    b.backward()
+    assert torch.equal(a, b)
+    for (name, p), q in zip(lm.named_parameters(), kd.parameters()):
+        assert torch.equal(p.grad, q.grad), name

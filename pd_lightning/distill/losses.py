@@ -43,7 +43,8 @@ class DistillLoss(nn.Module, ABC):
     - Student: ``log q = log_softmax(logits / tau_s)`` over the full vocabulary, gathered at the kept ids;
       ``tau_s = 1`` unless the transform sets a student temperature or ``hinton`` is on.
     - Temperatures and the per-token weight ``w_i`` come from a ``TargetTransform`` (static tau=1 when none).
-    - Counted positions: ``mask`` and at least one kept entry in the target.
+    - Counted positions [D]: ``mask`` and at least one kept entry in the target (an empty target has nothing to
+      match, so it neither adds 0 nor enters the mean's denominator).
 
     Args:
         tail_bucket: [D] add one extra outcome per position: the teacher's tail mass ``1 - sum_k p_k`` (at tau=1,
@@ -234,6 +235,8 @@ class DistillLoss(nn.Module, ABC):
             raise ValueError(f"chunk_size must be >= 0 (0 = no chunking), got {chunk_size}")
         if logits.dim() != 2 or logits.shape[0] != target.ids.shape[0]:
             raise ValueError(f"logits {tuple(logits.shape)} must be (N, V) with N = {target.ids.shape[0]} target rows")
+        if mask is not None and mask.shape != logits.shape[:1]:
+            raise ValueError(f"mask must be ({logits.shape[0]},) like the logits' rows, got {tuple(mask.shape)}")
         counted = self.counted(target, mask)  # (N,)
         context = None if transform is None else transform.batch_context(target, counted)
         n = logits.shape[0]

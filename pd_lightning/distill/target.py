@@ -42,7 +42,8 @@ class SparseTarget:
     def __post_init__(self) -> None:
         if self.ids.shape != self.logprobs.shape or self.ids.dim() != 2:
             raise ValueError(
-                f"SparseTarget: ids {tuple(self.ids.shape)} and logprobs {tuple(self.logprobs.shape)} must both be (N, K)"
+                f"SparseTarget: ids {tuple(self.ids.shape)} and logprobs {tuple(self.logprobs.shape)} "
+                "must both be (N, K)"
             )
 
     @property
