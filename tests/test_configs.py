@@ -49,3 +49,27 @@ def test_student_print_config(size, monkeypatch, capsys):
         main(["fit", "--config", f"configs/students/{size}.yaml", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["student"]["preset"] == size
+
+
+def _instantiate(spec: dict):
+    import importlib
+
+    module, name = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.name)
+def test_paper_rows_build_their_plugins(path):
+    """Each row's plug-ins construct (constructor validation runs) and the module accepts them."""
+    from pd_lightning.model.config import StudentConfig
+    from pd_lightning.module import DistillationModule
+
+    model = yaml.safe_load(path.read_text())["model"]
+    plugins = {k: _instantiate(v) for k, v in model.items() if isinstance(v, dict) and "class_path" in v}
+    module = DistillationModule(StudentConfig(preset="tiny", vocab_size=64), max_steps=100, **plugins)
+    alphas = [module.alpha_at(s) for s in range(100)]
+    assert all(0.0 <= a <= 1.0 for a in alphas)
+    if hasattr(plugins.get("alpha"), "warmup_fraction") and "WSDLR" in model["lr_schedule"]["class_path"]:
+        # WSD alpha/beta takes its phase edges from the WSD learning rate.
+        assert plugins["alpha"].warmup_fraction == plugins["lr_schedule"].warmup_fraction
+        assert plugins["alpha"].decay_fraction == plugins["lr_schedule"].decay_fraction
