@@ -43,10 +43,11 @@ def sparse_targets(n: int, vocab: int, k: int, mean_kept: float, gen: torch.Gene
     }
 
 
-def make_module(cfg: StudentConfig, kd: bool) -> tuple[DistillationModule, torch.optim.Optimizer]:
+def make_module(cfg: StudentConfig, kd: bool, fused: bool) -> tuple[DistillationModule, torch.optim.Optimizer]:
     torch.manual_seed(0)
     module = DistillationModule(
         cfg,
+        fused_loss=fused,
         loss=KLD() if kd else None,
         temperature=StaticTemperature(1.0) if kd else None,
         alpha=Constant(0.9) if kd else None,
@@ -72,8 +73,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--mean_kept", type=float, default=25.0)
+    ap.add_argument("--fused", choices=["true", "false"], default="true", help="the module's fused_loss")
     args = ap.parse_args()
 
     cfg = StudentConfig(
@@ -87,8 +89,9 @@ def main() -> None:
     targets = sparse_targets(B * T, args.vocab, 100, args.mean_kept, gen)
     kd_batch = {**batch, **{k: v.reshape(B, T, *v.shape[1:]) for k, v in targets.items()}}
 
-    lm, lm_opt = make_module(cfg, kd=False)
-    kd, kd_opt = make_module(cfg, kd=True)
+    fused = args.fused == "true"
+    lm, lm_opt = make_module(cfg, kd=False, fused=fused)
+    kd, kd_opt = make_module(cfg, kd=True, fused=fused)
     for _ in range(2):  # warm-up (allocator, AdamW state)
         step(lm, lm_opt, batch, 0.0)
         step(kd, kd_opt, kd_batch, 0.9)
@@ -101,7 +104,10 @@ def main() -> None:
         lm_t.append(times[id(lm)])
         kd_t.append(times[id(kd)])
         ratios.append(times[id(kd)] / times[id(lm)])
-    print(f"student: {cfg.num_parameters() / 1e6:.1f}M params, vocab {args.vocab}, {B}x{T} tokens per step")
+    print(
+        f"student: {cfg.num_parameters() / 1e6:.1f}M params, vocab {args.vocab}, {B}x{T} tokens per step, "
+        f"fused loss: {fused}"
+    )
     print(f"LM-only step   median {statistics.median(lm_t) * 1e3:8.1f} ms  (all: {[round(t * 1e3) for t in lm_t]})")
     print(f"LM+KD step     median {statistics.median(kd_t) * 1e3:8.1f} ms  (all: {[round(t * 1e3) for t in kd_t]})")
     print(f"paired ratios  {[round(x, 3) for x in ratios]}")

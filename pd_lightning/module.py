@@ -23,9 +23,6 @@ from pd_lightning.model.config import StudentConfig
 from pd_lightning.model.transformer import Transformer
 
 
-FUSED_AUTO_BYTES = 256 * 2**20
-
-
 class DistillationModule(L.LightningModule):
     """Pre-trains a student on (1 - alpha) * LM loss + alpha * KD loss.
 
@@ -40,9 +37,8 @@ class DistillationModule(L.LightningModule):
         temperature: transform of the teacher target (StaticTemperature, NormKD, WTTM, AdaKD_SD, AdaKD_H).
         alpha: schedule of the KD weight alpha (an ``AlphaScheduler``); default Constant(0) = LM only.
         fused_loss: compute LM + KD from the hidden states in token chunks without materialising the (tokens x vocab)
-            logits or their gradient. None (auto) = fused when the batch's fp32 logits would exceed
-            ``FUSED_AUTO_BYTES`` (256 MiB): there the naive path's several (N, V) buffers dominate memory; below it
-            the naive path is faster on CPU (benchmarks/loss_memory.py: fused 1.13x the time at 0.10x the memory).
+            logits or their gradient. On by default: it was faster at every size measured (vocab 4,096 to 151,552;
+            benchmarks/RESULTS.md) besides using ~0.1x the loss memory; off = the plain autograd path.
         loss_chunk_size: tokens per chunk of the fused loss (0 = automatic).
         activation_checkpointing: recompute each block in the backward pass to save memory.
         max_steps: total optimizer steps the schedules span; None = the trainer's estimated stepping batches.
@@ -61,7 +57,7 @@ class DistillationModule(L.LightningModule):
         loss: DistillLoss | None = None,
         temperature: TargetTransform | None = None,
         alpha: AlphaScheduler | None = None,
-        fused_loss: bool | None = None,
+        fused_loss: bool = True,
         loss_chunk_size: int = 0,
         activation_checkpointing: bool = False,
         max_steps: int | None = None,
@@ -115,13 +111,8 @@ class DistillationModule(L.LightningModule):
             loss=self.kd_loss,
             temperature=self.temperature,
             chunk_size=self.loss_chunk_size,
-            fused=self.use_fused(hidden.shape[0] * hidden.shape[1]),
+            fused=self.fused_loss,
         )
-
-    def use_fused(self, num_tokens: int) -> bool:
-        if self.fused_loss is not None:
-            return self.fused_loss
-        return num_tokens * self.student_config.vocab_size * 4 > FUSED_AUTO_BYTES
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         alpha = self.alpha_at(self.global_step)

@@ -61,10 +61,6 @@ class LogitsProcessor(ABC):
             keys = torch.arange(n, device=flat.device, dtype=torch.int64)
         elif keys.shape != (n,):
             raise ValueError(f"keys must have shape ({n},) (one per row), got {tuple(keys.shape)}")
-        finite = torch.isfinite(flat).all(-1)  # (N,)
-        if not bool(finite.all()):
-            row = int((~finite).nonzero()[0, 0])
-            raise ValueError(f"teacher logits contain NaN/Inf at row {row} (of {n} rows, vocab {vocab})")
         rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
         parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         for start in range(0, max(n, 1), rows):  # one (possibly empty) chunk at least
@@ -72,6 +68,15 @@ class LogitsProcessor(ABC):
             logprobs = F.log_softmax(z, dim=-1)  # (n_c, V)
             # (n_c,) unbiased std (correction=1), as torch.std in NormKD's code
             std = z.std(dim=-1) if z.shape[0] and vocab > 1 else z.new_zeros(z.shape[0])
+            # Any NaN/+-Inf logit makes its row's std NaN, so the std doubles as the finiteness check (a separate
+            # isfinite pass over (n_c, V) cost ~18% of the processing); rows it flags are confirmed exactly.
+            suspect = ~torch.isfinite(std) if vocab > 1 else torch.ones_like(std, dtype=torch.bool)
+            if bool(suspect.any()):
+                bad = suspect.nonzero()[:, 0]
+                bad = bad[~torch.isfinite(z[bad]).all(-1)]
+                if bad.numel():
+                    row = start + int(bad[0])
+                    raise ValueError(f"teacher logits contain NaN/Inf at row {row} (of {n} rows, vocab {vocab})")
             entropy = -(logprobs.exp() * logprobs).sum(-1)  # (n_c,) nats
             ids, values = self.select(logprobs, keys[start : start + rows])  # (n_c, K_c) each
             parts.append((ids, values, std, entropy))
