@@ -29,6 +29,7 @@ $(DEMO)/cache/top-0.95-100/shard-00000-of-00001.h5: runs/demo-teacher/teacher.ck
 
 demo: $(DEMO)/cache/top-0.95-100/shard-00000-of-00001.h5
 	$(BIN)/pd-lightning fit --config configs/demo/student_kd.yaml
+	$(BIN)/pd-lightning fit --config configs/demo/student_lm.yaml
 
 test: setup
 	$(BIN)/pytest -q
