@@ -189,3 +189,23 @@ def test_kd_without_teacher_targets_is_refused(tmp_path, prepared, capsys):
         main(args)
     assert e.value.code == 2
     assert "--model.alpha" in capsys.readouterr().err
+
+
+def test_cache_info_plot(reference_cache, tmp_path, capsys):
+    png = tmp_path / "hist.png"
+    main(["cache-info", str(reference_cache), "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mean_entries_per_token" in capsys.readouterr().out
+
+
+def test_cache_datamodule_refuses_other_tokenizer(tmp_path, reference_cache, corpus_dir):
+    from pd_lightning.data.cache_datamodule import CacheDataModule
+    from pd_lightning.data.cache_format import CacheMismatchError
+    from pd_lightning.data.corpus import prepare
+
+    other = tmp_path / "other" / "tokens.h5"
+    prepare(input=[str(corpus_dir / "a.txt")], output=str(other), seq_len=16, vocab_size=300)
+    with pytest.raises(CacheMismatchError) as e:
+        CacheDataModule(path=str(reference_cache), val_tokens=str(other))
+    ours = CacheDataModule(path=str(reference_cache)).tokenizer_fingerprint
+    assert ours in str(e.value) and "tokenizer_fingerprint" in str(e.value)

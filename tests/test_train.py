@@ -68,6 +68,12 @@ def test_lm_pretraining_loss_falls(tmp_path, prepared, capsys):
 
     restored = DistillationModule.load_from_checkpoint(ckpts[0], map_location="cpu", weights_only=False)
     assert restored.student_config.n_layer == 2 and restored.student_config.vocab_size == 512
+    # `pd-lightning validate` scores the checkpoint: the same validation loss as the last one of the run.
+    args = tiny_fit_args(prepared["tokens"], tmp_path / "v", 60)
+    args[0] = "validate"
+    main([*args, "--ckpt_path", str(ckpts[0])])
+    out = capsys.readouterr().out
+    assert "val/loss" in out and f"{vals[-1]:.4f}"[:5] in out, out[-500:]
 
 
 CKPT = [
