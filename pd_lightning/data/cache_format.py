@@ -222,7 +222,6 @@ def encode(sequence_index: Tensor, tokens: Tensor, target: SparseTarget, spec: C
     b, length = sequence_index.shape[0], spec.seq_len
     if tuple(tokens.shape) != (b, length + 1):
         raise ValueError(f"tokens must have shape ({b}, seq_len + 1 = {length + 1}), got {tuple(tokens.shape)}")
-    target = target.flatten()
     if target.ids.shape[0] != b * length:
         raise ValueError(f"target has {target.ids.shape[0]} rows, expected {b} sequences x {length} positions")
     if target.std is None or target.entropy is None:

@@ -244,7 +244,7 @@ class CacheWriter:
             rows = torch.from_numpy(np.flatnonzero(keep))  # (B',)
             length = self.spec.seq_len
             positions = (rows[:, None] * length + torch.arange(length)[None, :]).reshape(-1)  # (B' * L,)
-            target = target.flatten().select(positions.to(target.ids.device))
+            target = target.select(positions.to(target.ids.device))
             tokens, index = tokens[rows.to(tokens.device)], index[rows]
         encoded = encode(index, tokens, target, self.spec)
         self._buffer.append(encoded)

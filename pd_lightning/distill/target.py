@@ -56,16 +56,6 @@ class SparseTarget:
         """``(N,)`` probability mass the teacher puts on the kept entries (1 - tail mass)."""
         return self.logprobs.float().exp().sum(-1)
 
-    def flatten(self) -> SparseTarget:
-        """Collapse leading dims: ``(B, T, K)`` -> ``(B*T, K)`` (no-op when already 2-D)."""
-        k = self.ids.shape[-1]
-        return SparseTarget(
-            ids=self.ids.reshape(-1, k),
-            logprobs=self.logprobs.reshape(-1, k),
-            std=None if self.std is None else self.std.reshape(-1),
-            entropy=None if self.entropy is None else self.entropy.reshape(-1),
-        )
-
     def select(self, index: Tensor | slice) -> SparseTarget:
         """Rows ``index`` of every field (for chunking over positions)."""
         return replace(
