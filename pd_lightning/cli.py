@@ -5,6 +5,7 @@
     pd-lightning prepare ...                      text -> packed token file (HDF5)
     pd-lightning cache-info PATH [--json]         figures of a logits cache
     pd-lightning export-hf ...                    student checkpoint -> Hugging Face Llama folder
+    pd-lightning eval-data --output DIR --<task> SRC   benchmark files -> <DIR>/<task>/<split>.jsonl (lm-eval)
 
 Heavy imports (Lightning, transformers) happen inside the branch that needs them, so ``prepare`` starts fast.
 """
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
             from pd_lightning.export import export_checkpoint
 
             _function_cli(export_checkpoint, argv[1:])
+        elif command == "eval-data":
+            from pd_lightning.eval.data import eval_data
+
+            _function_cli(eval_data, argv[1:])
         elif command == "predict":
             from pd_lightning.lightning_cli import predict_cli
 

@@ -1,0 +1,427 @@
+"""``pd-lightning eval-data``: the seven benchmarks -> ``<output>/<task>/<split>.jsonl`` in Hugging Face schemas.
+
+Sources, per task (``--<task> PATH``), detected from what PATH holds:
+
+* a Hugging Face ``datasets`` folder: ``DatasetDict.save_to_disk`` output (``dataset_dict.json``), the
+  ``datasets`` cache of a ``load_dataset`` call (``<builder>-<split>[-NNNNN-of-NNNNN].arrow``), or a hub
+  snapshot / ``huggingface-cli download`` folder (``<split>-NNNNN-of-NNNNN.parquet``). Rows already follow the
+  hub schema; they are checked and written as they are.
+* the benchmark's original release files:
+
+  ============ ============================================================ ==============================
+  task         files (found anywhere under PATH)                             written
+  ============ ============================================================ ==============================
+  hellaswag    ``hellaswag_val.jsonl`` (``hellaswag_train.jsonl``)           validation (train)
+  winogrande   ``dev.jsonl`` + ``dev-labels.lst`` (``train_xl*``)            validation (train)
+  piqa         ``valid.jsonl`` + ``valid-labels.lst`` (``train*``)           validation (train)
+  mmlu         ``dev/<subject>_dev.csv``, ``test/<subject>_test.csv``        ``<subject>/{dev,test}``
+  ceval        ``dev/<subject>_dev.csv``, ``val/<subject>_val.csv``          ``<subject>/{dev,val}``
+  c3           ``c3-{d,m}-dev.json`` (``c3-{d,m}-train.json``)               validation (train)
+  gsm8k        ``test.jsonl``, ``train.jsonl``                               test, train
+  ============ ============================================================ ==============================
+
+MMLU and C-Eval are written one folder per subject (the folder name fills the prompt's subject). Everything is
+converted and checked in memory first, then written to a temporary folder and renamed into place, so bad input
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+KNOWN_TASKS = ("hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval", "gsm8k")
+
+# Hub schema of each task: the fields every written row has.
+FIELDS = {
+    "hellaswag": ("ctx_a", "ctx_b", "ctx", "endings", "label", "activity_label"),
+    "winogrande": ("sentence", "option1", "option2", "answer"),
+    "piqa": ("goal", "sol1", "sol2", "label"),
+    "mmlu": ("question", "subject", "choices", "answer"),
+    "c3": ("context", "question", "choice", "answer"),
+    "ceval": ("question", "A", "B", "C", "D", "answer"),
+    "gsm8k": ("question", "answer"),
+}
+# Splits written (first ones required: the evaluation and, where few-shot needs one, the few-shot split).
+REQUIRED_SPLITS = {
+    "hellaswag": ("validation",),
+    "winogrande": ("validation",),
+    "piqa": ("validation",),
+    "mmlu": ("test", "dev"),
+    "c3": ("validation",),
+    "ceval": ("val", "dev"),
+    "gsm8k": ("test", "train"),
+}
+OPTIONAL_SPLITS = {"hellaswag": ("train",), "winogrande": ("train",), "piqa": ("train",), "c3": ("train",)}
+PER_SUBJECT = ("mmlu", "ceval")
+LETTERS = "ABCD"
+
+Rows = list[dict]
+Files = dict[str, Rows]  # "<split>.jsonl" or "<subject>/<split>.jsonl" -> rows
+
+
+# ---- small readers ---------------------------------------------------------------------------------------------
+def _find(root: Path, name: str, task: str, required: bool = True) -> Path | None:
+    """The one file called ``name`` under ``root`` (or ``root`` itself)."""
+    if root.is_file():
+        return root if root.name == name else None
+    hits = sorted(root.rglob(name))
+    if len(hits) > 1:
+        raise ValueError(f"--{task} {root}: several files named {name!r} ({', '.join(map(str, hits[:3]))}); "
+                         "point --{task} at the folder holding one")  # fmt: skip
+    if not hits and required:
+        raise FileNotFoundError(f"--{task} {root}: no {name!r} under it (expected the {task} release files)")
+    return hits[0] if hits else None
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            row["__line__"] = lineno
+            rows.append(row)
+    return rows
+
+
+def _read_labels(path: Path, n: int, allowed: tuple[str, ...]) -> list[str]:
+    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(labels) != n:
+        raise ValueError(f"{path}: {len(labels)} labels for {n} rows of the questions file")
+    for lineno, label in enumerate(labels, 1):
+        if label not in allowed:
+            raise ValueError(f"{path}:{lineno}: label {label!r} is not one of {list(allowed)}")
+    return labels
+
+
+def _need(row: dict, fields: tuple[str, ...], where: str) -> None:
+    missing = [f for f in fields if f not in row or row[f] is None]
+    if missing:
+        raise ValueError(f"{where}: missing field {missing[0]!r} (needs {', '.join(fields)})")
+
+
+def _where(path: Path, row: dict) -> str:
+    return f"{path}:{row.get('__line__', '?')}"
+
+
+# ---- original release formats ------------------------------------------------------------------------------------
+def _hellaswag(src: Path) -> Files:
+    out = {}
+    for name, split in (("hellaswag_val.jsonl", "validation"), ("hellaswag_train.jsonl", "train")):
+        path = _find(src, name, "hellaswag", required=split == "validation")
+        if path is None:
+            continue
+        rows = []
+        for row in _read_jsonl(path):
+            _need(row, FIELDS["hellaswag"], _where(path, row))
+            if not isinstance(row["endings"], list) or len(row["endings"]) < 2:
+                raise ValueError(f"{_where(path, row)}: 'endings' must be a list of the candidate endings")
+            row.pop("__line__")
+            rows.append({**row, "label": str(row["label"])})  # the hub schema holds the label as a string
+        out[f"{split}.jsonl"] = rows
+    return out
+
+
+def _paired(src: Path, task: str, stem: str, fields: tuple[str, ...], labels: tuple[str, ...]) -> Rows | None:
+    """Questions in ``<stem>.jsonl`` + one label a line in ``<stem>-labels.lst`` (PIQA, WinoGrande)."""
+    path = _find(src, f"{stem}.jsonl", task, required=False)
+    if path is None:
+        return None
+    rows = _read_jsonl(path)
+    label_path = _find(src, f"{stem}-labels.lst", task, required=False)
+    if label_path is None and not all("answer" in r or "label" in r for r in rows):
+        raise FileNotFoundError(f"--{task} {src}: {path.name} needs its labels file {stem}-labels.lst beside it")
+    given = _read_labels(label_path, len(rows), labels) if label_path else None
+    for i, row in enumerate(rows):
+        _need(row, fields, _where(path, row))
+        row["__label__"] = given[i] if given else str(row.get("answer", row.get("label")))
+    return rows
+
+
+def _piqa(src: Path) -> Files:
+    out = {}
+    for stem, split in (("valid", "validation"), ("train", "train")):
+        rows = _paired(src, "piqa", stem, ("goal", "sol1", "sol2"), ("0", "1"))
+        if rows is not None:
+            out[f"{split}.jsonl"] = [
+                {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(r["__label__"])} for r in rows
+            ]
+    if "validation.jsonl" not in out:
+        _find(src, "valid.jsonl", "piqa")  # raises, naming the expected file
+    return out
+
+
+def _winogrande(src: Path) -> Files:
+    out = {}
+    for stem, split in (("dev", "validation"), ("train_xl", "train")):
+        rows = _paired(src, "winogrande", stem, ("sentence", "option1", "option2"), ("1", "2"))
+        if rows is not None:
+            keep = ("sentence", "option1", "option2")
+            out[f"{split}.jsonl"] = [{**{k: r[k] for k in keep}, "answer": r["__label__"]} for r in rows]
+    if "validation.jsonl" not in out:
+        _find(src, "dev.jsonl", "winogrande")
+    return out
+
+
+def _csv_rows(path: Path, header: bool) -> list[tuple[int, dict | list]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f) if header else csv.reader(f)
+        return [(reader.line_num, row) for row in reader]
+
+
+def _subject_csvs(src: Path, task: str, split_dir: str) -> dict[str, Path]:
+    """``<split_dir>/<subject>_<split_dir>.csv`` files under ``src`` -> {subject: path}."""
+    found: dict[str, Path] = {}
+    for path in sorted(src.rglob(f"*_{split_dir}.csv")):
+        if path.parent.name != split_dir:
+            continue
+        subject = path.name[: -len(f"_{split_dir}.csv")]
+        if subject in found:
+            raise ValueError(f"--{task} {src}: two files for subject {subject!r} ({found[subject]}, {path})")
+        found[subject] = path
+    return found
+
+
+def _mmlu(src: Path) -> Files:
+    out: Files = {}
+    for split in ("test", "dev"):
+        csvs = _subject_csvs(src, "mmlu", split)
+        if not csvs:
+            raise FileNotFoundError(f"--mmlu {src}: no {split}/<subject>_{split}.csv files under it (MMLU's data/)")
+        for subject, path in csvs.items():
+            rows = []
+            for lineno, row in _csv_rows(path, header=False):
+                if len(row) != 6:
+                    raise ValueError(f"{path}:{lineno}: expected 6 columns (question, A, B, C, D, answer)")
+                if row[5].strip() not in LETTERS:
+                    raise ValueError(f"{path}:{lineno}: answer {row[5]!r} is not one of A, B, C, D")
+                rows.append(
+                    {
+                        "question": row[0],
+                        "subject": subject,
+                        "choices": row[1:5],
+                        "answer": LETTERS.index(row[5].strip()),
+                    }
+                )
+            out[f"{subject}/{split}.jsonl"] = rows
+    return out
+
+
+def _ceval(src: Path) -> Files:
+    out: Files = {}
+    for split in ("val", "dev"):
+        csvs = _subject_csvs(src, "ceval", split)
+        if not csvs:
+            raise FileNotFoundError(f"--ceval {src}: no {split}/<subject>_{split}.csv files under it (C-Eval's data)")
+        for subject, path in csvs.items():
+            rows = []
+            for lineno, row in _csv_rows(path, header=True):
+                _need(row, ("id", *FIELDS["ceval"]), f"{path}:{lineno}")
+                if row["answer"].strip() not in LETTERS:
+                    raise ValueError(f"{path}:{lineno}: answer {row['answer']!r} is not one of A, B, C, D")
+                keep = {k: row[k] for k in FIELDS["ceval"]}
+                rows.append({"id": int(row["id"]), **keep, "answer": row["answer"].strip(),
+                             "explanation": row.get("explanation") or ""})  # fmt: skip
+            out[f"{subject}/{split}.jsonl"] = rows
+    return out
+
+
+def _c3(src: Path) -> Files:
+    out: Files = {}
+    for part, split in (("dev", "validation"), ("train", "train")):
+        paths = [p for p in (_find(src, f"c3-{k}-{part}.json", "c3", required=False) for k in "dm") if p]
+        if not paths:
+            if part == "dev":
+                raise FileNotFoundError(f"--c3 {src}: no c3-d-dev.json / c3-m-dev.json under it (C3's data/)")
+            continue
+        rows = []
+        for path in paths:
+            try:
+                docs = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            for d, doc in enumerate(docs if isinstance(docs, list) else [None]):
+                where = f"{path}: document {d}"
+                if not (isinstance(doc, list) and len(doc) >= 2 and isinstance(doc[0], list)):
+                    raise ValueError(f"{where}: expected [context lines, [questions], id]")
+                for q, item in enumerate(doc[1]):
+                    _need(item, ("question", "choice", "answer"), f"{where}, question {q}")
+                    if item["answer"] not in item["choice"]:
+                        raise ValueError(f"{where}, question {q}: the answer is not one of its choices")
+                    rows.append({"id": len(rows), "context": doc[0], "question": item["question"],
+                                 "choice": item["choice"], "answer": item["answer"]})  # fmt: skip
+        out[f"{split}.jsonl"] = rows
+    return out
+
+
+def _gsm8k(src: Path) -> Files:
+    out = {}
+    for split in ("test", "train"):
+        path = _find(src, f"{split}.jsonl", "gsm8k")
+        rows = []
+        for row in _read_jsonl(path):
+            _need(row, FIELDS["gsm8k"], _where(path, row))
+            rows.append({"question": row["question"], "answer": row["answer"]})
+        out[f"{split}.jsonl"] = rows
+    return out
+
+
+ORIGINAL: dict[str, Callable[[Path], Files]] = {
+    "hellaswag": _hellaswag,
+    "winogrande": _winogrande,
+    "piqa": _piqa,
+    "mmlu": _mmlu,
+    "c3": _c3,
+    "ceval": _ceval,
+    "gsm8k": _gsm8k,
+}
+
+
+# ---- Hugging Face datasets folders -------------------------------------------------------------------------------
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def _hf_tables(src: Path) -> dict[str, dict[str, Rows]] | None:
+    """{config folder: {split: rows}} of a ``datasets`` folder under ``src``, or None if it holds none."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    saved = sorted({p.parent for p in src.rglob("dataset_dict.json")})
+    if saved:
+        return {str(p.relative_to(src)): {k: v.to_list() for k, v in datasets.load_from_disk(str(p)).items()}
+                for p in saved}  # fmt: skip
+    files = sorted(p for p in src.rglob("*") if p.suffix in (".parquet", ".arrow") and p.is_file())
+    if not files:
+        return None
+    configs: dict[str, dict[str, Rows]] = {}
+    for path in files:
+        stem = _SHARD.sub("", path.stem)
+        split = stem.rsplit("-", 1)[-1] if path.suffix == ".arrow" else stem  # arrow cache: <builder>-<split>
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        else:
+            rows = datasets.Dataset.from_file(str(path)).to_list()
+        configs.setdefault(str(path.parent.relative_to(src)), {}).setdefault(split, []).extend(rows)
+    return configs
+
+
+def _from_hf(task: str, src: Path, configs: dict[str, dict[str, Rows]]) -> Files:
+    splits = REQUIRED_SPLITS[task] + OPTIONAL_SPLITS.get(task, ())
+    if len(configs) > 1 and task not in PER_SUBJECT:
+        raise ValueError(f"--{task} {src}: several datasets under it ({', '.join(sorted(configs))}); point it at one")
+    out: Files = {}
+    for config, tables in configs.items():
+        for split in splits:
+            for i, row in enumerate(tables.get(split, []), 1):
+                if task == "ceval":  # ceval-exam: one config per subject, named by its folder
+                    subject = Path(config).name if config != "." else src.name
+                    key = f"{subject}/{split}.jsonl"
+                elif task == "mmlu":
+                    _need(row, ("subject",), f"{src / config} {split} row {i}")
+                    key = f"{row['subject']}/{split}.jsonl"
+                else:
+                    key = f"{split}.jsonl"
+                _need(row, FIELDS[task], f"{src / config} {split} row {i}")
+                out.setdefault(key, []).append(row)
+    return out
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+def convert(task: str, src: str | os.PathLike) -> Files:
+    """Rows of ``task`` read from ``src`` (a ``datasets`` folder or the release files), checked, in memory."""
+    path = Path(src)
+    if not path.exists():
+        raise FileNotFoundError(f"--{task} {str(path)!r} does not exist")
+    configs = _hf_tables(path) if path.is_dir() else None
+    files = _from_hf(task, path, configs) if configs else ORIGINAL[task](path)
+    written = {key.rsplit("/", 1)[-1][: -len(".jsonl")] for key in files}
+    for split in REQUIRED_SPLITS[task]:
+        if split not in written:
+            raise FileNotFoundError(
+                f"--{task} {path}: no {split!r} split found (needs {', '.join(REQUIRED_SPLITS[task])})"
+            )
+    if task in PER_SUBJECT:  # every subject needs its few-shot split beside its evaluation split
+        evaluated, fewshot = REQUIRED_SPLITS[task]
+        for key in files:
+            subject, split = key.rsplit("/", 1)
+            if split == f"{evaluated}.jsonl" and f"{subject}/{fewshot}.jsonl" not in files:
+                raise FileNotFoundError(f"--{task} {path}: subject {subject!r} has {evaluated} rows but no {fewshot}")
+    return files
+
+
+def eval_data(
+    output: str = "data/eval",
+    hellaswag: str | None = None,
+    winogrande: str | None = None,
+    piqa: str | None = None,
+    mmlu: str | None = None,
+    c3: str | None = None,
+    ceval: str | None = None,
+    gsm8k: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, dict[str, int]]:
+    """Write the benchmarks' local layout ``<output>/<task>/<split>.jsonl`` (read by ``--eval.data_dir``).
+
+    Each ``--<task>`` takes a Hugging Face ``datasets`` folder (``save_to_disk`` output, a ``load_dataset`` cache
+    folder, or a hub snapshot of parquet files) or the folder of the benchmark's original release files.
+
+    Args:
+        output: the data folder to write (one sub-folder per task; ``--eval.data_dir`` reads it).
+        hellaswag: HellaSwag: ``hellaswag_val.jsonl`` (github.com/rowanz/hellaswag, data/) or Rowan/hellaswag.
+        winogrande: WinoGrande: ``dev.jsonl`` + ``dev-labels.lst`` (winogrande_1.1.zip) or allenai/winogrande.
+        piqa: PIQA: ``valid.jsonl`` + ``valid-labels.lst`` (yonatanbisk.com/piqa) or ybisk/piqa.
+        mmlu: MMLU: the extracted ``data/`` of data.tar (people.eecs.berkeley.edu/~hendrycks) or cais/mmlu (all).
+        c3: C3: ``c3-d-dev.json`` + ``c3-m-dev.json`` (github.com/nlpdata/c3, data/) or clue/clue (c3).
+        ceval: C-Eval: ``dev/`` + ``val/`` CSVs of ceval-exam.zip or ceval/ceval-exam (a folder per subject).
+        gsm8k: GSM8k: ``train.jsonl`` + ``test.jsonl`` (github.com/openai/grade-school-math) or openai/gsm8k (main).
+        overwrite: replace task folders that already exist in ``output``.
+    """
+    given = {t: p for t, p in zip(KNOWN_TASKS, (hellaswag, winogrande, piqa, mmlu, c3, ceval, gsm8k)) if p}
+    if not given:
+        raise ValueError(f"eval-data: give at least one source, e.g. --gsm8k PATH (tasks: {', '.join(KNOWN_TASKS)})")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {output!r} exists and is not a folder")
+    for task in given:
+        if (out / task).exists() and not overwrite:
+            raise FileExistsError(f"--output {output!r}: {task}/ exists (pass --overwrite true to replace it)")
+    converted = {task: convert(task, src) for task, src in given.items()}  # all checks before any write
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict[str, int]] = {}
+    for task, files in converted.items():
+        tmp = out / f".{task}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for key, rows in sorted(files.items()):
+            path = tmp / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps({k: v for k, v in row.items() if k != "__line__"}, ensure_ascii=False) + "\n")
+        old = out / f".{task}.old-{os.getpid()}"
+        if (out / task).exists():
+            (out / task).rename(old)
+        tmp.rename(out / task)
+        shutil.rmtree(old, ignore_errors=True)
+        counts: dict[str, int] = {}
+        for key, rows in files.items():
+            split = key.rsplit("/", 1)[-1][: -len(".jsonl")]
+            counts[split] = counts.get(split, 0) + len(rows)
+        summary[task] = counts
+        subjects = len({k.split("/")[0] for k in files}) if task in PER_SUBJECT else 0
+        detail = ", ".join(f"{s} {n}" for s, n in counts.items()) + (f" ({subjects} subjects)" if subjects else "")
+        print(f"{task:>10}: {detail} -> {out / task}")
+    return summary

@@ -1,0 +1,186 @@
+"""``pd-lightning eval-data``: each benchmark's original release format and Hugging Face ``datasets`` folders ->
+``<output>/<task>/<split>.jsonl`` in the hub schema. The source files are written here by hand (invented text)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pd_lightning.cli import main
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _csv(path: Path, rows: list[list[str]], header: list[str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+
+
+HS_ROW = {
+    "ind": 4,
+    "activity_label": "Baking bread",
+    "ctx_a": "A man kneads dough on a table.",
+    "ctx_b": "he",
+    "ctx": "A man kneads dough on a table. he",
+    "endings": ["folds it twice.", "sings to the oven.", "paints the flour.", "throws it away."],
+    "source_id": "made-up",
+    "split": "val",
+    "split_type": "indomain",
+    "label": 0,
+}
+
+
+@pytest.fixture
+def release(tmp_path) -> Path:
+    """A folder holding all seven benchmarks in their original release formats (two rows or so each)."""
+    r = tmp_path / "release"
+    _jsonl(r / "hellaswag" / "data" / "hellaswag_val.jsonl", [HS_ROW, {**HS_ROW, "ind": 5, "label": 2}])
+    _jsonl(r / "piqa" / "valid.jsonl", [
+        {"id": "a1", "goal": "Keep soup warm", "sol1": "Cover the pot.", "sol2": "Open the window."},
+        {"id": "a2", "goal": "Dry a towel", "sol1": "Put it in water.", "sol2": "Hang it in the sun."},
+    ])  # fmt: skip
+    (r / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    _jsonl(r / "winogrande" / "dev.jsonl", [
+        {"qID": "q1", "sentence": "The cup fell off the shelf because _ was tilted.", "option1": "cup",
+         "option2": "shelf", "answer": "2"},
+    ])  # fmt: skip
+    (r / "winogrande" / "dev-labels.lst").write_text("2\n")
+    for subject in ("made_up_math", "made_up_history"):
+        _csv(r / "mmlu" / "data" / "test" / f"{subject}_test.csv", [["What is two plus two?", "3", "4", "5", "6", "B"]])
+        _csv(r / "mmlu" / "data" / "dev" / f"{subject}_dev.csv", [["Ten minus one?", "9", "8", "7", "6", "A"]])
+    header = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+    _csv(r / "ceval" / "val" / "made_up_law_val.csv", [["0", "一加一等于几?", "1", "2", "3", "4", "B", ""]], header)
+    _csv(r / "ceval" / "dev" / "made_up_law_dev.csv", [["0", "二加二等于几?", "4", "5", "6", "7", "A", "因为"]], header)
+    c3_doc = [
+        ["男: 你好。", "女: 你好, 今天很冷。"],
+        [{"question": "天气怎么样?", "choice": ["冷", "热"], "answer": "冷"}],
+        "d1",
+    ]
+    (r / "c3").mkdir()
+    (r / "c3" / "c3-d-dev.json").write_text(json.dumps([c3_doc], ensure_ascii=False), encoding="utf-8")
+    (r / "c3" / "c3-m-dev.json").write_text(json.dumps([c3_doc, c3_doc], ensure_ascii=False), encoding="utf-8")
+    gsm = {"question": "Ann has 2 pens and buys 3. How many?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}
+    _jsonl(r / "gsm8k" / "grade_school_math" / "data" / "test.jsonl", [gsm])
+    _jsonl(r / "gsm8k" / "grade_school_math" / "data" / "train.jsonl", [gsm, gsm])
+    return r
+
+
+def _all_flags(release: Path) -> list[str]:
+    return [x for t in ("hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval", "gsm8k")
+            for x in (f"--{t}", str(release / t))]  # fmt: skip
+
+
+def test_original_release_files(tmp_path, release, capsys):
+    out = tmp_path / "evaldata"
+    main(["eval-data", "--output", str(out), *_all_flags(release)])
+    hs = _read(out / "hellaswag" / "validation.jsonl")
+    assert [r["label"] for r in hs] == ["0", "2"] and hs[0]["endings"] == HS_ROW["endings"]
+    assert hs[0]["ctx"] == HS_ROW["ctx"] and hs[0]["activity_label"] == "Baking bread"
+    assert _read(out / "piqa" / "validation.jsonl") == [
+        {"goal": "Keep soup warm", "sol1": "Cover the pot.", "sol2": "Open the window.", "label": 0},
+        {"goal": "Dry a towel", "sol1": "Put it in water.", "sol2": "Hang it in the sun.", "label": 1},
+    ]
+    assert _read(out / "winogrande" / "validation.jsonl") == [
+        {"sentence": "The cup fell off the shelf because _ was tilted.", "option1": "cup", "option2": "shelf",
+         "answer": "2"}
+    ]  # fmt: skip
+    assert _read(out / "mmlu" / "made_up_math" / "test.jsonl") == [
+        {"question": "What is two plus two?", "subject": "made_up_math", "choices": ["3", "4", "5", "6"], "answer": 1}
+    ]
+    assert _read(out / "mmlu" / "made_up_history" / "dev.jsonl")[0]["answer"] == 0
+    assert _read(out / "ceval" / "made_up_law" / "val.jsonl") == [
+        {"id": 0, "question": "一加一等于几?", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B", "explanation": ""}
+    ]
+    assert _read(out / "ceval" / "made_up_law" / "dev.jsonl")[0]["explanation"] == "因为"
+    c3 = _read(out / "c3" / "validation.jsonl")
+    assert len(c3) == 3 and [r["id"] for r in c3] == [0, 1, 2]
+    assert c3[0] == {"id": 0, "context": ["男: 你好。", "女: 你好, 今天很冷。"], "question": "天气怎么样?",
+                     "choice": ["冷", "热"], "answer": "冷"}  # fmt: skip
+    assert len(_read(out / "gsm8k" / "train.jsonl")) == 2
+    assert _read(out / "gsm8k" / "test.jsonl")[0]["answer"].endswith("#### 5")
+    printed = capsys.readouterr().out
+    assert "mmlu: test 2, dev 2 (2 subjects)" in printed
+    assert not list(out.glob(".*"))  # no temporary folder left behind
+
+
+def test_hf_datasets_folders(tmp_path, monkeypatch):
+    """save_to_disk folders, a load_dataset cache (``<builder>-<split>.arrow``) and hub parquet files."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    piqa = [{"goal": "g1", "sol1": "a", "sol2": "b", "label": 1}]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(piqa)}).save_to_disk(str(tmp_path / "piqa_saved"))
+    gsm_files = {s: str(_jsonl(tmp_path / "gsm_src" / f"{s}.jsonl", [{"question": s, "answer": "#### 1"}]))
+                 for s in ("train", "test")}  # fmt: skip
+    datasets.load_dataset("json", data_files=gsm_files, cache_dir=str(tmp_path / "gsm_cache"))
+    assert list((tmp_path / "gsm_cache").rglob("*-test.arrow"))  # the datasets cache layout is what we read
+    rows = [{"question": "q", "subject": "made_up_a", "choices": ["1", "2", "3", "4"], "answer": 3},
+            {"question": "r", "subject": "made_up_b", "choices": ["1", "2", "3", "4"], "answer": 0}]  # fmt: skip
+    snap = tmp_path / "hub" / "datasets--x--mmlu" / "snapshots" / "abc123" / "all"
+    snap.mkdir(parents=True)
+    for split in ("test", "dev"):
+        pq.write_table(pa.Table.from_pylist(rows), snap / f"{split}-00000-of-00001.parquet")
+
+    out = tmp_path / "evaldata"
+    main(["eval-data", "--output", str(out), "--piqa", str(tmp_path / "piqa_saved"),
+          "--gsm8k", str(tmp_path / "gsm_cache"), "--mmlu", str(snap)])  # fmt: skip
+    assert _read(out / "piqa" / "validation.jsonl") == piqa
+    assert _read(out / "gsm8k" / "test.jsonl") == [{"question": "test", "answer": "#### 1"}]
+    assert _read(out / "mmlu" / "made_up_b" / "dev.jsonl") == [rows[1]]
+
+
+def _fails(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["eval-data", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pd-lightning: error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_writes_nothing(tmp_path, release, capsys):
+    out = tmp_path / "evaldata"
+    flags = _all_flags(release)
+    # A row missing a field: file and line.
+    bad = release / "gsm8k" / "grade_school_math" / "data" / "test.jsonl"
+    bad.write_text(bad.read_text() + json.dumps({"question": "no answer"}) + "\n")
+    err = _fails(capsys, ["--output", str(out), *flags])
+    assert f"{bad}:2: missing field 'answer'" in err and not out.exists()
+    bad.write_text(bad.read_text().splitlines()[0] + "\n")
+    # Labels file of the wrong length; a missing labels file; a missing release file.
+    (release / "piqa" / "valid-labels.lst").write_text("0\n")
+    assert "1 labels for 2 rows" in _fails(capsys, ["--output", str(out), *flags])
+    (release / "piqa" / "valid-labels.lst").unlink()
+    assert "valid-labels.lst" in _fails(capsys, ["--output", str(out), "--piqa", str(release / "piqa")])
+    assert "'hellaswag_val.jsonl'" in _fails(capsys, ["--output", str(out), "--hellaswag", str(release / "piqa")])
+    assert "does not exist" in _fails(capsys, ["--output", str(out), "--c3", str(tmp_path / "nope")])
+    # A bad MMLU answer letter; a C-Eval subject without its few-shot split.
+    _csv(release / "mmlu" / "data" / "test" / "made_up_x_test.csv", [["q", "1", "2", "3", "4", "E"]])
+    assert "made_up_x_test.csv:1: answer 'E'" in _fails(capsys, ["--output", str(out), "--mmlu", str(release / "mmlu")])
+    (release / "ceval" / "dev" / "made_up_law_dev.csv").unlink()
+    assert "no dev" in _fails(capsys, ["--output", str(out), "--ceval", str(release / "ceval")])
+    assert not out.exists()
+    # An existing task folder is kept unless --overwrite true.
+    main(["eval-data", "--output", str(out), "--c3", str(release / "c3")])
+    before = (out / "c3" / "validation.jsonl").read_text()
+    assert "--overwrite true" in _fails(capsys, ["--output", str(out), "--c3", str(release / "c3")])
+    assert (out / "c3" / "validation.jsonl").read_text() == before
+    main(["eval-data", "--output", str(out), "--c3", str(release / "c3"), "--overwrite", "true"])
+    assert (out / "c3" / "validation.jsonl").read_text() == before
