@@ -1,0 +1,72 @@
+"""Benchmark scoring across the ranks of a distributed run: each rank scores a share of the requests.
+
+lm-eval's own distributed path hands each rank every ``world_size``-th document, but its few-shot sampler is one
+``random.Random`` walked document by document, so a rank's prompts differ from a one-process run's. Here lm-eval
+builds every prompt on every rank exactly as in one process (it sees ``world_size == 1``); only the model calls are
+split: rank r takes requests r, r + W, r + 2W, ... (a strided share, so lengths are balanced), padded with copies of
+its last request to ``ceil(N / W)`` so every rank runs the same number of requests (and batches: FSDP needs every
+rank in every forward); the padded answers are dropped and the answers all-gathered back into request order. Every
+rank then computes the same metrics, equal to a one-process run's up to the float rounding of different batch
+compositions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.distributed as dist
+from lm_eval.api.model import LM
+
+
+def _world(group=None) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """Indices of rank's requests (strided) and the padded share length ``ceil(n / world_size)``."""
+    return list(range(rank, n, world_size)), math.ceil(n / world_size)
+
+
+class ShardedLM(LM):
+    """Wraps an lm-eval ``LM`` (e.g. ``StudentLM``) so that each rank of the default process group scores a share.
+
+    Every rank must call the same methods with the same requests (they do: each runs the same lm-eval evaluation).
+    """
+
+    def __init__(self, lm: LM, group=None) -> None:
+        super().__init__()
+        self.lm, self.group = lm, group
+        self.shard_rank, self.shard_world = _world(group)
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, batch_size, ... of the wrapped model
+        if name == "lm":
+            raise AttributeError(name)
+        return getattr(self.lm, name)
+
+    def _run(self, method: str, requests: list) -> list:
+        call = getattr(self.lm, method)
+        if self.shard_world == 1 or not requests:
+            return call(requests)
+        mine, per = shard(len(requests), self.shard_rank, self.shard_world)
+        # A rank with no request of its own repeats request 0: it still has to take part in every forward.
+        padding = [requests[mine[-1] if mine else 0]] * (per - len(mine))
+        answers = call([requests[i] for i in mine] + padding)[: len(mine)]
+        gathered: list = [None] * self.shard_world
+        dist.all_gather_object(gathered, answers, group=self.group)
+        results: list = [None] * len(requests)
+        for rank, rank_answers in enumerate(gathered):
+            for i, answer in zip(range(rank, len(requests), self.shard_world), rank_answers):
+                results[i] = answer
+        return results
+
+    def loglikelihood(self, requests, **kwargs) -> list:
+        return self._run("loglikelihood", requests)
+
+    def loglikelihood_rolling(self, requests, **kwargs) -> list:
+        return self._run("loglikelihood_rolling", requests)
+
+    def generate_until(self, requests, **kwargs) -> list:
+        return self._run("generate_until", requests)

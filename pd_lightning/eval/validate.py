@@ -1,0 +1,115 @@
+"""Benchmark scoring in ``pd-lightning validate --ckpt_path … --eval.tasks …`` (the ``--eval.*`` options).
+
+``check`` runs before the validation loop and refuses bad input (unknown task, missing data file, missing checkpoint,
+unreadable baseline, tokenizer other than the checkpoint's) before anything is written; ``score`` runs after it on
+the module holding the checkpoint's weights: the tasks through lm-eval (``StudentLM`` on the live student, requests
+shared across ranks), a printed table, a results JSON and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class BenchmarkOptions:
+    """Benchmark scoring of ``pd-lightning validate`` (skipped when ``tasks`` is empty).
+
+    Args:
+        tasks: benchmarks to score (hellaswag, winogrande, piqa, mmlu, c3, ceval, gsm8k); empty = held-out loss only.
+        data_dir: the local benchmark files, ``<data_dir>/<task>/<split>.jsonl`` (``pd-lightning eval-data``).
+        baseline: a results JSON of an earlier ``validate`` (e.g. the LM-only student): adds Δ% per task and average.
+        output: results JSON to write (a ``.md`` table beside it); default ``<default_root_dir>/bench-<ckpt>.json``.
+        limit: documents per task (an int), a fraction (0 < limit < 1), or None for all.
+        num_fewshot: override every task's few-shot count (None = the paper's: 0 / 5 / 8).
+        batch_size: rows per forward.
+        max_gen_toks: cap on generated tokens (GSM8k).
+        tokenizer: tokenizer folder (default: the data's); refused if it is not the checkpoint's.
+        seed: few-shot sampling seed.
+    """
+
+    tasks: list[str] = field(default_factory=list)
+    data_dir: str = "data/eval"
+    baseline: str | None = None
+    output: str | None = None
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    max_gen_toks: int = 256
+    tokenizer: str | None = None
+    seed: int = 1234
+
+
+def _checkpoint_record(ckpt_path: str) -> dict:
+    """The ``pd_lightning`` record of a checkpoint (tokenizer fingerprint, seq_len), read without its tensors."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"--ckpt_path {ckpt_path!r} is not a readable checkpoint ({type(e).__name__})") from None
+    return dict(ckpt.get("pd_lightning") or {}) if isinstance(ckpt, dict) else {}
+
+
+def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
+    """Refuse bad input before the run; returns what ``score`` needs (tokenizer, baseline scores, output path)."""
+    from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from pd_lightning.eval.callback import resolve_tokenizer
+    from pd_lightning.eval.report import load_baseline
+    from pd_lightning.eval.tasks import KNOWN_TASKS, check_data
+
+    unknown = [t for t in opts.tasks if t not in KNOWN_TASKS]
+    if unknown:
+        raise ValueError(f"--eval.tasks: unknown task {unknown[0]!r} (known: {', '.join(KNOWN_TASKS)})")
+    if not ckpt_path:
+        raise ValueError("--eval.tasks scores a checkpoint: pass --ckpt_path <file.ckpt>")
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist")
+    if opts.limit is not None and opts.limit <= 0:
+        raise ValueError(f"--eval.limit must be positive, got {opts.limit}")
+    check_data(opts.data_dir, opts.tasks)
+    baseline = load_baseline(opts.baseline, opts.tasks) if opts.baseline else None
+    tok = load_tokenizer(resolve_tokenizer(opts.tokenizer, datamodule, "--eval.tokenizer"), flag="--eval.tokenizer")
+    trained_with = _checkpoint_record(ckpt_path).get("tokenizer_fingerprint")
+    if trained_with and tokenizer_fingerprint(tok) != trained_with:
+        raise ValueError(
+            f"--eval.tokenizer: {ckpt_path!r} was trained with tokenizer {trained_with}, the given one is "
+            f"{tokenizer_fingerprint(tok)}; pass the tokenizer folder the student was trained with"
+        )
+    output = Path(opts.output) if opts.output else None
+    if output is not None and output.suffix != ".json":
+        raise ValueError(f"--eval.output {opts.output!r} must end in .json (the markdown table goes beside it)")
+    return {"tokenizer": tok, "baseline": baseline, "output": output}
+
+
+def score(trainer, module, opts: BenchmarkOptions, prepared: dict, ckpt_path: str) -> dict:
+    """Score the module (holding the checkpoint's weights) on ``opts.tasks``; print the table, write JSON + .md."""
+    from pd_lightning.eval.callback import preserved_training_state
+    from pd_lightning.eval.distributed import ShardedLM
+    from pd_lightning.eval.lm import StudentLM
+    from pd_lightning.eval.report import text_table, with_deltas, write_results
+    from pd_lightning.eval.runner import evaluate
+
+    start = time.perf_counter()
+    kw = {"batch_size": opts.batch_size, "max_gen_toks": opts.max_gen_toks, "progress": trainer.is_global_zero}
+    seq_len = getattr(trainer.datamodule, "seq_len", None)
+    if seq_len:
+        kw["max_length"] = int(seq_len)
+    with preserved_training_state(module):
+        lm = StudentLM.from_module(module, prepared["tokenizer"], **kw)
+        result = evaluate(ShardedLM(lm), opts.tasks, opts.data_dir, num_fewshot=opts.num_fewshot,
+                          limit=opts.limit, seed=opts.seed)  # fmt: skip
+    summary = with_deltas({t: float(result["scores"][t]) for t in opts.tasks}, float(result["average"]),
+                          prepared["baseline"])  # fmt: skip
+    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    summary.update({"checkpoint": str(ckpt_path), "step": trainer.global_step, **val,
+                    "results": result.get("results", {}), "config": result.get("config", {}),
+                    "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
+    if trainer.is_global_zero:
+        output = prepared["output"] or Path(trainer.default_root_dir) / f"bench-{Path(ckpt_path).stem}.json"
+        json_path, md_path = write_results(summary, output)
+        print(text_table(summary))
+        print(f"wrote {json_path} and {md_path}")
+    return summary
