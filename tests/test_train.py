@@ -76,32 +76,57 @@ def test_lm_pretraining_loss_falls(tmp_path, prepared, capsys):
     assert "val/loss" in out and f"{vals[-1]:.4f}"[:5] in out, out[-500:]
 
 
+def small_token_file(prepared: dict, out: Path, n_train: int = 104, n_val: int = 16) -> Path:
+    """A copy of the prepared token file cut to ``n_train`` training and ``n_val`` validation sequences, so that a
+    run of a few dozen steps crosses epoch boundaries without ``limit_train_batches``."""
+    import h5py
+
+    with h5py.File(prepared["tokens"], "r") as src, h5py.File(out, "w") as dst:
+        dst["train"] = src["train"][:n_train]
+        dst["val"] = src["val"][:n_val]
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        dst.attrs["tokenizer_path"] = str(prepared["tokenizer"])
+    return out
+
+
+def epochs_by_step(root: Path) -> dict[int, int]:
+    """step (1-based) -> epoch in which it ran, from the CSV log."""
+    with open(root / "log" / "version_0" / "metrics.csv") as f:
+        return {int(r["step"]) + 1: int(r["epoch"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
 CKPT = [
     "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-    "--trainer.callbacks.every_n_train_steps=3",
+    "--trainer.callbacks.every_n_train_steps=6",
     "--trainer.callbacks.save_top_k=-1",
     "--trainer.callbacks.filename={step}",
-    # Short epochs so the run crosses epoch boundaries (each epoch reshuffles).
-    "--trainer.limit_train_batches=5",
     "--trainer.limit_val_batches=0",
 ]
 
 
-@pytest.mark.parametrize("resume_step", [3, 6])
+@pytest.mark.parametrize("resume_step", [6, 24, 30])
 def test_exact_resume(tmp_path, prepared, resume_step):
+    """No ``limit_train_batches``: 104 sequences / batch 4 = 26 steps per epoch; resume in epoch 0 (step 6), at the
+    end of epoch 0 (24) and in epoch 1 (30). Issue 8: a resume in epoch 0 used to end that epoch (and every later
+    one) early, dropping data."""
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    main(tiny_fit_args(prepared["tokens"], full, 12, *CKPT))
+    main(tiny_fit_args(tokens, full, 42, *CKPT))
     reference = train_losses(full)
-    assert sorted(reference) == list(range(1, 13))
+    assert sorted(reference) == list(range(1, 43))
+    epochs = epochs_by_step(full)
+    assert [epochs[s] for s in (1, 26, 27, 42)] == [0, 0, 1, 1]  # an epoch is all 26 batches
     ckpt = next(full.rglob(f"step={resume_step}.ckpt"))
-    main(tiny_fit_args(prepared["tokens"], resumed, 12, *CKPT, "--ckpt_path", str(ckpt)))
+    main(tiny_fit_args(tokens, resumed, 42, *CKPT, "--ckpt_path", str(ckpt)))
     after = train_losses(resumed)
-    assert sorted(after) == list(range(resume_step + 1, 13))  # no step repeated or skipped
+    assert sorted(after) == list(range(resume_step + 1, 43))  # no step repeated or skipped
     for step in after:
         assert after[step] == reference[step], (step, after[step], reference[step])
+    assert epochs_by_step(resumed) == {s: e for s, e in epochs.items() if s > resume_step}  # epochs end alike
     # The final weights agree too.
-    a = torch.load(next(full.rglob("step=12.ckpt")), weights_only=True)["state_dict"]
-    b = torch.load(next(resumed.rglob("step=12.ckpt")), weights_only=True)["state_dict"]
+    a = torch.load(next(full.rglob("step=42.ckpt")), weights_only=True)["state_dict"]
+    b = torch.load(next(resumed.rglob("step=42.ckpt")), weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -114,18 +139,18 @@ def test_sampler_visits_each_sequence_once_per_epoch():
     s = ResumableSampler(23, True, 5)
     full = list(s)
     s.resume(0, 10)
-    assert list(s) == full[10:] and len(s) == 13
+    assert list(s) == full[10:] and len(s) == 23  # the length stays the epoch's (Lightning counts restored batches)
     s.set_epoch(1)
     assert len(list(s)) == 23 and list(s) != full
 
 
 def test_resume_with_other_shape_is_refused(tmp_path, prepared, capsys):
-    main(tiny_fit_args(prepared["tokens"], tmp_path / "a", 3, *CKPT))
-    ckpt = next((tmp_path / "a").rglob("step=3.ckpt"))
+    main(tiny_fit_args(prepared["tokens"], tmp_path / "a", 6, *CKPT))
+    ckpt = next((tmp_path / "a").rglob("step=6.ckpt"))
     with pytest.raises(SystemExit) as e:
         main(
             tiny_fit_args(
-                prepared["tokens"], tmp_path / "b", 6, "--model.student.n_layer", "3", "--ckpt_path", str(ckpt)
+                prepared["tokens"], tmp_path / "b", 12, "--model.student.n_layer", "3", "--ckpt_path", str(ckpt)
             )
         )
     assert e.value.code == 2

@@ -4,6 +4,11 @@ Epoch ``e`` visits ``permutation(seed + e)`` (or ``arange`` without shuffling); 
 ``w``-th index from position ``r``, after trimming the order to a multiple of ``w`` so all ranks see the same
 number of samples. After a restore it skips the samples the checkpointed run had already consumed in the
 restored epoch, so a resumed run sees exactly the sequence an uninterrupted one would.
+
+``len(sampler)`` is always the full epoch's length, also in a restored epoch whose iterator yields fewer samples:
+Lightning restores the count of batches already done and measures the loader once per fit, so a shorter length
+would end the restored epoch early and cap every later epoch at that length (issue 8: a resume in epoch 0 dropped
+data). The restored epoch ends when the iterator runs out, at the same step as in the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -47,5 +52,5 @@ class ResumableSampler(Sampler[int]):
         return iter(order.tolist())
 
     def __len__(self) -> int:
-        n = self.num_samples // self.world_size
-        return n - self._skip if self.epoch == self._skip_epoch else n
+        """Samples per epoch and rank (the full epoch, whether or not a restore skips its start; module docstring)."""
+        return self.num_samples // self.world_size
