@@ -44,6 +44,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to ``max_len`` positions.
+
+    ``k[i]``/``v[i]`` have shape (B, G, max_len, D); positions ``[0, length)`` are filled. A forward call with a
+    cache appends its T new positions at ``length`` and advances it, so decoding n tokens after a P-token prompt
+    costs O((P + n) * n) attention work instead of the O((P + n)^2 * n) of recomputing the whole sequence each step.
+    """
+
+    def __init__(
+        self, cfg: StudentConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
+        shape = (batch, cfg.n_query_groups, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.max_len, self.length = max_len, 0
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the batch rows ``rows`` (drop finished sequences)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
@@ -53,14 +75,34 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_query_groups * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        kv: tuple[Tensor, Tensor, int] | None = None,
+    ) -> Tensor:
+        """``mask``: boolean (B, 1, T, S), True = may attend (None = causal over the T positions). ``kv``:
+        (key buffer, value buffer, start) of a ``KVCache``: the T new keys/values are written at ``start`` and the
+        queries attend to the S = start + T cached positions."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_buf, v_buf, start = kv
+            k_buf[:, :, start : start + T] = k
+            v_buf[:, :, start : start + T] = v
+            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
         # Query head h reads key/value group h // (H / G), as Llama's repeat_kv does.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        gqa = self.n_kv != self.n_head
+        if mask is None:
+            # Without a cache: causal. With one and no mask, T == 1: the new position sees every cached key.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=kv is None, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -83,8 +125,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, kv: tuple | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -121,15 +165,46 @@ class Transformer(nn.Module):
         """(V, C) weight of the output head."""
         return self.lm_head.weight
 
-    def forward(self, input_ids: Tensor, return_hidden: bool = False) -> Tensor:
-        T = input_ids.shape[1]
-        cos, sin = rope_cache(T, self.config.head_dim, self.config.rope_base, input_ids.device)
+    def forward(
+        self,
+        input_ids: Tensor,
+        return_hidden: bool = False,
+        *,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V) or hidden states (B, T, C) of ``input_ids`` (B, T).
+
+        Training uses only ``input_ids``: positions 0..T-1 and a causal mask. Batched decoding of left-padded
+        prompts passes ``positions`` (B, T) (each row's RoPE position), a boolean ``mask`` (B, 1, T, S) and a
+        ``cache`` (a ``KVCache`` whose ``length`` is the start of these T positions; S = length + T); see
+        ``pd_lightning.model.generate``.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
         x = self.embed(input_ids)  # (B, T, C)
+        if positions is None:
+            cos, sin = rope_cache(start + T, self.config.head_dim, self.config.rope_base, input_ids.device)
+            cos, sin = cos[start:], sin[start:]  # (T, D)
+        else:
+            n = int(positions.max()) + 1
+            cos, sin = rope_cache(n, self.config.head_dim, self.config.rope_base, input_ids.device)
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, D)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for block in self.layers:
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, asked to write up to {start + T}")
+        if cache is not None and mask is None and T > 1:
+            # Causal with an offset: new position i (absolute start + i) sees keys 0..start + i.
+            q_abs = torch.arange(start, start + T, device=input_ids.device)
+            mask = (torch.arange(start + T, device=input_ids.device)[None, :] <= q_abs[:, None])[None, None]
+        for i, block in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i], start) if cache is not None else None
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, kv, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, mask, kv)
+        if cache is not None:
+            cache.length = start + T
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)

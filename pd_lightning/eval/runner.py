@@ -1,0 +1,146 @@
+"""Score an lm-eval model on the seven benchmarks from local files: ``evaluate(lm, tasks, data_dir) -> dict``.
+
+Each task's primary metric (its score, in percent; the paper's tables report these and their average):
+
+=========== ========================== =====================================================================
+task        primary metric             why
+=========== ========================== =====================================================================
+hellaswag   acc_norm                   length-normalised accuracy, the figure usually quoted for HellaSwag
+winogrande  acc                        the only metric lm-eval reports for it
+piqa        acc_norm                   as HellaSwag (lm-eval reports acc and acc_norm)
+mmlu        acc                        subject-size-weighted mean over subjects (lm-eval's ``mmlu`` group)
+c3          acc                        accuracy over the choices' texts
+ceval       acc                        subject-size-weighted mean over subjects
+gsm8k       exact_match,strict-match   the number after "#### " equals the reference (lm-eval's first filter)
+=========== ========================== =====================================================================
+
+Every metric lm-eval reports is kept in ``results``; ``primary`` overrides the choice per task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pd_lightning.eval.tasks import DEFAULT_FEWSHOT, PRIMARY_METRIC, resolve_tasks, write_task_dir
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and CUDA) random states afterwards: lm-eval seeds all three."""
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _metrics(raw: dict) -> dict:
+    """lm-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x, "acc_stderr": s}``;
+    metrics under a named filter keep it (``exact_match,strict-match``)."""
+    out = {}
+    for key, value in raw.items():
+        if "," not in key or not isinstance(value, int | float):
+            continue
+        metric, filt = key.split(",", 1)
+        out[metric if filt == "none" else key] = float(value)
+    return out
+
+
+def evaluate(
+    lm,
+    tasks: Sequence[str] | str,
+    data_dir: str,
+    num_fewshot: dict[str, int] | None = None,
+    limit: int | float | None = None,
+    seed: int = 1234,
+    log_samples: bool = False,
+    primary: dict[str, str] | None = None,
+    bootstrap_iters: int = 0,
+) -> dict:
+    """Run lm-eval's ``simple_evaluate`` on ``tasks`` read from ``data_dir`` (see ``pd_lightning.eval.tasks``).
+
+    Args:
+        lm: an lm-eval ``LM`` (e.g. ``StudentLM``).
+        tasks: names among ``KNOWN_TASKS`` (list or comma-separated).
+        data_dir: the folder holding ``<task>/<split>.jsonl``.
+        num_fewshot: shots per task, overriding the paper's defaults (``DEFAULT_FEWSHOT``).
+        limit: at most this many examples per (sub)task (an int), or this fraction of them (a float < 1).
+        seed: seeds lm-eval's few-shot sampling and its random / numpy / torch seeds; the caller's random states
+            are restored afterwards.
+        log_samples: keep lm-eval's per-example records under ``"samples"``.
+        primary: per-task primary metric overrides (keys as in ``results``, e.g. ``{"piqa": "acc"}``).
+        bootstrap_iters: lm-eval's bootstrap iterations for the stderr of non-mean metrics (0 = skip).
+
+    Returns:
+        ``{"results": {task: {metric: value}}, "scores": {task: primary metric x 100}, "average": mean of the
+        scores, "config": {...}}`` (plus ``"subtasks"`` for MMLU / C-Eval subjects and ``"samples"`` if asked).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    names = resolve_tasks(tasks)
+    shots = {t: int({**DEFAULT_FEWSHOT, **(num_fewshot or {})}[t]) for t in names}
+    chosen = {t: (primary or {}).get(t, PRIMARY_METRIC[t]) for t in names}
+    with tempfile.TemporaryDirectory(prefix="pd_lightning_tasks_") as tmp:
+        written = write_task_dir(data_dir, tmp, names, shots)
+        manager = TaskManager(include_path=tmp, include_defaults=False)
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        with preserved_rng():
+            out = simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=manager,
+                limit=limit,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                log_samples=log_samples,
+                bootstrap_iters=bootstrap_iters,
+            )
+    raw = out["results"]
+    results = {t: _metrics(raw[t]) for t in names}
+    scores = {}
+    for t in names:
+        if chosen[t] not in results[t]:
+            raise KeyError(f"{t}: lm-eval reported no {chosen[t]!r} (it has {sorted(results[t])})")
+        scores[t] = 100.0 * results[t][chosen[t]]
+    subtasks = {s: _metrics(raw[s]) for t in names for s in written[t] if s != t and s in raw}
+    report = {
+        "results": results,
+        "scores": scores,
+        "average": float(np.mean(list(scores.values()))),
+        "config": {
+            "tasks": names,
+            "num_fewshot": shots,
+            "primary_metric": chosen,
+            "limit": limit,
+            "seed": seed,
+            "data_dir": str(data_dir),
+            "n_samples": {t: out.get("n-samples", {}).get(t) for t in names if t in out.get("n-samples", {})},
+            "lm_eval_version": out.get("config", {}).get("lm_eval_version") or _lm_eval_version(),
+        },
+    }
+    if subtasks:
+        report["subtasks"] = subtasks
+    if log_samples:
+        report["samples"] = out.get("samples", {})
+    return report
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")

@@ -1,0 +1,284 @@
+"""The seven benchmarks as lm-eval tasks over local JSON Lines files.
+
+Data layout (each benchmark's public Hugging Face schema, one JSON object per line)::
+
+    <data_dir>/hellaswag/validation.jsonl     ctx_a ctx_b ctx endings label activity_label
+    <data_dir>/winogrande/validation.jsonl    sentence option1 option2 answer
+    <data_dir>/piqa/validation.jsonl          goal sol1 sol2 label
+    <data_dir>/mmlu/{test,dev}.jsonl          question subject choices answer
+    <data_dir>/c3/validation.jsonl            context question choice answer     (+ optional train.jsonl)
+    <data_dir>/ceval/{val,dev}.jsonl          question A B C D answer
+    <data_dir>/gsm8k/{test,train}.jsonl       question answer
+
+MMLU and C-Eval also take one folder per subject (``mmlu/<subject>/test.jsonl``, ``ceval/<subject>/val.jsonl``,
+each with its ``dev.jsonl``); the folder name is the subject. The dev / train files are needed only for few-shot.
+
+The task definitions live in ``evaluation/tasks/<task>.yaml``: lm-eval keys plus a ``pd_lightning`` block (which
+lm-eval file to ``include:``, the data files, required fields, default shots, primary metric). ``write_task_dir``
+turns them into plain lm-eval YAMLs with absolute data paths, loadable with ``TaskManager(include_path=...)`` or
+``lm_eval --include_path``; ``python -m pd_lightning.eval.tasks --data_dir D --output OUT`` does it from a shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+KNOWN_TASKS = ("hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval", "gsm8k")
+
+# evaluation/tasks/ of the repository (the package sits beside it).
+TASK_TEMPLATES = Path(__file__).resolve().parents[2] / "evaluation" / "tasks"
+
+
+def _template(task: str) -> dict:
+    path = TASK_TEMPLATES / f"{task}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"task definition {str(path)!r} is missing from this installation")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def task_spec(task: str) -> dict:
+    """The ``pd_lightning`` block of a task's definition."""
+    return dict(_template(task)["pd_lightning"])
+
+
+DEFAULT_FEWSHOT = {t: int(task_spec(t)["num_fewshot"]) for t in KNOWN_TASKS} if TASK_TEMPLATES.is_dir() else {}
+PRIMARY_METRIC = {t: str(task_spec(t)["primary_metric"]) for t in KNOWN_TASKS} if TASK_TEMPLATES.is_dir() else {}
+
+
+def resolve_tasks(tasks: Sequence[str] | str) -> list[str]:
+    """Task names from a list or a comma-separated string; refuses unknown names (listing the known ones)."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise ValueError(f"no tasks given; choose from {', '.join(KNOWN_TASKS)}")
+    unknown = [t for t in names if t not in KNOWN_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(KNOWN_TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class TaskData:
+    """The files found for one task: ``files[subject][split] = path`` (subject ``""`` for one flat file)."""
+
+    task: str
+    files: dict[str, dict[str, Path]] = field(default_factory=dict)
+    flat_subjects: bool = False  # one flat file whose rows carry a ``subject`` field
+
+
+def _check_rows(path: Path, task: str, fields: Sequence[str]) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: a {task} row must be a JSON object")
+            missing = [k for k in fields if k not in row]
+            if missing:
+                raise ValueError(
+                    f"{path}:{n}: {task} row lacks field(s) {', '.join(missing)} (expected {', '.join(fields)})"
+                )
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: holds no {task} rows")
+    return rows
+
+
+def check_data(
+    data_dir: str | os.PathLike, tasks: Sequence[str] | str, num_fewshot: dict[str, int] | None = None
+) -> dict[str, TaskData]:
+    """Check that ``data_dir`` holds every file the tasks need and that every row has its benchmark's fields.
+
+    Raises FileNotFoundError naming the task and the expected path, ValueError naming the file and line of a bad
+    row, ValueError listing the known tasks for an unknown name. Returns the files found, per task.
+    """
+    names = resolve_tasks(tasks)
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"eval data folder {str(root)!r} does not exist (write it with `pd-lightning eval-data`)"
+        )
+    shots = {**DEFAULT_FEWSHOT, **(num_fewshot or {})}
+    found = {}
+    for task in names:
+        spec = task_spec(task)
+        splits: dict[str, str] = spec["splits"]
+        few = spec.get("fewshot_split")
+        optional = set(spec.get("optional_splits", []))
+        if few and shots.get(task, 0) == 0:
+            optional.add(few)
+        data = TaskData(task)
+        if spec.get("subjects"):
+            task_root = root / task
+            flat = {s: task_root / Path(p).name for s, p in splits.items()}
+            main = next(s for s in splits if s != few)
+            folders = sorted(d for d in task_root.iterdir() if d.is_dir()) if task_root.is_dir() else []
+            folders = [d for d in folders if (d / flat[main].name).is_file()]
+            if flat[main].is_file():
+                required = {s: p for s, p in flat.items() if s not in optional}
+                for s, p in required.items():
+                    if not p.is_file():
+                        raise FileNotFoundError(f"{task}: expected {p} (the {s} split; needed for few-shot)")
+                per_split = {s: _check_rows(p, task, spec["fields"]) for s, p in flat.items() if p.is_file()}
+                data.flat_subjects = all("subject" in r for r in per_split[main])
+                data.files[""] = {s: p for s, p in flat.items() if p.is_file()}
+            elif folders:
+                for d in folders:
+                    files = {s: d / Path(p).name for s, p in splits.items()}
+                    for s, p in files.items():
+                        if s not in optional and not p.is_file():
+                            raise FileNotFoundError(f"{task}: expected {p} (the {s} split of subject {d.name})")
+                        if p.is_file():
+                            _check_rows(p, task, spec["fields"])
+                    data.files[d.name] = {s: p for s, p in files.items() if p.is_file()}
+            else:
+                raise FileNotFoundError(
+                    f"{task}: expected {flat[main]} or one folder per subject ({task_root}/<subject>/{flat[main].name})"
+                )
+        else:
+            files = {s: root / p for s, p in splits.items()}
+            for s, p in files.items():
+                if s not in optional and not p.is_file():
+                    raise FileNotFoundError(f"{task}: expected {p} (the {s} split)")
+                if p.is_file():
+                    _check_rows(p, task, spec["fields"])
+            data.files[""] = {s: p for s, p in files.items() if p.is_file()}
+        found[task] = data
+    return found
+
+
+def _lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).resolve().parent
+
+
+def _ceval_subject_names() -> dict[str, str]:
+    try:
+        from lm_eval.tasks.ceval._generate_configs import SUBJECTS
+    except ImportError:  # pragma: no cover - lm-eval layout changed
+        return {}
+    return dict(SUBJECTS)
+
+
+def _split_by_subject(data: TaskData, out: Path) -> dict[str, dict[str, Path]]:
+    """Flat files whose rows carry ``subject`` -> one file per subject and split under ``out``."""
+    files: dict[str, dict[str, Path]] = {}
+    for split, path in data.files[""].items():
+        by_subject: dict[str, list[str]] = {}
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    by_subject.setdefault(str(json.loads(line)["subject"]), []).append(line.rstrip("\n"))
+        for subject, lines in by_subject.items():
+            target = out / data.task / subject / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            files.setdefault(subject, {})[split] = target
+    return files
+
+
+def write_task_dir(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tasks: Sequence[str] | str = KNOWN_TASKS,
+    num_fewshot: dict[str, int] | None = None,
+) -> dict[str, list[str]]:
+    """Write lm-eval task YAMLs for ``tasks`` reading ``data_dir`` into ``out_dir``.
+
+    Returns ``{task: [lm-eval subtask names]}`` (one per subject for MMLU / C-Eval, which are lm-eval groups).
+    """
+    names = resolve_tasks(tasks)
+    shots = {**DEFAULT_FEWSHOT, **(num_fewshot or {})}
+    for task, n in shots.items():
+        if int(n) < 0:
+            raise ValueError(f"num_fewshot for {task} must be >= 0, got {n}")
+    found = check_data(data_dir, names, shots)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm_tasks = _lm_eval_tasks_dir()
+    written: dict[str, list[str]] = {}
+    for task in names:
+        template = _template(task)
+        spec = template.pop("pd_lightning")
+        data = found[task]
+        n_shots = int(shots[task])
+        few = spec.get("fewshot_split")
+        if not spec.get("subjects"):
+            cfg = dict(template)
+            if spec.get("lm_eval_include"):
+                cfg = {"include": str(lm_tasks / spec["lm_eval_include"]), **cfg}
+            files = data.files[""]
+            cfg["dataset_kwargs"] = {"data_files": {s: str(p.resolve()) for s, p in files.items()}}
+            if few and few not in files:  # no few-shot file: lm-eval falls back to the scored split
+                cfg["fewshot_split"] = None
+                if cfg.get("training_split") == few:
+                    cfg["training_split"] = None
+            elif few:
+                cfg["fewshot_split"] = few
+            cfg["num_fewshot"] = n_shots
+            (out / f"{task}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False))
+            written[task] = [task]
+            continue
+        subjects = _split_by_subject(data, out / "_data") if data.flat_subjects else data.files
+        zh = _ceval_subject_names()
+        subtasks = []
+        for subject, files in sorted(subjects.items()):
+            name = subject or "all"
+            cfg = {k: (v.format(subject=name) if isinstance(v, str) else v) for k, v in template.items()}
+            own = lm_tasks / spec["lm_eval_include"].format(subject=subject)
+            if subject and own.is_file():
+                cfg = {"include": str(own), **cfg}
+            else:
+                cfg = {"include": str(lm_tasks / spec["lm_eval_include_fallback"]), **cfg}
+                if subject:
+                    cfg["description"] = spec["description"].format(
+                        subject_words=" ".join(subject.split("_")), subject_zh=zh.get(subject, subject)
+                    )
+            cfg["dataset_kwargs"] = {"data_files": {s: str(p.resolve()) for s, p in files.items()}}
+            cfg["num_fewshot"] = n_shots
+            if few not in files:
+                cfg["fewshot_split"] = None
+            cfg.pop("tag", None)
+            cfg["tag"] = []
+            (out / f"{task}_{name}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False))
+            subtasks.append(cfg["task"])
+        group = {
+            "group": task,
+            "task": subtasks,
+            "aggregate_metric_list": [
+                {"metric": m, "aggregation": "mean", "weight_by_size": True} for m in spec["group_metrics"]
+            ],
+            "metadata": {"version": 1.0},
+        }
+        (out / f"_{task}_group.yaml").write_text(yaml.safe_dump(group, allow_unicode=True, sort_keys=False))
+        written[task] = subtasks
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m pd_lightning.eval.tasks --data_dir D --output OUT``: write the lm-eval task folder."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--data_dir", required=True, help="folder with <task>/<split>.jsonl")
+    parser.add_argument("--output", required=True, help="folder to write the lm-eval YAMLs to")
+    parser.add_argument("--tasks", default=",".join(KNOWN_TASKS))
+    args = parser.parse_args(argv)
+    written = write_task_dir(args.data_dir, args.output, args.tasks)
+    for task, subtasks in written.items():
+        print(f"{task}: {len(subtasks)} lm-eval task(s)")
+    print(f"use: lm_eval --include_path {args.output} --tasks {','.join(written)} ...")
+
+
+if __name__ == "__main__":
+    main()
