@@ -202,6 +202,9 @@ class StudentLM(TemplateLM):
 
         if device is None and (checkpoint or pretrained) and torch.cuda.is_available():
             device = "cuda"
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device %s requested but CUDA is not available; using the CPU", device)  # as lm-eval's hf
+            device = "cpu"
         if device is not None:
             model = model.to(device)
         if dtype is not None:

@@ -1,0 +1,69 @@
+"""lm-eval's own command line with the ``pd-lightning`` model registered and the seven local tasks.
+
+lm-eval 0.4.13 finds models only in its own registry (no plug-in entry points), so this wrapper imports
+``pd_lightning.eval.lm`` (which registers ``StudentLM`` as ``pd-lightning``) and then runs lm-eval's CLI::
+
+    pd-lightning-lm-eval --model pd-lightning --model_args checkpoint=runs/x.ckpt \\
+        --tasks hellaswag,piqa --data_dir data/eval --device cpu --output_path results/
+
+(or ``python -m pd_lightning.eval.lm_eval_cli ...``). ``--data_dir`` is the one option added to lm-eval's: it
+writes the task YAMLs for that data folder (``pd_lightning.eval.tasks.write_task_dir``) to a temporary folder and
+passes it as ``--include_path``. Every other option is lm-eval's (``--num_fewshot``, ``--limit``, ``--log_samples``...).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Sequence
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if arg.startswith(name + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    import pd_lightning.eval.lm  # noqa: F401  (registers the pd-lightning model)
+
+    data_dir = _pop_option(args, "--data_dir")
+    with tempfile.TemporaryDirectory(prefix="pd_lightning_tasks_") as tmp:
+        if data_dir is not None:
+            from pd_lightning.eval.tasks import KNOWN_TASKS, write_task_dir
+
+            try:
+                write_task_dir(data_dir, tmp, _option(args, "--tasks") or ",".join(KNOWN_TASKS))
+            except (FileNotFoundError, ValueError) as e:
+                print(f"pd-lightning-lm-eval: error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            included = _pop_option(args, "--include_path")
+            args += ["--include_path", tmp if included is None else f"{tmp}:{included}"]
+        from lm_eval.__main__ import cli_evaluate
+
+        saved = sys.argv
+        sys.argv = ["lm-eval", *args]
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = saved
+
+
+if __name__ == "__main__":
+    main()
