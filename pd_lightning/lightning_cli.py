@@ -37,6 +37,35 @@ class TrainCLI(LightningCLI):
         a checkpoint whose student has another shape, naming the fields that differ.
         """
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        # `validate` also scores the checkpoint on the benchmarks: --eval.tasks, --eval.data_dir, --eval.baseline, ...
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "validate":
+            from pd_lightning.eval.validate import BenchmarkOptions
+
+            parser.add_class_arguments(BenchmarkOptions, "eval", instantiate=False)
+        return parser
+
+    def _benchmark_options(self):
+        from pd_lightning.eval.validate import BenchmarkOptions
+
+        cfg = self.config[self.subcommand]
+        return BenchmarkOptions(**cfg["eval"]), cfg.get("ckpt_path")
+
+    def before_validate(self) -> None:
+        opts, ckpt_path = self._benchmark_options()
+        if opts.tasks:  # refuse bad input before the validation loop writes anything
+            from pd_lightning.eval.validate import check
+
+            self._benchmark = check(opts, ckpt_path, self.datamodule)
+
+    def after_validate(self) -> None:
+        opts, ckpt_path = self._benchmark_options()
+        if opts.tasks:
+            from pd_lightning.eval.validate import score
+
+            score(self.trainer, self.model, opts, self._benchmark, ckpt_path)
+
 
 def train_cli(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     from pd_lightning.data.datamodule import SequenceDataModule

@@ -107,7 +107,8 @@ class LMEvalCallback(L.Callback):
         from pd_lightning.data.tokenizer import load_tokenizer
         from pd_lightning.eval.tasks import check_data
 
-        check_data(self.data_dir, self.tasks)  # a missing file fails before training, not at the first score
+        shots = None if self.num_fewshot is None else dict.fromkeys(self.tasks, self.num_fewshot)
+        check_data(self.data_dir, self.tasks, shots)  # a missing file fails before training, not at the first score
         flag = "LMEvalCallback tokenizer"
         self._tok = load_tokenizer(resolve_tokenizer(self.tokenizer, trainer.datamodule, flag), flag=flag)
 
@@ -139,9 +140,10 @@ class LMEvalCallback(L.Callback):
             kw["max_length"] = self.max_length
         elif getattr(trainer.datamodule, "seq_len", None):
             kw["max_length"] = int(trainer.datamodule.seq_len)
+        shots = None if self.num_fewshot is None else dict.fromkeys(self.tasks, self.num_fewshot)
         with preserved_training_state(pl_module):
             lm = StudentLM.from_module(pl_module, self._tok, **kw)
-            result = evaluate(ShardedLM(lm), self.tasks, self.data_dir, num_fewshot=self.num_fewshot,
+            result = evaluate(ShardedLM(lm), self.tasks, self.data_dir, num_fewshot=shots,
                               limit=self.limit, seed=self.seed)  # fmt: skip
         scores = {**{t: float(result["scores"][t]) for t in self.tasks}, "average": float(result["average"])}
         self.scored[step] = scores

@@ -69,7 +69,9 @@ def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
         raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist")
     if opts.limit is not None and opts.limit <= 0:
         raise ValueError(f"--eval.limit must be positive, got {opts.limit}")
-    check_data(opts.data_dir, opts.tasks)
+    check_data(
+        opts.data_dir, opts.tasks, None if opts.num_fewshot is None else dict.fromkeys(opts.tasks, opts.num_fewshot)
+    )
     baseline = load_baseline(opts.baseline, opts.tasks) if opts.baseline else None
     tok = load_tokenizer(resolve_tokenizer(opts.tokenizer, datamodule, "--eval.tokenizer"), flag="--eval.tokenizer")
     trained_with = _checkpoint_record(ckpt_path).get("tokenizer_fingerprint")
@@ -97,9 +99,10 @@ def score(trainer, module, opts: BenchmarkOptions, prepared: dict, ckpt_path: st
     seq_len = getattr(trainer.datamodule, "seq_len", None)
     if seq_len:
         kw["max_length"] = int(seq_len)
+    shots = None if opts.num_fewshot is None else dict.fromkeys(opts.tasks, opts.num_fewshot)
     with preserved_training_state(module):
         lm = StudentLM.from_module(module, prepared["tokenizer"], **kw)
-        result = evaluate(ShardedLM(lm), opts.tasks, opts.data_dir, num_fewshot=opts.num_fewshot,
+        result = evaluate(ShardedLM(lm), opts.tasks, opts.data_dir, num_fewshot=shots,
                           limit=opts.limit, seed=opts.seed)  # fmt: skip
     summary = with_deltas({t: float(result["scores"][t]) for t in opts.tasks}, float(result["average"]),
                           prepared["baseline"])  # fmt: skip

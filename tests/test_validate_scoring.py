@@ -1,0 +1,123 @@
+"""``pd-lightning validate --ckpt_path … --eval.tasks …``: benchmark scores of a checkpoint, the table, the results JSON
+and markdown, Δ% against a baseline, and the refusals of bad input (nothing written)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pd_lightning.cli import main
+from pd_lightning.eval.report import markdown_table, text_table, with_deltas
+from tests.test_train import tiny_fit_args
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+TASKS = ["hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval", "gsm8k"]
+
+
+def test_delta_pct_against_a_hand_made_baseline():
+    summary = with_deltas({"piqa": 60.0, "mmlu": 30.0}, 45.0, {"piqa": 50.0, "mmlu": 40.0, "c3": 1.0})
+    # Hand-computed: (60-50)/50 = +20 %, (30-40)/40 = -25 %; averages 45 vs (50+40)/2 = 45 -> 0 %.
+    assert summary["delta_pct"] == {"piqa": 20.0, "mmlu": -25.0, "average": 0.0}
+    assert summary["baseline_average"] == 45.0 and "c3" not in summary["baseline"]
+    assert math.isnan(with_deltas({"piqa": 1.0}, 1.0, {"piqa": 0.0})["delta_pct"]["piqa"])
+    table = text_table(summary).splitlines()
+    assert table[0].split() == ["piqa", "mmlu", "average"]
+    assert table[3].split() == ["Δ%", "+20.00", "-25.00", "+0.00"]
+    assert markdown_table(summary).splitlines()[0] == "| model | piqa | mmlu | average |"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, prepared) -> Path:
+    """A tiny student trained 2 steps on the prepared tokens; its last checkpoint."""
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    main(tiny_fit_args(prepared["tokens"], root, 2, "--trainer.limit_val_batches", "0"))
+    return next(root.rglob("*.ckpt"))
+
+
+def _validate_args(prepared, root: Path, ckpt: Path, *extra: str) -> list[str]:
+    args = tiny_fit_args(prepared["tokens"], root, 2, "--trainer.limit_val_batches", "2")
+    args[0] = "validate"
+    return [*args, "--ckpt_path", str(ckpt), *extra]
+
+
+def _eval_args(data_dir: Path, out: Path, *tasks: str) -> list[str]:
+    return ["--eval.tasks", json.dumps(list(tasks or TASKS)), "--eval.data_dir", str(data_dir),
+            "--eval.limit", "2", "--eval.max_gen_toks", "8", "--eval.output", str(out)]  # fmt: skip
+
+
+def test_validate_scores_all_seven_tasks(tmp_path, prepared, tiny_ckpt, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    out = tmp_path / "res" / "student.json"
+    main(_validate_args(prepared, tmp_path / "v", tiny_ckpt, *_eval_args(FIXTURES, out)))
+    printed = capsys.readouterr().out
+    assert "val/loss" in printed  # the held-out loss as before
+    header = next(line for line in printed.splitlines() if "hellaswag" in line and "average" in line)
+    assert header.split() == [*TASKS, "average"]
+    result = json.loads(out.read_text())
+    assert set(result["scores"]) == set(TASKS) and "val/loss" in result
+    assert all(0.0 <= result["scores"][t] <= 100.0 for t in TASKS)
+    assert result["average"] == pytest.approx(sum(result["scores"].values()) / 7)
+    assert out.with_suffix(".md").read_text().startswith("| model | hellaswag |")
+
+    # Against a hand-made baseline: Δ% per task and of the average.
+    baseline = {t: 10.0 + i for i, t in enumerate(TASKS)}
+    (tmp_path / "base.json").write_text(json.dumps({"scores": baseline}))
+    out2 = tmp_path / "res" / "vs_base.json"
+    main(_validate_args(prepared, tmp_path / "v2", tiny_ckpt, *_eval_args(FIXTURES, out2),
+                        "--eval.baseline", str(tmp_path / "base.json")))  # fmt: skip
+    again = json.loads(out2.read_text())
+    assert again["scores"] == result["scores"]  # deterministic
+    for t in TASKS:
+        assert again["delta_pct"][t] == pytest.approx(100 * (result["scores"][t] - baseline[t]) / baseline[t])
+    base_avg = sum(baseline.values()) / 7
+    assert again["delta_pct"]["average"] == pytest.approx(100 * (result["average"] - base_avg) / base_avg)
+    assert "Δ%" in capsys.readouterr().out
+
+
+def _fails(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pd-lightning: error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_validate_refuses_bad_input(tmp_path, prepared, tiny_ckpt, capsys, hf_teacher):
+    out = tmp_path / "res" / "r.json"
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES, data)
+    root = tmp_path / "v"
+
+    def run(*extra: str, ckpt: Path = tiny_ckpt, tasks: tuple[str, ...] = ("piqa",)) -> str:
+        return _fails(capsys, _validate_args(prepared, root, ckpt, *_eval_args(data, out, *tasks), *extra))
+
+    assert "unknown task 'nope'" in run(tasks=("nope",)) and "hellaswag" in run(tasks=("nope",))
+    assert "--ckpt_path" in run(ckpt=tmp_path / "missing.ckpt")
+    shutil.rmtree(data / "piqa")
+    err = run()
+    assert "piqa" in err and str(data / "piqa") in err
+    shutil.copytree(FIXTURES / "piqa", data / "piqa")
+    rows = (data / "piqa" / "validation.jsonl").read_text().splitlines()
+    broken = json.loads(rows[1])
+    del broken["sol2"]
+    (data / "piqa" / "validation.jsonl").write_text("\n".join([rows[0], json.dumps(broken), *rows[2:]]) + "\n")
+    err = run()
+    assert "validation.jsonl" in err and ":2" in err and "sol2" in err
+    shutil.copytree(FIXTURES / "piqa", data / "piqa", dirs_exist_ok=True)
+    assert "baseline" in run("--eval.baseline", str(tmp_path / "nope.json"))
+    # A tokenizer other than the checkpoint's: the tiny HF teacher folder holds the same tokenizer, so train another.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel()
+    other.train_from_iterator(["a different corpus entirely"] * 5, trainers.BpeTrainer(vocab_size=300))
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<|endoftext|>").save_pretrained(tmp_path / "tok")
+    assert "--eval.tokenizer" in run("--eval.tokenizer", str(tmp_path / "tok"))
+    assert not out.exists() and not out.with_suffix(".md").exists()
+    assert not root.exists() or not list(root.rglob("*.json"))
