@@ -331,13 +331,15 @@ def token_source_fingerprint(tokens_path: Path | str, split: str, sample_rows: i
         split: dataset name in it (``train`` or ``val``).
         sample_rows: rows hashed in full.
     """
+    from pd_lightning.data.corpus import TokenFile  # lazy: corpus.py is the reader of both token layouts
+
+    # TokenFile checks that every shard of a sharded token file is there and belongs to it. For a legacy single
+    # file (int32 datasets) the digest is byte for byte what it was, so existing caches keep matching their tokens.
+    tokens = TokenFile(tokens_path)
     digest = hashlib.sha256()
-    with h5py.File(tokens_path, "r") as f:
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-        digest.update(json.dumps(attrs, sort_keys=True, default=str).encode())
-        dset = f[split]
-        digest.update(f"{split}:{dset.dtype.str}:{dset.shape}".encode())
-        n = dset.shape[0]
-        for row in sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, sample_rows))} if n else set()):
-            digest.update(np.ascontiguousarray(dset[row]).tobytes())
+    digest.update(json.dumps(tokens.attrs, sort_keys=True, default=str).encode())
+    n = tokens.lengths[split]
+    digest.update(f"{split}:<i4:{(n, tokens.seq_len + 1)}".encode())
+    for row in sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, sample_rows))} if n else set()):
+        digest.update(np.ascontiguousarray(tokens.rows(split, row), dtype="<i4").tobytes())
     return f"{split}:{digest.hexdigest()[:32]}"

@@ -1,12 +1,22 @@
-"""``pd-lightning prepare``: text files -> token ids -> packed fixed-length sequences in one HDF5 file.
+"""``pd-lightning prepare``: text files -> token ids -> packed fixed-length sequences in token shards + an index.
 
-Layout of the token file (``TOKEN_SCHEMA_VERSION``):
-    /train, /val   (n, seq_len + 1) int32; sample i has inputs row[:-1] and next-token labels row[1:].
-                   Rows overlap by one token (row i = stream[i*L : i*L + L + 1]), so no token is lost.
-    attrs          schema_version, tokenizer_fingerprint, tokenizer_path, vocab_size, seq_len, eos_id,
-                   num_tokens (train + val stream lengths), num_documents, sources, complete.
-Documents are joined with EOS after each one; a deterministic hash of the document index puts about
-``val_fraction`` of the documents in the held-out part.
+Output (``TOKEN_SCHEMA_VERSION`` 2) for ``--output data/demo/tokens.h5``:
+    data/demo/tokens.h5            the index the user names: attrs schema_version, tokenizer_fingerprint,
+                                   tokenizer_path, vocab_size, seq_len, eos_id, num_tokens (train + val stream
+                                   lengths), num_documents, sources, complete, layout="shards", shards (JSON list per
+                                   split: file, rows, sha256), and HDF5 virtual datasets /train, /val over the shards.
+    data/demo/tokens.shards/       <split>-<k>.<tag>.h5, each (rows, seq_len + 1) int32 (``token_shards.py``);
+                                   ``tag`` identifies the inputs and settings, so two runs never mix shards.
+    data/demo/tokenizer/           the BPE trained when --tokenizer is not given.
+Row i of a split is ``stream[i*L : i*L + L + 1]``: inputs row[:-1], next-token labels row[1:]; rows overlap by one
+token. A split's stream is its documents' ids, each followed by EOS, in input order. A document is held out for
+validation by a hash of its text (``prepare_worker.is_val``), about ``val_fraction`` of them.
+
+How it runs (bounded memory, parallel, resumable): the inputs are cut into units (``prepare_inputs.py``), tokenized
+by ``--workers`` processes into parts under ``tokens.shards/.work-<tag>/`` (``prepare_worker.py``); this process
+packs the parts in unit order into shards and records after each finished shard where each split stands
+(``state.json``). A killed run, rerun with the same command, keeps the finished parts and shards. The rows depend on
+the inputs and settings only, never on ``--workers``. The legacy single-file layout (schema 1) is still read.
 """
 
 from __future__ import annotations
@@ -14,226 +24,440 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import shutil
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
+from pd_lightning.data.prepare_inputs import BUILTIN, CorpusError, Unit, check_inputs, iter_documents, plan_units
+from pd_lightning.data.prepare_worker import SPLITS, PartSpec, init_worker, part_paths, read_part_meta, tokenize_unit
+from pd_lightning.data.token_shards import ShardedRows, SplitPacker, write_index
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe, vocab_size_of
 
-TOKEN_SCHEMA_VERSION = 1
-BUILTIN = "builtin"
+TOKEN_SCHEMA_VERSION = 2
+FORMAT = 2  # changes whenever the same inputs and settings would give other rows
+READ_TOKENS = 1 << 22  # tokens of a part read at once while packing (16 MiB)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"{path}:{lineno}: no {text_field!r} field (set --text_field)")
-            yield str(record[text_field])
+def _default_workers() -> int:
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not on Linux
+        return max(1, min(8, os.cpu_count() or 1))
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+def _check_output(out: Path, shards_dir: Path, overwrite: bool) -> list[Path]:
+    """Refuse an unusable --output before any work; create its folders; return the folders this created."""
+    if out.is_dir():
+        raise ValueError(f"--output {str(out)!r} is a folder; give a file name such as {str(out / 'tokens.h5')!r}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--output {str(out)!r} already exists (pass --overwrite true to replace it)")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--output {str(out)!r}: {str(ancestor)!r} is a file, not a folder; choose another --output")
+    if shards_dir.exists() and not shards_dir.is_dir():
+        raise ValueError(
+            f"--output {str(out)!r}: {str(shards_dir)!r} (where the shards go) is a file; remove it or rename --output"
+        )
+    created = [p for p in [shards_dir, *shards_dir.parents] if not p.exists()]
+    try:
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (out.parent, shards_dir):
+            probe = folder / f".probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as e:
+        _remove_created(created)
+        raise ValueError(
+            f"--output {str(out)!r}: cannot write there ({e.strerror or e}); choose another --output or fix permissions"
+        ) from None
+    return created
 
-    table = pq.ParquetFile(path)
-    if text_field not in table.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}; set --text_field)")
-    for batch in table.iter_batches(columns=[text_field]):
-        yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
+
+def _remove_created(created: list[Path]) -> None:
+    for p in created:  # deepest first
+        try:
+            p.rmdir()
+        except OSError:
+            pass
 
 
-def check_inputs(inputs: list[str]) -> list[Path]:
-    if not inputs:
-        raise ValueError("--input: no corpus given (a file, several files, or 'builtin')")
-    paths = []
-    for name in inputs:
+def _input_stats(units: list[Unit]) -> list:
+    """What identifies the inputs' content cheaply: each file's size and modification time."""
+    stats = []
+    for name in dict.fromkeys(u.source for u in units):
         if name == BUILTIN:
-            continue
-        p = Path(name)
-        if not p.is_file():
-            raise FileNotFoundError(f"--input: corpus file {name!r} does not exist")
-        if p.stat().st_size == 0:
-            raise ValueError(f"--input: corpus file {name!r} is empty")
-        if p.suffix not in (".txt", ".jsonl", ".parquet"):
-            raise ValueError(f"--input: {name!r} has unsupported suffix {p.suffix!r} (use .txt, .jsonl or .parquet)")
-        paths.append(p)
-    return paths
-
-
-def iter_documents(inputs: list[str], text_field: str = "text") -> Iterator[str]:
-    """Every document of every input: a whole .txt file, a .jsonl line's field, a .parquet row's column."""
-    for name in inputs:
-        if name == BUILTIN:
-            from pd_lightning.data.builtin_corpus import builtin_documents
-
-            yield from builtin_documents()
-            continue
-        p = Path(name)
-        if p.suffix == ".txt":
-            yield p.read_text(encoding="utf-8")
-        elif p.suffix == ".jsonl":
-            yield from _read_jsonl(p, text_field)
+            stats.append([BUILTIN, sys.version])
         else:
-            yield from _read_parquet(p, text_field)
+            st = os.stat(name)
+            stats.append([os.path.abspath(name), st.st_size, st.st_mtime_ns])
+    return stats
 
 
-def _is_val(doc_index: int, val_fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(doc_index.to_bytes(8, "little"), digest_size=8).digest(), "little")
-    return (h % 1_000_000) < val_fraction * 1_000_000
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    n = (len(stream) - 1) // seq_len
-    if n <= 0:
-        return np.zeros((0, seq_len + 1), dtype=np.int32)
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return stream[idx]
+def _trained_tokenizer(units, inputs, text_field, txt_doc_chars, chunk_bytes, vocab_size, work: Path):
+    """Train the BPE once per corpus (kept in ``work`` until prepare succeeds, reused by a resumed run)."""
+    key = _key([FORMAT, _input_stats(units), text_field, txt_doc_chars, chunk_bytes, vocab_size])
+    marker = work / "key.json"
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        return load_tokenizer(work)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the corpus")
+    tmp = work.with_name(work.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = train_bpe(iter_documents(inputs, text_field, txt_doc_chars, chunk_bytes), vocab_size, tmp)
+    (tmp / "key.json").write_text(json.dumps(key))
+    os.replace(tmp, work)
+    return tok
 
 
 def prepare(
     input: list[str] | str = "builtin",
     output: str = "data/demo/tokens.h5",
-    seq_len: int = 512,
+    seq_len: int = 256,
     tokenizer: str | None = None,
     vocab_size: int = 4096,
     text_field: str = "text",
     val_fraction: float = 0.05,
     overwrite: bool = False,
+    workers: int | None = None,
+    shard_tokens: int = 256_000_000,
+    chunk_mb: float = 16.0,
+    txt_doc_chars: int = 4096,
     batch_documents: int = 256,
 ) -> dict:
-    """Tokenize and pack a text corpus into an HDF5 token file for pre-training and for the teacher's cache.
+    """Tokenize and pack a text corpus into token shards + an index file, for pre-training and the teacher's cache.
 
     Args:
-        input: corpus files (.txt = one document, .jsonl = one document per line, .parquet = one per row),
-            or 'builtin' for the embedded default corpus (the running Python's documentation and docstrings).
-        output: the token file to write (HDF5, e.g. data/demo/tokens.h5).
+        input: corpus files: .txt (split at blank lines into documents of >= --txt_doc_chars characters),
+            .jsonl / .jsonl.gz / .jsonl.zst (one document per line, field --text_field), .parquet (one per row of
+            column --text_field); or 'builtin' for the embedded corpus (the running Python's documentation).
+        output: the index file to write (e.g. data/demo/tokens.h5); the shards go in '<stem>.shards/' next to it.
         seq_len: tokens per training sequence (each stored row holds seq_len + 1 ids).
         tokenizer: a local Hugging Face tokenizer folder (the teacher's). When omitted, a byte-level BPE with
             --vocab_size entries is trained on the corpus and saved in a 'tokenizer' folder next to --output.
         vocab_size: size of the BPE trained when --tokenizer is omitted.
         text_field: field of .jsonl records / column of .parquet files that holds the text.
-        val_fraction: fraction of documents held out for validation.
+        val_fraction: fraction of documents held out for validation (by a hash of their text).
         overwrite: replace an existing --output (and trained tokenizer).
+        workers: tokenizing processes (default: the CPUs available, at most 8; 0 = in this process).
+            The rows do not depend on it.
+        shard_tokens: at most this many tokens per shard file (4 bytes each: 256M = 1 GiB).
+        chunk_mb: large .txt / .jsonl files are cut into pieces of this many MiB, tokenized in parallel; one
+            piece is the unit of resumption and bounds a worker's memory. The rows depend on it.
+        txt_doc_chars: a .txt file is split at blank lines into documents of at least this many characters
+            (each followed by EOS), so a single large .txt file still gets a validation part.
         batch_documents: documents tokenized per batch.
     """
-    input = [input] if isinstance(input, str) else list(input)
-    if seq_len <= 0:
-        raise ValueError(f"--seq_len must be positive, got {seq_len}")
+    inputs = [input] if isinstance(input, str) else list(input)
+    for flag, value in (("--seq_len", seq_len), ("--shard_tokens", shard_tokens), ("--txt_doc_chars", txt_doc_chars)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if not chunk_mb > 0:
+        raise ValueError(f"--chunk_mb must be positive, got {chunk_mb}")
+    if batch_documents <= 0:
+        raise ValueError(f"--batch_documents must be positive, got {batch_documents}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val_fraction must lie in [0, 1), got {val_fraction}")
+    workers = _default_workers() if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
     out = Path(output)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--output {str(out)!r} already exists (pass --overwrite to replace it)")
-    check_inputs(input)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    shards_dir = out.parent / f"{out.stem}.shards"
+    tok_final = out.parent / "tokenizer"
+    check_inputs(inputs, text_field)
+    if tokenizer is None and tok_final.exists() and not overwrite:
+        raise FileExistsError(
+            f"tokenizer folder {str(tok_final)!r} already exists (pass --overwrite true or --tokenizer {tok_final})"
+        )
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        if tok.eos_token_id is None:
+            raise ValueError(f"--tokenizer {tokenizer!r} has no EOS token; documents cannot be joined")
+    created = _check_output(out, shards_dir, overwrite)
+    chunk_bytes = max(1, int(chunk_mb * (1 << 20)))
+    tok_work = shards_dir / ".tokenizer"
+    try:
+        units = plan_units(inputs, chunk_bytes, text_field)
+        if tokenizer is None:
+            tok = _trained_tokenizer(units, inputs, text_field, txt_doc_chars, chunk_bytes, vocab_size, tok_work)
+        shard_rows = max(1, shard_tokens // (seq_len + 1))
+        settings = [FORMAT, _input_stats(units), [list(vars(u).values()) for u in units], tokenizer_fingerprint(tok)]
+        settings += [seq_len, val_fraction, text_field, txt_doc_chars, shard_rows]
+        tag = _key(settings)[:12]
+        work = shards_dir / f".work-{tag}"
+        for stale in shards_dir.glob(".work-*"):
+            if stale != work:
+                print(f"discarding {stale}: an unfinished prepare of other inputs or settings")
+                shutil.rmtree(stale, ignore_errors=True)
+        work.joinpath("parts").mkdir(parents=True, exist_ok=True)
+        spec = PartSpec(
+            str(work / "parts"), tok.backend_tokenizer.to_str(), int(tok.eos_token_id), text_field, val_fraction,
+            txt_doc_chars, batch_documents,
+        )  # fmt: skip
+        committed = _pack_all(units, spec, work, shards_dir, tag, seq_len, shard_rows, workers)
+    except CorpusError:
+        _discard(out, shards_dir, tok_work, created)
+        raise
+    except OSError as e:
+        where = f" {e.filename!r}" if e.filename else ""
+        raise ValueError(
+            f"prepare stopped:{where} {e.strerror or e}; fix it and rerun the same command (finished work is kept)"
+        ) from None
+    return _finish(
+        out, shards_dir, tok, tokenizer, tok_work, tok_final, work, committed, created, inputs, seq_len, val_fraction
+    )
 
+
+def _pack_all(units, spec: PartSpec, work, shards_dir, tag, seq_len, shard_rows, workers) -> dict:
+    """Tokenize the units not yet done (in ``workers`` processes) and pack every part, in unit order, into shards."""
+    parts = Path(spec.parts_dir)
+    for stale in parts.glob("*.tmp*"):
+        stale.unlink(missing_ok=True)
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    metas = [read_part_meta(parts, i) for i in range(len(units))]
+    start = _resume_points(state, metas) if state else None
+    if start is None:  # a fresh run (or an unreadable state): every shard of this tag is redone
+        state, start = {s: {"g": 0, "shards": []} for s in SPLITS}, {s: (0, 0) for s in SPLITS}
+    packers = {s: SplitPacker(s, seq_len, shard_rows, shards_dir, tag, state[s]) for s in SPLITS}
+    first = min(u for u, _ in start.values())
+
+    def ready(u: int) -> bool:
+        if metas[u] is None:
+            return False
+        for s in SPLITS:
+            path = part_paths(parts, u)[s]
+            if u >= start[s][0] and not (path.is_file() and path.stat().st_size == 4 * metas[u][f"{s}_tokens"]):
+                return False
+        return True
+
+    pending = [u for u in range(first, len(units)) if not ready(u)]
+    done = len(units) - len(pending)
+    if state["train"]["shards"] or done:
+        print(
+            f"resuming: {done} of {len(units)} input parts already tokenized, {len(state['train']['shards'])} train "
+            f"+ {len(state['val']['shards'])} val shards already written"
+        )
+    jobs = [(u, units[u]) for u in pending]
+    pool = None
+    if workers >= 1 and len(jobs) > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), init_worker, (spec,))
+        results = pool.imap(tokenize_unit, jobs, chunksize=1)
+    else:
+        init_worker(spec, single_threaded=False)
+        results = map(tokenize_unit, jobs)
+    sizes = [u.size for u in units if u.kind != BUILTIN]
+    bar = tqdm(total=sum(sizes) or None, unit="B", unit_scale=True, desc="tokenizing", mininterval=1.0, delay=1.0)
+    # Per split: the first unit whose part file is not deleted yet, and the stream offset where that unit begins.
+    kept = {s: [first, _offset_before(metas, s, first)] for s in SPLITS}
+    tokens = 0
+    try:
+        pending_set = set(pending)
+        for u in range(first, len(units)):
+            if u in pending_set:
+                metas[u] = next(results)
+            for s in SPLITS:
+                su, so = start[s]
+                if u >= su:
+                    _feed_part(packers[s], part_paths(parts, u)[s], so if u == su else 0)
+            bar.update(metas[u]["size"] if units[u].kind != BUILTIN else 0)
+            tokens += metas[u]["train_tokens"] + metas[u]["val_tokens"]
+            bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
+            if any(p.changed for p in packers.values()):
+                _save_state(state_path, packers)
+                _delete_consumed(parts, metas, packers, kept, u)
+        for p in packers.values():
+            p.close()
+        _save_state(state_path, packers)
+    except BaseException:
+        bar.leave = False  # the error message stays the only line
+        raise
+    finally:
+        bar.close()
+        for p in packers.values():
+            p.abandon()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return {s: packers[s].committed for s in SPLITS} | {"metas": metas}
+
+
+def _offset_before(metas, split: str, u: int) -> int:
+    return sum(m[f"{split}_tokens"] for m in metas[:u])
+
+
+def _resume_points(state: dict, metas: list) -> dict | None:
+    """Per split, (unit, offset in its part) where the committed carry starts; None if the parts do not match."""
+    points = {}
+    for s in SPLITS:
+        g, cum, u = int(state[s]["g"]), 0, 0
+        while u < len(metas) and metas[u] is not None and cum + metas[u][f"{s}_tokens"] <= g and g > 0:
+            cum += metas[u][f"{s}_tokens"]
+            u += 1
+        if cum + (metas[u][f"{s}_tokens"] if u < len(metas) and metas[u] else 0) < g:
+            return None
+        points[s] = (u, g - cum)
+    return points
+
+
+def _feed_part(packer: SplitPacker, path: Path, offset: int) -> None:
+    total = path.stat().st_size // 4
+    for at in range(offset, total, READ_TOKENS):
+        packer.feed(np.fromfile(path, dtype="<i4", count=min(READ_TOKENS, total - at), offset=4 * at))
+
+
+def _save_state(path: Path, packers: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({s: p.committed for s, p in packers.items()}))
+    os.replace(tmp, path)
+    for p in packers.values():
+        p.changed = False
+
+
+def _delete_consumed(parts: Path, metas, packers, kept: dict, upto: int) -> None:
+    """Remove the part files every committed position has moved past (their rows are in finished shards)."""
+    for s, p in packers.items():
+        u, begin = kept[s]
+        while u <= upto and begin + metas[u][f"{s}_tokens"] <= p.committed["g"]:
+            begin += metas[u][f"{s}_tokens"]
+            part_paths(parts, u)[s].unlink(missing_ok=True)
+            u += 1
+        kept[s] = [u, begin]
+
+
+def _discard(out: Path, shards_dir: Path, tok_work: Path, created: list[Path]) -> None:
+    """After bad input: remove this run's work and the shards no existing index lists, and the folders it made."""
+    for p in shards_dir.glob(".work-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(tok_work, ignore_errors=True)
+    shutil.rmtree(tok_work.with_name(tok_work.name + ".tmp"), ignore_errors=True)
+    keep = set()
+    try:
+        with h5py.File(out, "r") as f:
+            keep = {Path(e["file"]).name for v in json.loads(f.attrs["shards"]).values() for e in v}
+    except (OSError, KeyError, ValueError):
+        pass
+    for shard in [*shards_dir.glob("*.h5"), *shards_dir.glob("*.h5.tmp")]:
+        if shard.name not in keep:
+            shard.unlink(missing_ok=True)
+    _remove_created(created)
+
+
+def _finish(
+    out, shards_dir, tok, tokenizer, tok_work, tok_final, work, committed, created, inputs, seq_len, val_fraction
+) -> dict:
+    metas = committed.pop("metas")
+    rows = {s: sum(e["rows"] for e in committed[s]["shards"]) for s in SPLITS}
+    if rows["train"] == 0:
+        total = sum(m["train_tokens"] for m in metas)
+        _discard(out, shards_dir, tok_work, created)
+        raise ValueError(f"--seq_len {seq_len}: the training part has only {total} tokens, less than one sequence")
     if tokenizer is None:
-        tok_dir = out.parent / "tokenizer"
-        if tok_dir.exists() and not overwrite:
-            raise FileExistsError(f"tokenizer folder {str(tok_dir)!r} already exists (pass --overwrite or --tokenizer)")
-        print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the corpus -> {tok_dir}")
-        tok = train_bpe(iter_documents(input, text_field), vocab_size, tok_dir)
+        shutil.rmtree(tok_final, ignore_errors=True)
+        (tok_work / "key.json").unlink(missing_ok=True)
+        os.replace(tok_work, tok_final)
+        tok_dir = tok_final
     else:
         tok_dir = Path(tokenizer)
-        tok = load_tokenizer(tok_dir)
-    eos = tok.eos_token_id
-    if eos is None:
-        raise ValueError(f"--tokenizer {str(tok_dir)!r} has no EOS token; documents cannot be joined")
-
-    streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    n_docs = 0
-    batch: list[tuple[int, str]] = []
-    backend = tok.backend_tokenizer
-
-    def flush() -> None:
-        encodings = backend.encode_batch([text for _, text in batch], add_special_tokens=False)
-        for (index, _), enc in zip(batch, encodings):
-            ids = np.asarray(enc.ids + [eos], dtype=np.int32)
-            streams["val" if _is_val(index, val_fraction) else "train"].append(ids)
-        batch.clear()
-
-    for text in tqdm(iter_documents(input, text_field), desc="tokenizing", unit=" docs", mininterval=1.0):
-        if text.strip():
-            batch.append((n_docs, text))
-            n_docs += 1
-        if len(batch) >= batch_documents:
-            flush()
-    if batch:
-        flush()
-    if n_docs == 0:
-        raise ValueError(f"--input {input}: the corpus holds no text")
-
-    packed = {}
-    for split, parts in streams.items():
-        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-        packed[split] = _pack(stream, seq_len)
-    if len(packed["train"]) == 0:
-        total = sum(len(p) for p in streams["train"])
-        raise ValueError(f"--seq_len {seq_len}: the training part has only {total} tokens, less than one sequence")
-
-    # Write next to the destination, then rename: an interrupted run never leaves a half-written --output.
-    tmp = out.with_name(out.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        for split, rows in packed.items():
-            f.create_dataset(split, data=rows, chunks=(max(1, min(len(rows), 64)), seq_len + 1) if len(rows) else None)
-        attrs = dict(
-            schema_version=TOKEN_SCHEMA_VERSION,
-            tokenizer_fingerprint=tokenizer_fingerprint(tok),
-            tokenizer_path=os.path.relpath(tok_dir.resolve(), out.parent.resolve()),  # relative to the token file
-            vocab_size=vocab_size_of(tok),
-            seq_len=seq_len,
-            eos_id=eos,
-            num_tokens=int(sum(len(p) for parts in streams.values() for p in parts)),
-            num_documents=n_docs,
-            sources=json.dumps(input),
-            complete=True,
-        )
-        f.attrs.update(attrs)
-    os.replace(tmp, out)
-    summary = {**attrs, "train_sequences": len(packed["train"]), "val_sequences": len(packed["val"])}
-    print(
-        f"wrote {out}: {summary['train_sequences']} train + {summary['val_sequences']} val sequences of {seq_len} "
-        f"tokens ({summary['num_tokens']:,} tokens from {n_docs:,} documents, vocab {summary['vocab_size']})"
+    attrs = dict(
+        schema_version=TOKEN_SCHEMA_VERSION,
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+        tokenizer_path=os.path.relpath(tok_dir.resolve(), out.parent.resolve()),  # relative to the index
+        vocab_size=vocab_size_of(tok),
+        seq_len=seq_len,
+        eos_id=int(tok.eos_token_id),
+        num_tokens=int(sum(m["train_tokens"] + m["val_tokens"] for m in metas)),
+        num_documents=int(sum(m["documents"] for m in metas)),
+        sources=json.dumps(inputs),
+        complete=True,
     )
+    write_index(out, attrs, {s: committed[s]["shards"] for s in SPLITS}, shards_dir, seq_len)
+    keep = {e["file"] for s in SPLITS for e in committed[s]["shards"]}
+    for old in shards_dir.glob("*.h5"):  # shards of the output this one replaced
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    summary = {**attrs, "train_sequences": rows["train"], "val_sequences": rows["val"]}
+    n_shards = len(keep)
+    print(
+        f"wrote {out} ({n_shards} shard{'s' if n_shards != 1 else ''} in {shards_dir}): {rows['train']} train + "
+        f"{rows['val']} val sequences of {seq_len} tokens ({attrs['num_tokens']:,} tokens from "
+        f"{attrs['num_documents']:,} documents, vocab {attrs['vocab_size']})"
+    )
+    if rows["val"] == 0 and val_fraction > 0:
+        print(
+            f"warning: {out}: no validation sequences (val_fraction held out too few of the {attrs['num_documents']} "
+            "documents); give more, smaller documents (e.g. lower --txt_doc_chars) or raise --val_fraction",
+            file=sys.stderr,
+        )
     return summary
 
 
 class TokenFile:
-    """Read-only view of a token file, opened lazily (safe to pickle into DataLoader workers)."""
+    """Read-only view of a token file (an index over shards, or a legacy single file), opened lazily.
+
+    ``rows(split, index)`` gives one row (L + 1,) for an int, (n, L + 1) for a slice or an index array; the object
+    is safe to pickle into DataLoader workers (open files are not pickled).
+    """
 
     def __init__(self, path: str | os.PathLike, flag: str = "--data.path") -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(
-                f"{flag}: token file {str(self.path)!r} does not exist (run `pd-lightning prepare`)"
-            )
+            what = "is a folder, not a token file" if self.path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"{flag}: token file {str(self.path)!r} {what} (run `pd-lightning prepare`)")
         try:
             with h5py.File(self.path, "r") as f:
                 self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-                self.lengths = {s: (f[s].shape[0] if s in f else 0) for s in ("train", "val")}
+                legacy_lengths = {s: (f[s].shape[0] if s in f else 0) for s in SPLITS}
         except OSError as e:
             raise ValueError(f"{flag}: {str(self.path)!r} is not a readable HDF5 token file ({e})") from None
         if not self.attrs.get("complete"):
             raise ValueError(f"{flag}: token file {str(self.path)!r} is incomplete; run `pd-lightning prepare` again")
+        for key in ("seq_len", "vocab_size", "tokenizer_fingerprint"):
+            if key not in self.attrs:
+                raise ValueError(f"{flag}: {str(self.path)!r} is not a token file of `pd-lightning prepare` (no {key})")
         self.seq_len = int(self.attrs["seq_len"])
         self.vocab_size = int(self.attrs["vocab_size"])
         self.fingerprint = str(self.attrs["tokenizer_fingerprint"])
         self.tokenizer_path = str((self.path.parent / str(self.attrs.get("tokenizer_path", ""))).resolve())
+        self.sharded: ShardedRows | None = None
+        if self.attrs.get("layout") == "shards":
+            self.sharded = ShardedRows(self.path, str(self.attrs["shards"]), self.seq_len, flag)
+            self.lengths = {s: self.sharded.length(s) for s in SPLITS}
+        else:
+            self.lengths = legacy_lengths
         self._file: h5py.File | None = None
 
     def rows(self, split: str, index) -> np.ndarray:
+        if self.sharded is not None:
+            return self.sharded.rows(split, index)
         if self._file is None:
             self._file = h5py.File(self.path, "r")
         return self._file[split][index]
+
+    def verify(self) -> None:
+        """Recompute every shard's checksum (reads everything); a legacy file has none to check."""
+        if self.sharded is not None:
+            self.sharded.verify()
+
+    def close(self) -> None:
+        """Close the files opened by ``rows`` (they reopen on the next read)."""
+        if self.sharded is not None:
+            self.sharded.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_file": None}
