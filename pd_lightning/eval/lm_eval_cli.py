@@ -41,8 +41,6 @@ def _option(argv: list[str], name: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    import pd_lightning.eval.lm  # noqa: F401  (registers the pd-lightning model)
-
     data_dir = _pop_option(args, "--data_dir")
     with tempfile.TemporaryDirectory(prefix="pd_lightning_tasks_") as tmp:
         if data_dir is not None:
@@ -56,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             included = _pop_option(args, "--include_path")
             args += ["--include_path", tmp if included is None else f"{tmp}:{included}"]
         from lm_eval.__main__ import cli_evaluate
+
+        import pd_lightning.eval.lm  # noqa: F401  (registers the pd-lightning model)
 
         saved = sys.argv
         sys.argv = ["lm-eval", *args]
