@@ -3,8 +3,12 @@
 Pieces (all LightningCLI plug-ins):
 - ``TokenSequences``: the data module; yields the sequences this rank still has to write (resume skips the rest).
 - ``TeacherLogits``: the LightningModule; teacher forward + ``LogitsProcessor`` per batch.
-- ``CacheWriterCallback``: one shard per rank, written by a background thread so the teacher never waits on disk;
-  finalises the shard at the end, commits what it has on an exception (a rerun continues from there).
+- ``CacheWriterCallback``: each rank writes its bounded shards (``--writer.shard_tokens``) once, in a background
+  thread so the teacher never waits on disk; each finished shard is renamed into place and indexed, so a kill loses
+  at most the shard being written and a rerun continues from the finished ones (see ``cache_writer.py``).
+
+Each rank's data loader holds exactly the sequences of that rank's unfinished shards, so the trainer must not
+shard them again: ``use_distributed_sampler`` is off in ``PredictCLI``'s defaults and refused when set.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pd_lightning.data.cache_format import CacheSpec, shard_sequences, token_source_fingerprint
+from pd_lightning.data.cache_format import DEFAULT_SHARD_TOKENS, CacheSpec, token_source_fingerprint
 from pd_lightning.data.cache_writer import BackgroundWriter, CacheWriter
 from pd_lightning.data.corpus import TokenFile
 from pd_lightning.distill.processors import LogitsProcessor, position_keys
@@ -82,13 +86,23 @@ class TeacherLogits(L.LightningModule):
         processor: how to truncate the teacher's distribution (TopPK, Sampled, Full).
         dtype: the teacher's weights dtype (float32, bfloat16, float16).
         trust_remote_code: let transformers run the folder's own modelling code (off unless you set it).
+        power_gammas: gammas for which WTTM's per-token weight ``U_gamma = sum_v p_v^gamma`` is computed from the
+            full distribution and stored (2 B per position each; default the WTTM default gamma 0.5; ``[]``: none).
     """
 
     def __init__(
-        self, teacher: str, processor: LogitsProcessor, dtype: str = "float32", trust_remote_code: bool = False
+        self,
+        teacher: str,
+        processor: LogitsProcessor,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        power_gammas: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.teacher_path, self.processor = teacher, processor
+        self.power_gammas = tuple(float(g) for g in ([0.5] if power_gammas is None else power_gammas))
+        if any(not g > 0 for g in self.power_gammas) or len(set(self.power_gammas)) != len(self.power_gammas):
+            raise ValueError(f"--model.power_gammas must be distinct values > 0, got {list(self.power_gammas)}")
         self.teacher: Teacher = load_teacher(teacher, dtype, trust_remote_code)
         self.model = self.teacher.model  # registered, so Lightning moves it to the device
         self.model.requires_grad_(False)
@@ -99,7 +113,7 @@ class TeacherLogits(L.LightningModule):
         L_ = tokens.shape[1] - 1
         logits = self.model(tokens[:, :-1])  # (B, L, V)
         try:
-            target = self.processor(logits, position_keys(seq_index, L_))
+            target = self.processor(logits, position_keys(seq_index, L_), gammas=self.power_gammas)
         except ValueError as e:
             m = re.search(r"at row (\d+)", str(e))
             if not m:
@@ -114,23 +128,33 @@ class TeacherLogits(L.LightningModule):
 
 
 class CacheWriterCallback(L.Callback):
-    """Writes the predictions into ``output`` (one shard per rank) in a background thread.
+    """Writes the predictions into ``output`` in bounded shards, from a background thread.
 
     Args:
         output: the cache folder.
-        overwrite: replace a cache of other parameters found in ``output`` (refused otherwise).
-        commit_sequences: sequences per committed part (what a kill can lose).
+        overwrite: replace another cache found in ``output`` (refused otherwise).
+        shard_tokens: positions per shard (whole sequences; the work a kill can lose). Default 2^23, about 1.3 GB
+            at the paper's ~150 B/token.
         max_pending: batches queued for the writer thread before the teacher waits.
     """
 
-    def __init__(self, output: str, overwrite: bool = False, commit_sequences: int = 64, max_pending: int = 4) -> None:
+    def __init__(
+        self, output: str, overwrite: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS, max_pending: int = 4
+    ) -> None:
+        if shard_tokens < 1:
+            raise ValueError(f"--writer.shard_tokens must be >= 1, got {shard_tokens}")
         self.output, self.overwrite = output, overwrite
-        self.commit_sequences, self.max_pending = commit_sequences, max_pending
+        self.shard_tokens, self.max_pending = shard_tokens, max_pending
         self.writer: BackgroundWriter | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "pd-lightning predict gives each rank its own sequences; a distributed sampler on top would skip "
+                "most of them: pass --trainer.use_distributed_sampler false (the default)"
+            )
         data: TokenSequences = trainer.datamodule
         teacher: Teacher = pl_module.teacher
         if teacher.tokenizer_fingerprint is not None and teacher.tokenizer_fingerprint != data.tokens.fingerprint:
@@ -152,22 +176,22 @@ class CacheWriterCallback(L.Callback):
             teacher_fingerprint=teacher.fingerprint,
             tokenizer_fingerprint=data.tokens.fingerprint,
             source_fingerprint=token_source_fingerprint(data.path, data.split),
+            shard_tokens=self.shard_tokens,
+            power_gammas=pl_module.power_gammas,
         )
+        # Constructing the writer applies the refusals and, when nothing is left (a rerun after a kill past the
+        # last shard), writes the final index: the cache is finished even though the predict loop will not run.
         writer = CacheWriter(
-            self.output,
-            spec,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            overwrite=self.overwrite,
-            commit_sequences=self.commit_sequences,
+            self.output, spec, rank=trainer.global_rank, world_size=trainer.world_size, overwrite=self.overwrite
         )
         data.pending = writer.pending_sequences
+        ranges = [spec.shard_range(int(j)) for j in spec.rank_shards(trainer.global_rank, trainer.world_size)]
+        mine = sum(b - a for a, b in ranges)
         if writer.complete:
-            print(f"{writer.path} is already complete; nothing to do")
-        else:
-            done = len(shard_sequences(spec.num_sequences, trainer.global_rank, trainer.world_size)) - len(data.pending)
-            if done:
-                print(f"resuming {writer.path}: {done} sequences already written, {len(data.pending)} to go")
+            print(f"{self.output} is already complete; nothing to do")
+        elif len(data.pending) < mine:
+            print(f"resuming {self.output}: {mine - len(data.pending)} sequences already written, "
+                  f"{len(data.pending)} to go")  # fmt: skip
         self.writer = BackgroundWriter(writer, max_pending=self.max_pending)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: dict, batch, batch_idx: int, dataloader_idx=0) -> None:
@@ -179,9 +203,18 @@ class CacheWriterCallback(L.Callback):
             self.writer = None
             print(f"wrote {path}")
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # An empty predict loop (nothing pending on this rank) never calls on_predict_end: stop the thread here.
+        if self.writer is not None and stage == "predict":
+            writer, self.writer = self.writer, None
+            if not len(writer.pending_sequences):
+                print(f"wrote {writer.finalize()}")
+            else:
+                writer.close()
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.writer is not None:
             try:
-                self.writer.close()  # commit what is buffered; a rerun continues from there
+                self.writer.close()  # drop the partly written shard; a rerun writes it again
             finally:
                 self.writer = None

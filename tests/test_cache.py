@@ -28,7 +28,6 @@ from pd_lightning.data.cache import (
     cache_info,
     content_checksum,
     plot_entries_histogram,
-    shard_sequences,
     token_source_fingerprint,
     verify,
 )
@@ -38,7 +37,14 @@ from pd_lightning.distill.target import SparseTarget
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_spec(processor: LogitsProcessor, vocab: int, seq_len: int, num: int, teacher: str = "teacher-a") -> CacheSpec:
+def make_spec(
+    processor: LogitsProcessor,
+    vocab: int,
+    seq_len: int,
+    num: int,
+    teacher: str = "teacher-a",
+    shard_tokens: int = 1 << 20,
+) -> CacheSpec:
     return CacheSpec.for_processor(
         processor,
         vocab_size=vocab,
@@ -47,6 +53,7 @@ def make_spec(processor: LogitsProcessor, vocab: int, seq_len: int, num: int, te
         teacher_fingerprint=teacher,
         tokenizer_fingerprint="tok-1",
         source_fingerprint="train:abc",
+        shard_tokens=shard_tokens,
     )
 
 
@@ -57,10 +64,17 @@ def sequence_data(i: int, vocab: int, seq_len: int) -> tuple[torch.Tensor, torch
 
 
 def write_cache(
-    folder: Path, processor: LogitsProcessor, vocab: int = 300, seq_len: int = 16, num: int = 10, world: int = 1, **kw
+    folder: Path,
+    processor: LogitsProcessor,
+    vocab: int = 300,
+    seq_len: int = 16,
+    num: int = 10,
+    world: int = 1,
+    shard_tokens: int = 1 << 20,
+    **kw,
 ) -> dict[int, tuple[torch.Tensor, SparseTarget]]:
     """Write a cache with ``world`` ranks (every rank sees every sequence) and return the references."""
-    spec = make_spec(processor, vocab, seq_len, num)
+    spec = make_spec(processor, vocab, seq_len, num, shard_tokens=shard_tokens)
     refs = {}
     for i in range(num):
         tokens, logits = sequence_data(i, vocab, seq_len)
@@ -85,6 +99,8 @@ def assert_matches(item: dict[str, torch.Tensor], tokens: torch.Tensor, target: 
         assert torch.isneginf(item["teacher_logprobs"][row, n:]).all() and (item["teacher_ids"][row, n:] == 0).all()
     torch.testing.assert_close(item["teacher_std"], target.std, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(item["teacher_entropy"], target.entropy, rtol=1e-3, atol=1e-3)
+    if target.tail is not None:
+        torch.testing.assert_close(item["teacher_tail"], target.tail, rtol=1e-3, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------- round trips
@@ -101,12 +117,15 @@ def synthetic_target(g: torch.Generator, n: int, k: int, vocab: int) -> SparseTa
         logprobs=(-nlogp).float().masked_fill(~valid, -math.inf),
         std=torch.rand(n, generator=g) * 8,
         entropy=torch.rand(n, generator=g) * 11,
+        tail=torch.rand(n, generator=g) * 0.3,
     )
 
 
-def write_synthetic(folder: Path, vocab: int, seq_len: int, num: int, k: int, **kw) -> dict:
+def write_synthetic(
+    folder: Path, vocab: int, seq_len: int, num: int, k: int, shard_tokens: int = 1 << 20, **kw
+) -> dict:
     g = torch.Generator().manual_seed(vocab)
-    writer = CacheWriter(folder, make_spec(TopPK(0.95, k), vocab, seq_len, num), **kw)
+    writer = CacheWriter(folder, make_spec(TopPK(0.95, k), vocab, seq_len, num, shard_tokens=shard_tokens), **kw)
     refs = {}
     for i in range(num):
         refs[i] = (torch.randint(0, vocab, (seq_len + 1,), generator=g), synthetic_target(g, seq_len, k, vocab))
@@ -117,18 +136,20 @@ def write_synthetic(folder: Path, vocab: int, seq_len: int, num: int, k: int, **
 
 @pytest.mark.parametrize("vocab", [151_552, 2**24 - 1])
 def test_round_trip_bounds_large_vocabularies(tmp_path: Path, vocab: int) -> None:
-    refs = write_synthetic(tmp_path, vocab, seq_len=32, num=12, k=8, commit_sequences=5, chunk_entries=512)
+    refs = write_synthetic(tmp_path, vocab, seq_len=32, num=12, k=8, shard_tokens=5 * 32, chunk_entries=512)
     cache = TeacherCache(tmp_path)
     assert len(cache) == 12 and cache.max_entries == 8
     for i, (tokens, target) in refs.items():
         assert_matches(cache[i], tokens, target, tol=5e-4)  # quantisation step / 2 = 4.2e-4
     info = cache_info(tmp_path)
-    assert info["bytes_per_entry"] <= (4 if vocab <= 2**18 else 8) * (1 + 4 / 512)  # + fletcher32 per chunk
-    assert info["bytes_per_entry"] >= (4 if vocab <= 2**18 else 8)
+    size = 4 if vocab <= 2**18 else 8
+    # + fletcher32 per chunk, + the padded last chunk of each shard (the size is not known while streaming)
+    assert info["bytes_per_entry"] * info["entries"] <= size * info["entries"] * (1 + 4 / 512) + 3 * 512 * size
+    assert info["bytes_per_entry"] >= size
 
 
 def test_round_trip_top_p_k_from_logits(tmp_path: Path) -> None:
-    refs = write_cache(tmp_path, TopPK(0.9, 20), commit_sequences=3)
+    refs = write_cache(tmp_path, TopPK(0.9, 20), shard_tokens=3 * 16)
     cache = TeacherCache(tmp_path)
     for i, (tokens, target) in refs.items():
         assert_matches(cache[i], tokens, target)
@@ -158,47 +179,75 @@ def test_storage_bounds_for_small_vocabularies(tmp_path: Path) -> None:
         assert entries.dtype == np.uint32 and f["counts"].dtype == np.uint8
         chunks = -(-entries.shape[0] // entries.chunks[0])
         storage = entries.id.get_storage_size()
-    assert storage <= 4 * entries.shape[0] + 8 * chunks  # 4 B/entry + fletcher32 and < 1 entry/chunk of rounding
-    assert info["bytes_per_entry"] <= 4.005
+    # 4 B/entry + fletcher32 per chunk + the padded last chunk
+    assert storage <= 4 * entries.shape[0] + 4 * chunks + 4 * 2048
+    assert info["bytes_per_entry"] <= 4.005 + 4 * 2048 / entries.shape[0]
     assert info["bookkeeping_bytes_per_token"] <= 2.0
-    assert info["stats_bytes_per_token"] <= 4.01  # two float16 per position
+    assert info["stats_bytes_per_token"] <= 6.01  # three float16 per position (std, entropy, tail), no gammas
 
 
 # --------------------------------------------------------------------------------------------- shards and readers
 def test_multi_shard_any_reader_layout(tmp_path: Path) -> None:
-    refs = write_cache(tmp_path, TopPK(0.9, 12), num=11, world=3, commit_sequences=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"shard-0000{r}-of-00003.h5" for r in range(3)]
-    with h5py.File(tmp_path / "shard-00001-of-00003.h5") as f:
-        assert f["sequence_index"][:].tolist() == shard_sequences(11, 1, 3).tolist() == [1, 4, 7, 10]
+    refs = write_cache(tmp_path, TopPK(0.9, 12), num=11, world=3, shard_tokens=2 * 16)  # 6 shards of <= 2
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["index.json"] + [f"shard-00000{j}.h5" for j in range(6)]  # rank indexes replaced
+    with h5py.File(tmp_path / "shard-000002.h5") as f:
+        assert f["sequence_index"][:].tolist() == [4, 5] and f.attrs["complete"]
     for readers in (1, 2, 4):  # reader ranks each take their stride of the indices
         for r in range(readers):
             cache = TeacherCache(tmp_path)
             for i in range(r, 11, readers):
                 assert_matches(cache[i], *refs[i])
-    assert verify(tmp_path) == {"shards": 3, "sequences": 11, "tokens": 11 * 16, "entries": verify(tmp_path)["entries"]}
-    refs = write_cache(tmp_path / "sparse", TopPK(0.9, 12), num=2, world=3)  # more ranks than sequences
+    assert verify(tmp_path) == {"shards": 6, "sequences": 11, "tokens": 11 * 16, "entries": verify(tmp_path)["entries"]}
+    # the content does not depend on the number of writer ranks
+    write_cache(tmp_path / "one", TopPK(0.9, 12), num=11, world=1, shard_tokens=2 * 16)
+    assert content_checksum(tmp_path / "one") == content_checksum(tmp_path)
+    refs = write_cache(tmp_path / "sparse", TopPK(0.9, 12), num=2, world=3)  # more ranks than shards
     cache = TeacherCache(tmp_path / "sparse")
     for i in range(2):
         assert_matches(cache[i], *refs[i])
 
 
-def test_shards_of_any_partition_are_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pd_lightning.data import cache_writer
+def test_n_writers_m_readers_and_partial_reading(tmp_path: Path) -> None:
+    """3 writer ranks, one of them unfinished: refused by default, readable with allow_partial over the finished
+    shards; the rank-aware sampler of 1, 2 and 3 reader ranks gives every finished sequence exactly once."""
+    from pd_lightning.data.cache_datamodule import CacheDataModule
+    from pd_lightning.data.sampler import ResumableSampler
 
-    def blocks(num: int, rank: int, world: int) -> np.ndarray:  # contiguous blocks instead of strides
-        return np.array_split(np.arange(num, dtype=np.int64), world)[rank]
-
-    monkeypatch.setattr(cache_writer, "shard_sequences", blocks)
-    refs = write_cache(tmp_path, TopPK(0.9, 12), num=7, world=2)
-    cache = TeacherCache(tmp_path)
-    assert cache._shard_of is not None  # the general index map, not the strided shortcut
-    for i in range(7):
-        assert_matches(cache[i], *refs[i])
+    proc = TopPK(0.9, 12)
+    spec = make_spec(proc, 300, 16, 14, shard_tokens=2 * 16)  # 7 shards; rank r of 3 writes r, r + 3, ...
+    data = {i: sequence_data(i, 300, 16) for i in range(14)}
+    for rank in (0, 2):  # rank 1 (shards 1 and 4: sequences 2, 3, 8, 9) never ran
+        writer = CacheWriter(tmp_path, spec, rank=rank, world_size=3)
+        for i in range(14):
+            writer.write(torch.tensor([i]), data[i][0], proc(data[i][1]))
+        writer.finalize()
+    with pytest.raises(CacheIncompleteError, match=r"10 of 14 sequences.*--data.allow_partial true"):
+        CacheDataModule(path=str(tmp_path))
+    dm = CacheDataModule(path=str(tmp_path), allow_partial=True, batch_size=1, shuffle=True)
+    finished = [i for i in range(14) if i not in (2, 3, 8, 9)]
+    assert len(dm.cache) == 10 and dm.cache.sequences.tolist() == finished
+    tokens = {tuple(dm.cache[p]["input_ids"].tolist()): p for p in range(len(dm.cache))}
+    for i in finished:
+        assert tuple(data[i][0][0, :-1].tolist()) in tokens
+    for readers in (1, 2, 5):
+        seen = []
+        for r in range(readers):
+            seen += list(ResumableSampler(len(dm.cache), True, 7, r, readers))
+        assert sorted(seen) == list(range(10)), readers  # every finished sequence exactly once per epoch
+    # the missing rank finishes the cache: complete, equal to a single-writer cache
+    writer = CacheWriter(tmp_path, spec, rank=1, world_size=3)
+    assert writer.pending_sequences.tolist() == [2, 3, 8, 9]
+    for i in (2, 3, 8, 9):
+        writer.write(torch.tensor([i]), data[i][0], proc(data[i][1]))
+    assert writer.finalize() == tmp_path / "index.json"
+    write_cache(tmp_path / "one", proc, num=14, shard_tokens=2 * 16)
+    assert content_checksum(tmp_path) == content_checksum(tmp_path / "one")
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers(tmp_path: Path, context: str) -> None:
-    refs = write_cache(tmp_path, TopPK(0.9, 12), num=9, world=2)
+    refs = write_cache(tmp_path, TopPK(0.9, 12), num=9, world=2, shard_tokens=4 * 16)
     cache = TeacherCache(tmp_path)
     cache[0]  # handles opened in the parent must not leak into the workers
     loader = DataLoader(cache, batch_size=3, num_workers=2, multiprocessing_context=context)
@@ -227,17 +276,17 @@ def test_check_compatible_names_both_sides(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- damage and refusals
 def test_truncated_file_is_detected(tmp_path: Path) -> None:
     write_cache(tmp_path, TopPK(0.9, 12), num=6)
-    shard = tmp_path / "shard-00000-of-00001.h5"
+    shard = tmp_path / "shard-000000.h5"
     with open(shard, "r+b") as fh:
         fh.truncate(shard.stat().st_size * 6 // 10)
     for action in (TeacherCache, verify):
-        with pytest.raises(CacheCorruptError, match=r"shard-00000-of-00001\.h5.*truncated"):
+        with pytest.raises(CacheCorruptError, match=r"shard-000000\.h5.*truncated"):
             action(tmp_path)
 
 
 def test_flipped_byte_is_detected(tmp_path: Path) -> None:
     write_cache(tmp_path, TopPK(0.9, 12), num=6, chunk_entries=256)
-    shard = tmp_path / "shard-00000-of-00001.h5"
+    shard = tmp_path / "shard-000000.h5"
     with h5py.File(shard) as f:
         offset = f["entries"].id.get_chunk_info(0).byte_offset
     with open(shard, "r+b") as fh:
@@ -245,10 +294,37 @@ def test_flipped_byte_is_detected(tmp_path: Path) -> None:
         byte = fh.read(1)
         fh.seek(offset + 17)
         fh.write(bytes([byte[0] ^ 0x10]))
-    with pytest.raises(CacheCorruptError, match=r"shard-00000-of-00001\.h5.*'/entries'"):
+    with pytest.raises(CacheCorruptError, match=r"shard-000000\.h5.*'/entries'"):
         verify(tmp_path)
-    with pytest.raises(CacheCorruptError, match=r"shard-00000-of-00001\.h5.*sequence 0"):
+    with pytest.raises(CacheCorruptError, match=r"shard-000000\.h5.*sequence 0"):
         TeacherCache(tmp_path)[0]
+    # raised in a DataLoader worker, the error reaches the main process as one line (no worker traceback)
+    loader = DataLoader(TeacherCache(tmp_path), batch_size=2, num_workers=1)
+    with pytest.raises(CacheCorruptError) as err:
+        list(loader)
+    assert "\n" not in str(err.value) and "shard-000000.h5" in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_non_finite_statistics_refused_at_write_and_detected_at_read(tmp_path: Path) -> None:
+    proc = TopPK(0.9, 8)
+    tokens, logits = sequence_data(0, 300, 16)
+    target = proc(logits)
+    target.std[3] = float("nan")
+    writer = CacheWriter(tmp_path / "w", make_spec(proc, 300, 16, 1))
+    with pytest.raises(ValueError, match=r"non-finite teacher statistic 'std' at sequence 0, position 3"):
+        writer.write(torch.tensor([0]), tokens, target)
+    write_cache(tmp_path / "c", proc, num=3)
+    with h5py.File(tmp_path / "c" / "shard-000000.h5", "r+") as f:  # a NaN written behind the writer's back
+        f["std"][20] = np.nan
+    with pytest.raises(CacheCorruptError, match=r"shard-000000\.h5.*non-finite.*std.*position 20"):
+        cache_info(tmp_path / "c")
+    with pytest.raises(CacheCorruptError, match=r"shard-000000\.h5.*non-finite.*std"):
+        verify(tmp_path / "c")
+    TeacherCache(tmp_path / "c")[0]  # sequence 0 holds positions 0-15: fine
+    with pytest.raises(
+        CacheCorruptError, match=r"shard-000000\.h5 holds a non-finite teacher statistic \(teacher_std\) in sequence 1"
+    ):  # noqa: E501
+        TeacherCache(tmp_path / "c")[1]
 
 
 def test_ids_beyond_the_student_vocabulary(tmp_path: Path) -> None:
@@ -265,62 +341,79 @@ def test_writer_refuses_ids_outside_the_vocabulary(tmp_path: Path) -> None:
         writer.write(torch.tensor([0]), torch.zeros(1, 5, dtype=torch.long), target)
 
 
-def test_incomplete_shards_are_refused(tmp_path: Path) -> None:
+def test_incomplete_and_inconsistent_caches_are_refused(tmp_path: Path) -> None:
     proc = TopPK(0.9, 8)
-    spec = make_spec(proc, 300, 16, 6)
-    writer = CacheWriter(tmp_path, spec, rank=0, world_size=2, commit_sequences=1)
-    for i in (0, 2):
+    spec = make_spec(proc, 300, 16, 6, shard_tokens=2 * 16)  # shards {0, 1}, {2, 3}, {4, 5}
+    writer = CacheWriter(tmp_path, spec)
+    for i in (0, 1, 2):
         tokens, logits = sequence_data(i, 300, 16)
         writer.write(torch.tensor([i]), tokens, proc(logits))
-    with pytest.raises(CacheIncompleteError, match=r"unfinished.*rerun `pd-lightning predict`"):
+    with pytest.raises(CacheIncompleteError, match=r"unfinished \(2 of 6 sequences.*rerun `pd-lightning predict`"):
         TeacherCache(tmp_path)
-    assert cache_info(tmp_path) == {
-        "path": str(tmp_path),
-        "complete": False,
-        "reason": cache_info(tmp_path)["reason"],
-        "committed_sequences": 2,
-    }
-    with pytest.raises(CacheIncompleteError, match=r"1 of 3 sequences were never written"):
+    info = cache_info(tmp_path)
+    assert info["complete"] is False and info["finished_sequences"] == 2 and "2 of 6" in info["reason"]
+    with pytest.raises(CacheIncompleteError, match=r"4 sequences of this rank's shards were never written"):
         writer.finalize()
-    # a final-named shard without the completeness mark (e.g. copied mid-way) is refused too
+    assert not list(tmp_path.glob("*.tmp"))  # the partly written shard was dropped
+
     full = tmp_path / "full"
-    write_cache(full, proc, num=4, world=1)
-    with h5py.File(full / "shard-00000-of-00001.h5", "r+") as f:
-        f.attrs["complete"] = False
-    with pytest.raises(CacheIncompleteError, match=r"shard-00000-of-00001\.h5 is incomplete.*resume"):
+    write_cache(full, proc, num=6, shard_tokens=2 * 16)
+    # the index names a shard that is missing
+    (full / "shard-000001.h5").rename(tmp_path / "aside.h5")
+    with pytest.raises(CacheCorruptError, match=r"index names shard-000001\.h5, which is missing.*rerun"):
         TeacherCache(full)
-    # a missing shard of a multi-rank cache
-    write_cache(tmp_path / "two", proc, num=4, world=2)
-    (tmp_path / "two" / "shard-00001-of-00002.h5").unlink()
-    with pytest.raises(CacheIncompleteError, match=r"lacks shard-00001-of-00002\.h5"):
-        TeacherCache(tmp_path / "two")
+    (tmp_path / "aside.h5").rename(full / "shard-000001.h5")
+    # a shard of another cache mixed into the folder
+    write_cache(tmp_path / "other", TopPK(0.9, 9), num=8, shard_tokens=2 * 16)
+    (tmp_path / "other" / "shard-000003.h5").rename(full / "shard-000003.h5")
+    with pytest.raises(CacheMismatchError, match=r"mixes two caches: shard-000003\.h5.*max_entries: 9 != 8"):
+        TeacherCache(full)
+    (full / "shard-000003.h5").unlink()
+    # an index that names a shard of another spec (a shard file swapped in)
+    (tmp_path / "other" / "shard-000002.h5").replace(full / "shard-000002.h5")
+    with pytest.raises(CacheMismatchError, match=r"shard-000002\.h5 was written with other parameters"):
+        TeacherCache(full)
+    # a schema-1 cache is refused with what to do
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "shard-00000-of-00001.h5").write_bytes(b"")
+    with pytest.raises(CacheMismatchError, match=r"schema-1 teacher cache.*pd-lightning predict"):
+        TeacherCache(old)
+    # a file instead of a folder
+    with pytest.raises(Exception, match=r"is a file, not a teacher cache folder"):
+        TeacherCache(full / "index.json")
 
 
 def test_other_parameters_are_refused_same_are_complete(tmp_path: Path) -> None:
     write_cache(tmp_path, TopPK(0.9, 8), num=4)
     before = content_checksum(tmp_path)
-    with pytest.raises(CacheMismatchError, match=r"other parameters \(max_entries: 8 != 9; processor"):
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(
+        CacheMismatchError, match=r"other parameters \(max_entries: 8 != 9; processor.*--writer\.overwrite true"
+    ):  # noqa: E501
         CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4))
     with pytest.raises(CacheMismatchError, match=r"teacher_fingerprint: 'teacher-a' != 'teacher-b'"):
         CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4, teacher="teacher-b"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing and content_checksum(tmp_path) == before
     same = CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4))
     assert same.complete and len(same.pending_sequences) == 0  # a producer has nothing to compute
     tokens, logits = sequence_data(0, 300, 16)
     assert same.write(torch.tensor([0]), tokens, TopPK(0.9, 8)(logits)) == 0
-    assert same.finalize() == tmp_path / "shard-00000-of-00001.h5" and content_checksum(tmp_path) == before
+    assert same.finalize() == tmp_path / "index.json" and content_checksum(tmp_path) == before
     other = CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4), overwrite=True)
-    assert not other.complete and not (tmp_path / "shard-00000-of-00001.h5").exists()
+    assert not other.complete and not list(tmp_path.iterdir())
     # an interrupted run of other parameters is refused as well
+    other = CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4, shard_tokens=16))
     other.write(torch.tensor([0]), tokens, TopPK(0.9, 9)(logits))
     other.close()
-    with pytest.raises(CacheMismatchError, match=r"shard-00000-of-00001\.parts"):
+    with pytest.raises(CacheMismatchError, match=r"holds a teacher cache written with other parameters"):
         CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4))
 
 
-def test_writer_skips_foreign_repeated_and_committed_sequences(tmp_path: Path) -> None:
+def test_writer_skips_foreign_repeated_and_finished_sequences(tmp_path: Path) -> None:
     proc = TopPK(0.9, 8)
-    spec = make_spec(proc, 300, 16, 8)
-    writer = CacheWriter(tmp_path, spec, rank=1, world_size=2, commit_sequences=2)
+    spec = make_spec(proc, 300, 16, 8, shard_tokens=2 * 16)  # rank 1 of 2 writes shards 1, 3: {2, 3}, {6, 7}
+    writer = CacheWriter(tmp_path, spec, rank=1, world_size=2)
     data = [sequence_data(i, 300, 16) for i in range(8)]
 
     def batch(idx: list[int]) -> tuple:
@@ -330,23 +423,22 @@ def test_writer_skips_foreign_repeated_and_committed_sequences(tmp_path: Path) -
             proc(torch.cat([data[i][1] for i in idx])),
         )
 
-    assert writer.write(*batch([0, 1, 3, 3])) == 2  # 0 is rank 0's, the second 3 a repeat
-    assert writer.pending_sequences.tolist() == [5, 7]
-    assert writer.write(*batch([1, 5])) == 1
-    assert writer.write(*batch([7, 6])) == 1
+    assert writer.write(*batch([0, 2, 3, 3])) == 2  # 0 is rank 0's, the second 3 a repeat
+    assert writer.pending_sequences.tolist() == [6, 7]  # shard 1 is finished
+    assert writer.write(*batch([2, 7])) == 1  # 2 is in a finished shard; 7 is held until 6 arrives
+    assert writer.write(*batch([6, 5])) == 1
     writer.finalize()
     cache_dir = tmp_path / "ref"
-    write_cache(cache_dir, proc, num=8, world=2)
-    assert content_checksum(tmp_path / "shard-00001-of-00002.h5") == content_checksum(
-        cache_dir / "shard-00001-of-00002.h5"
-    )
+    write_cache(cache_dir, proc, num=8, world=2, shard_tokens=2 * 16)
+    for name in ("shard-000001.h5", "shard-000003.h5"):
+        assert content_checksum(tmp_path / name) == content_checksum(cache_dir / name)
 
 
 def test_checksum_independent_of_order_and_layout(tmp_path: Path) -> None:
     proc = TopPK(0.95, 10)
     write_cache(tmp_path / "a", proc, num=9)
     spec = make_spec(proc, 300, 16, 9)
-    writer = CacheWriter(tmp_path / "b", spec, commit_sequences=4, chunk_entries=100)
+    writer = CacheWriter(tmp_path / "b", spec, write_sequences=4, chunk_entries=100)
     for i in [5, 2, 8, 0, 1, 7, 3, 6, 4]:
         tokens, logits = sequence_data(i, 300, 16)
         writer.write(torch.tensor([i]), tokens, proc(logits, torch.arange(16) + i * 16))
@@ -366,57 +458,73 @@ folder, sleep = sys.argv[1], float(sys.argv[2])
 V, L, N = 400, 32, 24
 proc = TopPK(0.9, 16)
 spec = CacheSpec.for_processor(proc, vocab_size=V, seq_len=L, num_sequences=N, teacher_fingerprint="t",
-                               tokenizer_fingerprint="tok", source_fingerprint="src")
-writer = CacheWriter(folder, spec, commit_sequences=3)
+                               tokenizer_fingerprint="tok", source_fingerprint="src", shard_tokens=3 * L,
+                               power_gammas=[0.5])
+writer = CacheWriter(folder, spec, write_sequences=2)
 written = 0
-for start in range(0, N, 2):  # every sequence is offered; the writer skips committed ones
+for start in range(0, N, 2):  # every sequence is offered; the writer skips finished ones
     idx = list(range(start, start + 2))
     gens = [torch.Generator().manual_seed(i) for i in idx]
     tokens = torch.stack([torch.randint(0, V, (L + 1,), generator=g) for g in gens])
     logits = torch.stack([torch.randn(L, V, generator=g) * 3 for g in gens])
-    written += writer.write(torch.tensor(idx), tokens, proc(logits))
+    written += writer.write(torch.tensor(idx), tokens, proc(logits, gammas=(0.5,)))
     time.sleep(sleep)
 writer.finalize()
 print("written", written, flush=True)
 """
 
 
-def _run_writer(script: Path, folder: Path, sleep: float) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _run_writer(script: Path, folder: Path, sleep: float, kill_at: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if kill_at:
+        env["PD_LIGHTNING_TEST_KILL_AT"] = kill_at
     return subprocess.Popen([sys.executable, str(script), str(folder), str(sleep)], stdout=subprocess.PIPE, env=env)
 
 
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path) -> None:
-    script = tmp_path / "writer.py"
+@pytest.fixture(scope="module")
+def writer_script(tmp_path_factory) -> tuple[Path, Path]:
+    """The writer script and its uninterrupted cache."""
+    folder = tmp_path_factory.mktemp("writer")
+    script = folder / "writer.py"
     script.write_text(textwrap.dedent(WRITER_SCRIPT))
-    reference = _run_writer(script, tmp_path / "reference", 0.0)
-    killed = _run_writer(script, tmp_path / "resumed", 0.25)
-    parts = tmp_path / "resumed" / "shard-00000-of-00001.parts"
-    deadline = time.monotonic() + 60
-    while len(list(parts.glob("part-*.npz"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    assert _run_writer(script, folder / "reference", 0.0).wait(timeout=120) == 0
+    return script, folder / "reference"
+
+
+@pytest.mark.parametrize("kill_at", ["external", "mid_shard:3", "before_rename:2", "after_rename:3", "after_index:8"])
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path, writer_script, kill_at: str) -> None:
+    """SIGKILL after some shards (external kill), during a shard's final write, after the rename but before the
+    index update, and after the last shard but before index.json: the rerun gives the uninterrupted content."""
+    script, reference = writer_script
+    out = tmp_path / "resumed"
+    if kill_at == "external":
+        killed = _run_writer(script, out, 0.25)
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("shard-*.h5"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        killed.send_signal(signal.SIGKILL)
+    else:
+        killed = _run_writer(script, out, 0.0, kill_at)
+    killed.wait(timeout=120)
     assert killed.returncode == -signal.SIGKILL
-    committed = 0
-    for part in parts.glob("part-*.npz"):
-        with np.load(part) as data:
-            committed += len(data["sequence_index"])
-    assert 6 <= committed < 24, "the kill should land mid-run"
-    with pytest.raises(CacheIncompleteError):
-        TeacherCache(tmp_path / "resumed")
-    # debris of a kill during a part write and during the final merge
-    (parts / "part-999999.tmp").write_bytes(b"half a part")
-    (tmp_path / "resumed" / "shard-00000-of-00001.h5.tmp").write_bytes(b"\x89HDF\r\n half a shard")
-    resumed = _run_writer(script, tmp_path / "resumed", 0.0)
-    out, _ = resumed.communicate(timeout=120)
+    finished = len(list(out.glob("shard-*.h5")))  # every shard is 3 sequences
+    assert not (out / "index.json").exists()
+    if kill_at == "after_index:8":  # every shard indexed, only index.json missing: readable, finished by a rerun
+        assert finished == 8 and len(TeacherCache(out)) == 24
+    else:
+        assert 1 <= finished < 8, finished
+        if kill_at == "before_rename:2":
+            assert (out / "shard-000001.h5.tmp").exists()
+        with pytest.raises(CacheIncompleteError):
+            TeacherCache(out)
+    resumed = _run_writer(script, out, 0.0)
+    stdout, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0
-    written = int(out.split()[-1])
-    assert written == 24 - committed  # only the uncommitted sequences were computed again
-    assert reference.wait(timeout=120) == 0
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["shard-00000-of-00001.h5"]
-    assert content_checksum(tmp_path / "resumed") == content_checksum(tmp_path / "reference")
-    verify(tmp_path / "resumed")
+    written = int(stdout.split()[-1])
+    assert written == 24 - 3 * finished  # only the unfinished shards were computed again
+    assert sorted(p.name for p in out.iterdir()) == ["index.json"] + [f"shard-00000{j}.h5" for j in range(8)]
+    assert content_checksum(out) == content_checksum(reference)
+    verify(out)
 
 
 # --------------------------------------------------------------------------------------------- background, info
@@ -433,7 +541,7 @@ def test_background_writer_and_error_propagation(tmp_path: Path) -> None:
     for i in range(6):
         assert_matches(cache[i], *refs[i])
     bad = BackgroundWriter(CacheWriter(tmp_path / "bad", make_spec(proc, 200, 16, 6)))  # ids up to 299 > 200
-    with pytest.raises(RuntimeError, match="background cache writer .* failed") as err:
+    with pytest.raises(ValueError, match="background cache writer .* failed.*vocab_size=200") as err:
         for i in range(6):
             bad.write(torch.tensor([i]), refs[i][0][None] % 200, refs[i][1])
         bad.finalize()
@@ -454,6 +562,7 @@ def test_cache_info_and_plot(tmp_path: Path) -> None:
     ref_mass = torch.cat([t.kept_mass for _, t in refs.values()]).double().mean().item()
     assert info["mean_kept_mass"] == pytest.approx(ref_mass, abs=1e-3)
     assert info["bytes"] == sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
+    assert info["shards"] == info["num_shards"] == 1
     assert info["bytes_per_token"] == pytest.approx(info["bytes"] / tokens)
     assert info["processor"] == {
         "class_path": "pd_lightning.distill.processors.TopPK",

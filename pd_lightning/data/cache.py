@@ -1,6 +1,7 @@
 """The HDF5 teacher-logits cache: one import for its public API.
 
-Format and encoding: :mod:`pd_lightning.data.cache_format`; writing (resumable, crash-safe, background):
+Format, encoding and index: :mod:`pd_lightning.data.cache_format`; writing (bounded shards written once,
+resumable, crash-safe, background):
 :mod:`pd_lightning.data.cache_writer`; reading: :mod:`pd_lightning.data.cache_reader`; verification and
 statistics: :mod:`pd_lightning.data.cache_inspect`.
 """
@@ -13,8 +14,8 @@ from pd_lightning.data.cache_format import (
     CacheMismatchError,
     CacheSpec,
     content_checksum,
+    read_layout,
     shard_name,
-    shard_sequences,
     token_source_fingerprint,
 )
 from pd_lightning.data.cache_inspect import cache_info, plot_entries_histogram, verify
@@ -34,8 +35,8 @@ __all__ = [
     "cache_info",
     "content_checksum",
     "plot_entries_histogram",
+    "read_layout",
     "shard_name",
-    "shard_sequences",
     "token_source_fingerprint",
     "verify",
 ]

@@ -14,16 +14,22 @@ class CacheDataModule(SequenceDataModule):
     (B, T, K), ``teacher_std``, ``teacher_entropy`` (B, T)) read from a cache written by ``pd-lightning predict``.
 
     The student's vocabulary is linked to the cache's (the teacher's logits width), so every cached id is valid.
-    Any number of ranks, workers and any batch size read any cache, whatever the number of writer ranks.
+    Any number of ranks, workers and any batch size read any cache, whatever the number of writer ranks: the
+    training set is the cache's finished sequences, and the rank-aware sampler gives each reader rank its share.
+    Every shard's header is checked here, in the main process, so a damaged cache is refused with one line before
+    any worker starts; errors that only reading finds (a failed fletcher32 checksum, a non-finite statistic) reach
+    the user as one line too (see ``CacheError``).
 
     Args:
         path: the cache folder.
         val_tokens: token file whose ``val`` part scores the LM loss (must share the cache's tokenizer).
+        allow_partial: train on the shards already finished in a cache that ``pd-lightning predict`` is still
+            writing (or that was interrupted); the set is fixed when the data module is built.
     """
 
-    def __init__(self, path: str, val_tokens: str | None = None, **kwargs) -> None:
+    def __init__(self, path: str, val_tokens: str | None = None, allow_partial: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.cache = TeacherCache(path)
+        self.cache = TeacherCache(path, allow_partial=allow_partial)
         self.val_file = None
         if val_tokens is not None:
             self.val_file = TokenFile(val_tokens, flag="--data.val_tokens")

@@ -1,32 +1,42 @@
-"""The on-disk format of a teacher-logits cache: layout, entry encoding, metadata, errors, checksums.
+"""The on-disk format of a teacher-logits cache (schema 2): layout, entry encoding, metadata, index, errors.
 
-A cache is a folder of HDF5 shards ``shard-{rank:05d}-of-{world:05d}.h5``, one per writer rank. Rank ``r`` holds
-the sequences ``r, r + world, r + 2 * world, ...`` (:func:`shard_sequences`), sorted by global index. Per shard
-(``S`` sequences of ``L = seq_len`` predicted positions, ``T = S * L`` positions, ``E`` kept entries):
+A cache is a folder of self-contained HDF5 shards ``shard-{j:06d}.h5`` plus an index. Shard ``j`` holds the
+global sequences ``[j * S, min((j + 1) * S, N))`` (``S = spec.sequences_per_shard``, from ``--writer.shard_tokens``),
+so the shards, and the cache's content, do not depend on how many ranks wrote them or where runs were interrupted.
+Writer rank ``r`` of ``W`` writes the shards ``j = r, r + W, ...`` (:func:`rank_shards`); a shard is written to
+``shard-{j:06d}.h5.tmp``, finished with ``complete=True``, fsynced and renamed into place, then recorded in the
+rank's index ``index-{r:05d}-of-{W:05d}.json`` (JSON written to a temporary file, fsynced, renamed). Once every
+shard is recorded, ``index.json`` (the whole cache: spec and one record per shard) is written the same way and the
+rank indexes are removed. A reader takes the union of ``index.json`` and the rank indexes: the set of finished
+shards of any number of writer ranks.
+
+Per shard (``S_j`` sequences of ``L = seq_len`` predicted positions, ``T = S_j * L`` positions, ``E`` kept entries,
+``G = len(spec.power_gammas)``):
 
 =====================  =================  ============================================================
 dataset                shape, dtype       meaning
 =====================  =================  ============================================================
-``sequence_index``     (S,) int64         global sequence index of each row (sorted)
-``sequence_offsets``   (S + 1,) int64     offset in ``entries`` where each sequence starts (CSR, coarse)
-``tokens``             (S, L + 1) int32   the token row: inputs ``row[:-1]``, labels ``row[1:]``
-``counts``             (T,) uint8|16|32   kept entries per position (uint8 when the shard's max is <= 255)
+``sequence_index``     (S_j,) int64       global sequence index of each row (consecutive)
+``sequence_offsets``   (S_j + 1,) int64   offset in ``entries`` where each sequence starts (CSR, coarse)
+``tokens``             (S_j, L + 1) int32 the token row: inputs ``row[:-1]``, labels ``row[1:]``
+``counts``             (T,) uint8|16|32   kept entries per position (uint8 while ``K <= 255``)
 ``entries``            (E,) uint32|64     packed ``id << 14 | q``; uint32 when ``vocab_size <= 2^18``
 ``std``                (T,) float16       std of the teacher's raw logits over the full vocabulary
 ``entropy``            (T,) float16       entropy (nats) of the teacher's full distribution at tau=1
+``tail``               (T,) float16       teacher mass outside the kept entries, summed over the full distribution
+``power_sum``          (T, G) float16     ``U_gamma = sum_v p_v^gamma`` over the full vocabulary, per stored gamma
 =====================  =================  ============================================================
 
-Entry values: ``q = round(-log p / NLOGP_MAX * 16383)`` with ``NLOGP_MAX = ln(1e6)``, i.e. ``-log p`` in steps
-of 8.4e-4 (error <= 4.2e-4). Probabilities below 1e-6 are **clamped up to 1e-6** (q = 16383). Ids are lossless
-up to ``2^18`` in uint32 (4 B per entry) and up to ``2^50`` in uint64 (8 B per entry). Positions inside a
-sequence are found by ``sequence_offsets[s] + cumsum(counts)``, so the bookkeeping is one ``counts`` element
-per position (1 B while no position keeps more than 255 entries) plus 20 B per sequence (index, offset, the
-extra label token). Per position: 4 B token id + 1 B count + 4 B statistics + 4 B (or 8 B) per kept entry.
+Entry values: ``q = round(-log p / nlogp_max * 16383)``: ``-log p`` in steps of ``nlogp_max / 16383`` (error at
+most half a step). ``nlogp_max`` is ``ln 1e6`` for truncating processors (step 8.4e-4, probabilities below 1e-6
+clamped up to 1e-6) and ``ln(1e6 * V)`` for ``Full`` (clamped mass <= 1e-6 per row; see ``Full``). Ids are lossless
+up to ``2^18`` in uint32 (4 B per entry) and up to ``2^50`` in uint64 (8 B). float16 statistics have a relative
+error <= 2^-11 (4.9e-4); ``tail`` below 6e-5 is stored as a float16 subnormal (absolute error <= 3e-8). Per
+position: 4 B token id + 1 B count + 6 B statistics + 2 B per gamma + 4 B (or 8 B) per kept entry, plus 20 B per
+sequence (index, offset, the extra label token).
 
-Every dataset is chunked with fletcher32 checksums (4 B per chunk). Chunk targets: ``entries`` 16384 elements
-(64 KB), per-position datasets whole sequences of about 2048 positions, ``tokens`` about 4096 ids; each is
-evened out so that the last chunk is (almost) full. Root attributes are :class:`CacheSpec` (the identity of the
-content) plus ``rank``, ``world_size``, ``num_shard_sequences``, ``num_tokens``, ``num_entries``,
+Every dataset is chunked with fletcher32 checksums. Root attributes are :class:`CacheSpec` (the identity of the
+content) plus ``shard``, ``first_sequence``, ``num_shard_sequences``, ``num_tokens``, ``num_entries``,
 ``max_count`` and ``complete`` (written last; a shard is renamed into place only when complete).
 """
 
@@ -36,6 +46,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,46 +57,62 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pd_lightning.distill.processors import LogitsProcessor
+from pd_lightning.distill.processors import DEFAULT_NLOGP_MAX, LogitsProcessor
 from pd_lightning.distill.target import SparseTarget
 
 FORMAT_NAME = "pd-lightning-teacher-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 Q_BITS = 14  # bits of the quantised -log p in a packed entry
 Q_MAX = (1 << Q_BITS) - 1
-NLOGP_MAX = math.log(1e6)  # -log p range [0, ln 1e6]; smaller probabilities are clamped to 1e-6
+NLOGP_MAX = DEFAULT_NLOGP_MAX  # -log p range of truncating processors; smaller probabilities are clamped to 1e-6
 SMALL_VOCAB = 1 << (32 - Q_BITS)  # vocabularies up to 2^18 pack into uint32
 MAX_VOCAB = 1 << (64 - Q_BITS)
-SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
-DATASETS = ("sequence_index", "sequence_offsets", "tokens", "counts", "entries", "std", "entropy")
+DEFAULT_SHARD_TOKENS = 1 << 23  # 8.4M positions per shard: ~1.3 GB at the paper's ~150 B/token
+INDEX_NAME = "index.json"
+SHARD_RE = re.compile(r"^shard-(\d{6})\.h5$")
+RANK_INDEX_RE = re.compile(r"^index-(\d{5})-of-(\d{5})\.json$")
+SCHEMA1_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.(h5|parts)$")
+DATASETS = (
+    "sequence_index", "sequence_offsets", "tokens", "counts", "entries", "std", "entropy", "tail", "power_sum",
+)  # fmt: skip
+STAT_DATASETS = ("std", "entropy", "tail", "power_sum")
 
 
 class CacheError(Exception):
-    """Base class of teacher-cache errors."""
+    """Base class of teacher-cache errors.
+
+    Raised inside a DataLoader worker, PyTorch re-creates the exception in the main process from a message that
+    holds the worker's whole traceback; the constructor keeps only the original one-line message then, so the
+    user sees one clear line whatever ``--data.num_workers`` is.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
 
 
 class CacheIncompleteError(CacheError):
-    """A shard is missing or was never finalised (an interrupted predict run)."""
+    """A cache is still being written (or was interrupted): some shards are not finished."""
 
 
 class CacheCorruptError(CacheError):
-    """A shard cannot be opened or fails a checksum or consistency check."""
+    """A shard or index cannot be read or fails a checksum or consistency check."""
 
 
 class CacheMismatchError(CacheError):
     """A cache was built with other parameters than the caller's."""
 
 
-def shard_name(rank: int, world_size: int) -> str:
-    """File name of rank ``rank``'s shard among ``world_size``."""
-    return f"shard-{rank:05d}-of-{world_size:05d}.h5"
+def shard_name(shard: int) -> str:
+    """File name of shard ``shard``."""
+    return f"shard-{shard:06d}.h5"
 
 
-def shard_sequences(num_sequences: int, rank: int, world_size: int) -> np.ndarray:
-    """Global sequence indices written by ``rank`` of ``world_size``: ``rank, rank + world_size, ...`` (int64)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank}")
-    return np.arange(rank, num_sequences, world_size, dtype=np.int64)
+def rank_index_name(rank: int, world_size: int) -> str:
+    """File name of writer rank ``rank``'s index among ``world_size`` ranks."""
+    return f"index-{rank:05d}-of-{world_size:05d}.json"
 
 
 def entry_dtype(vocab_size: int) -> np.dtype:
@@ -118,6 +145,9 @@ class CacheSpec:
             (unlimited top-p); then readers pad to the largest count stored. Stored as 0 for ``None``.
         processor: JSON of the processor's ``hparams()``.
         capture_temperature: temperature of the stored log-probabilities (1.0: the plain teacher softmax).
+        sequences_per_shard: ``S``, sequences per shard (from ``--writer.shard_tokens``).
+        nlogp_max: the stored ``-log p`` range (the processor's ``nlogp_max``).
+        power_gammas: the gammas whose ``U_gamma`` is stored per position (WTTM).
     """
 
     teacher_fingerprint: str
@@ -129,6 +159,9 @@ class CacheSpec:
     max_entries: int | None
     processor: str
     capture_temperature: float = 1.0
+    sequences_per_shard: int = 1 << 12
+    nlogp_max: float = NLOGP_MAX
+    power_gammas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         entry_dtype(self.vocab_size)
@@ -138,6 +171,12 @@ class CacheSpec:
             raise ValueError(f"num_sequences must be >= 0, got num_sequences={self.num_sequences}")
         if self.max_entries is not None and self.max_entries < 1:
             raise ValueError(f"max_entries must be >= 1 or None, got max_entries={self.max_entries}")
+        if self.sequences_per_shard < 1:
+            raise ValueError(f"sequences_per_shard must be >= 1, got {self.sequences_per_shard}")
+        gammas = tuple(float(g) for g in self.power_gammas)
+        if any(not g > 0 or math.isinf(g) for g in gammas) or len(set(gammas)) != len(gammas):
+            raise ValueError(f"power_gammas must be distinct finite values > 0, got {list(self.power_gammas)}")
+        object.__setattr__(self, "power_gammas", gammas)
 
     @classmethod
     def for_processor(
@@ -150,8 +189,16 @@ class CacheSpec:
         teacher_fingerprint: str,
         tokenizer_fingerprint: str,
         source_fingerprint: str,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        power_gammas: tuple[float, ...] | list[float] = (),
     ) -> CacheSpec:
-        """The spec of a cache written with ``processor`` (arguments as the attributes of the same name)."""
+        """The spec of a cache written with ``processor`` (arguments as the attributes of the same name).
+
+        Args:
+            shard_tokens: positions per shard (rounded down to whole sequences, at least one).
+        """
+        if shard_tokens < 1:
+            raise ValueError(f"--writer.shard_tokens must be >= 1, got {shard_tokens}")
         return cls(
             teacher_fingerprint=teacher_fingerprint,
             tokenizer_fingerprint=tokenizer_fingerprint,
@@ -161,13 +208,44 @@ class CacheSpec:
             num_sequences=num_sequences,
             max_entries=processor.max_entries(vocab_size),
             processor=json.dumps(processor.hparams(), sort_keys=True),
+            sequences_per_shard=max(1, shard_tokens // seq_len),
+            nlogp_max=processor.nlogp_max(vocab_size),
+            power_gammas=tuple(power_gammas),
         )
+
+    # ------------------------------------------------------------------------------------- layout
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_sequences // self.sequences_per_shard)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Global sequences ``[start, stop)`` of shard ``shard``."""
+        start = shard * self.sequences_per_shard
+        return start, min(start + self.sequences_per_shard, self.num_sequences)
+
+    def rank_shards(self, rank: int, world_size: int) -> np.ndarray:
+        """Shards written by writer rank ``rank`` of ``world_size``: ``rank, rank + world_size, ...`` (int64)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        return np.arange(rank, self.num_shards, world_size, dtype=np.int64)
+
+    # ------------------------------------------------------------------------------------- (de)serialising
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "power_gammas": list(self.power_gammas)}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any], path: Path | str) -> CacheSpec:
+        try:
+            return cls(**{**values, "power_gammas": tuple(values.get("power_gammas", ()))})
+        except (TypeError, ValueError) as err:
+            raise CacheCorruptError(f"{path}: unreadable cache spec ({err})") from err
 
     def to_attrs(self) -> dict[str, Any]:
         """Root attributes (including format name, schema version and the encoding constants)."""
         attrs = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **asdict(self)}
         attrs["max_entries"] = self.max_entries or 0
-        attrs.update(quant_bits=Q_BITS, nlogp_max=NLOGP_MAX, entry_dtype=str(entry_dtype(self.vocab_size)))
+        attrs["power_gammas"] = json.dumps(list(self.power_gammas))
+        attrs.update(quant_bits=Q_BITS, entry_dtype=str(entry_dtype(self.vocab_size)))
         return attrs
 
     @classmethod
@@ -176,14 +254,13 @@ class CacheSpec:
         if attrs.get("format") != FORMAT_NAME:
             raise CacheCorruptError(f"{path} is not a pd-lightning teacher cache shard (format={attrs.get('format')})")
         if int(attrs["schema_version"]) != SCHEMA_VERSION:
-            raise CacheMismatchError(
-                f"{path} has cache schema_version={attrs['schema_version']}, this code reads {SCHEMA_VERSION}"
-            )
+            raise CacheMismatchError(schema1_message(Path(path).parent))
         values = {}
         for f in fields(cls):
             value = attrs[f.name]
             values[f.name] = value.item() if isinstance(value, np.generic) else value
         values["max_entries"] = values["max_entries"] or None
+        values["power_gammas"] = tuple(json.loads(values["power_gammas"]))
         return cls(**values)
 
     def describe_difference(self, other: CacheSpec) -> str:
@@ -193,6 +270,132 @@ class CacheSpec:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         )
+
+
+def schema1_message(path: Path) -> str:
+    return (
+        f"{path} is a schema-1 teacher cache (written by an older pd-lightning, one merged shard per rank); this "
+        f"version reads schema {SCHEMA_VERSION}: write it again with `pd-lightning predict` (same arguments, into "
+        "a new --writer.output, or with --writer.overwrite true)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ atomic files
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to ``path`` atomically: a unique temporary file, fsynced, renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(value, fh, sort_keys=True, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CacheCorruptError(
+            f"cannot read cache index {path} ({err}); delete it and rerun `pd-lightning predict`"
+        ) from err
+    if not isinstance(value, dict) or value.get("format") != FORMAT_NAME:
+        raise CacheCorruptError(f"{path} is not a pd-lightning teacher cache index")
+    if int(value.get("schema_version", 0)) != SCHEMA_VERSION:
+        raise CacheMismatchError(schema1_message(path.parent))
+    return value
+
+
+def index_document(spec: CacheSpec, shards: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The JSON of an index: spec and the records of finished shards (keys: shard numbers as strings)."""
+    return {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "spec": spec.to_json(),
+        "shards": {str(j): shards[j] for j in sorted(shards)},
+        **extra,
+    }
+
+
+@dataclass
+class CacheLayout:
+    """What a cache folder holds: its spec and the finished shards (union of all indexes).
+
+    Attributes:
+        path: the folder.
+        spec: the cache spec.
+        shards: ``{shard: record}`` of finished shards (``sequences``, ``entries``, ``max_count``, ``bytes``).
+        final: whether ``index.json`` (written once every shard is finished) exists.
+    """
+
+    path: Path
+    spec: CacheSpec
+    shards: dict[int, dict[str, Any]]
+    final: bool
+
+    @property
+    def complete(self) -> bool:
+        return len(self.shards) == self.spec.num_shards
+
+    @property
+    def finished_sequences(self) -> int:
+        return sum(self.spec.shard_range(j)[1] - self.spec.shard_range(j)[0] for j in self.shards)
+
+    def file(self, shard: int) -> Path:
+        return self.path / shard_name(shard)
+
+
+def read_layout(path: Path | str, check_files: bool = True) -> CacheLayout | None:
+    """The union of a cache folder's indexes, or ``None`` when it holds no index.
+
+    Raises:
+        CacheMismatchError: indexes of different specs (two caches mixed in one folder), or a schema-1 cache.
+        CacheCorruptError: an unreadable index, or (``check_files``) an index naming a shard that is missing.
+    """
+    path = Path(path)
+    names = sorted(p.name for p in path.iterdir())
+    if any(SCHEMA1_RE.match(n) for n in names) and not any(n == INDEX_NAME or RANK_INDEX_RE.match(n) for n in names):
+        raise CacheMismatchError(schema1_message(path))
+    indexes = ([path / INDEX_NAME] if INDEX_NAME in names else []) + [path / n for n in names if RANK_INDEX_RE.match(n)]
+    if not indexes:
+        return None
+    spec, first, shards = None, None, {}
+    for index in indexes:
+        try:
+            doc = read_json(index)
+        except CacheCorruptError:
+            if not index.exists():  # a rank index removed by the writer that just wrote index.json
+                continue
+            raise
+        this = CacheSpec.from_json(doc.get("spec", {}), index)
+        if spec is None:
+            spec, first = this, index
+        elif this != spec:
+            raise CacheMismatchError(
+                f"{path} mixes two caches: {index.name} was written with other parameters than {first.name} "
+                f"({this.describe_difference(spec)}); keep one cache per folder (delete the other's files)"
+            )
+        for key, record in doc.get("shards", {}).items():
+            shards.setdefault(int(key), record)
+    if spec is None:  # every index listed was replaced meanwhile (index.json written): look again
+        return read_layout(path, check_files)
+    for j in shards:
+        if not 0 <= j < spec.num_shards:
+            raise CacheCorruptError(f"{path}: an index names shard {j}, outside [0, {spec.num_shards})")
+        if check_files and not (path / shard_name(j)).is_file():
+            raise CacheCorruptError(
+                f"{path}: the index names {shard_name(j)}, which is missing; rerun `pd-lightning predict` with the "
+                "same arguments to write it again"
+            )
+    return CacheLayout(path, spec, shards, INDEX_NAME in names)
 
 
 @dataclass
@@ -205,9 +408,26 @@ class EncodedSequences:
     entries: np.ndarray  # (E,) entry dtype
     std: np.ndarray  # (S * L,) float16
     entropy: np.ndarray  # (S * L,) float16
+    tail: np.ndarray  # (S * L,) float16
+    power_sum: np.ndarray  # (S * L, G) float16
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def sequence_entries(self, length: int) -> np.ndarray:
+        """``(S,)`` kept entries per sequence."""
+        return self.counts.reshape(-1, length).sum(1, dtype=np.int64)
+
+
+def _finite_or_raise(name: str, value: Tensor, sequence_index: Tensor, length: int) -> None:
+    bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(-1)  # (N,)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        seq = int(sequence_index[row // length])
+        raise ValueError(
+            f"non-finite teacher statistic '{name}' at sequence {seq}, position {row % length}; the teacher's logits "
+            "are not usable there (check the teacher checkpoint and --model.dtype)"
+        )
 
 
 def encode(sequence_index: Tensor, tokens: Tensor, target: SparseTarget, spec: CacheSpec) -> EncodedSequences:
@@ -216,8 +436,12 @@ def encode(sequence_index: Tensor, tokens: Tensor, target: SparseTarget, spec: C
     Args:
         sequence_index: ``(B,)`` global sequence indices.
         tokens: ``(B, L + 1)`` token rows.
-        target: the teacher's target for the ``B * L`` predicted positions, sequence-major.
-        spec: the cache spec (vocabulary, ``L``, ``K``).
+        target: the teacher's target for the ``B * L`` predicted positions, sequence-major. Its ``tail`` is used
+            when present (else ``1 - kept mass``); ``power_sums`` must hold every gamma of ``spec.power_gammas``.
+        spec: the cache spec (vocabulary, ``L``, ``K``, value range, gammas).
+
+    Raises:
+        ValueError: shapes, ids outside the vocabulary, positive log-probabilities, or non-finite statistics.
     """
     b, length = sequence_index.shape[0], spec.seq_len
     if tuple(tokens.shape) != (b, length + 1):
@@ -228,6 +452,16 @@ def encode(sequence_index: Tensor, tokens: Tensor, target: SparseTarget, spec: C
         raise ValueError("target must carry the per-position std and entropy of the full teacher logits")
     valid = torch.isfinite(target.logprobs)  # (N, K)
     counts = valid.sum(-1)  # (N,)
+    tail = target.tail if target.tail is not None else (1.0 - target.kept_mass).clamp(min=0.0)
+    sums = []
+    for gamma in spec.power_gammas:
+        u = target.power_sum(gamma)
+        if u is None:
+            raise ValueError(f"target lacks U_gamma for gamma={gamma} (the cache stores gammas {spec.power_gammas})")
+        sums.append(u.float())
+    power = torch.stack(sums, -1) if sums else target.std.new_zeros(b * length, 0)  # (N, G)
+    for name, value in (("std", target.std), ("entropy", target.entropy), ("tail", tail), ("power_sum", power)):
+        _finite_or_raise(name, value.float(), sequence_index, length)
     ids = target.ids[valid].to(torch.int64)  # (E,) row-major = CSR order
     nlogp = -target.logprobs[valid].double()  # (E,)
     if ids.numel():
@@ -238,15 +472,21 @@ def encode(sequence_index: Tensor, tokens: Tensor, target: SparseTarget, spec: C
             raise ValueError(f"stored values must be log-probabilities <= 0, got {-float(nlogp.min()):.4g}")
     if spec.max_entries is not None and counts.numel() and int(counts.max()) > spec.max_entries:
         raise ValueError(f"a position keeps {int(counts.max())} entries, more than max_entries={spec.max_entries}")
-    q = torch.round(nlogp.clamp(0.0, NLOGP_MAX) * (Q_MAX / NLOGP_MAX)).to(torch.int64)
+    q = torch.round(nlogp.clamp(0.0, spec.nlogp_max) * (Q_MAX / spec.nlogp_max)).to(torch.int64)
     packed = (ids << Q_BITS) | q  # (E,)
+
+    def half(x: Tensor) -> np.ndarray:
+        return x.detach().float().clamp(-65504, 65504).cpu().numpy().astype(np.float16)
+
     return EncodedSequences(
         sequence_index=sequence_index.detach().to(torch.int64).cpu().numpy(),
         tokens=tokens.detach().to(torch.int32).cpu().numpy(),
         counts=counts.cpu().numpy().astype(count_dtype(spec.max_entries or spec.vocab_size)),
         entries=packed.cpu().numpy().astype(entry_dtype(spec.vocab_size)),
-        std=target.std.detach().float().clamp(-65504, 65504).cpu().numpy().astype(np.float16),
-        entropy=target.entropy.detach().float().cpu().numpy().astype(np.float16),
+        std=half(target.std),
+        entropy=half(target.entropy),
+        tail=half(tail),
+        power_sum=half(power),
     )
 
 
@@ -256,17 +496,20 @@ def _prefix_table(k: int) -> np.ndarray:
     return np.arange(k)[None, :] < np.arange(k + 1)[:, None]
 
 
-def decode(counts: np.ndarray, entries: np.ndarray, max_entries: int) -> tuple[np.ndarray, np.ndarray]:
+def decode(
+    counts: np.ndarray, entries: np.ndarray, max_entries: int, nlogp_max: float = NLOGP_MAX
+) -> tuple[np.ndarray, np.ndarray]:
     """CSR entries -> padded ``ids`` ``(W, K)`` int64 (padding 0) and ``logprobs`` ``(W, K)`` fp32 (padding -inf).
 
     Args:
         counts: ``(W,)`` entries per position.
         entries: ``(sum(counts),)`` packed entries.
         max_entries: ``K``.
+        nlogp_max: the cache's ``-log p`` range (``spec.nlogp_max``).
     """
     w, k = counts.shape[0], max_entries
     ids_flat = (entries >> Q_BITS).astype(np.int64)  # (E,)
-    lp_flat = (entries & Q_MAX).astype(np.float32) * np.float32(-NLOGP_MAX / Q_MAX)  # (E,)
+    lp_flat = (entries & Q_MAX).astype(np.float32) * np.float32(-nlogp_max / Q_MAX)  # (E,)
     if entries.shape[0] == w * k:  # every position full: a reshape, no scatter
         return ids_flat.reshape(w, k), lp_flat.reshape(w, k)
     ids = np.zeros((w, k), dtype=np.int64)
@@ -298,9 +541,9 @@ def read_dataset(path: Path, dset: h5py.Dataset, sel: Any = slice(None)) -> np.n
 
 
 def content_checksum(path: Path | str, block: int = 1 << 22) -> str:
-    """sha256 over the logical content: every shard's attributes and datasets (name, dtype, shape, bytes).
+    """sha256 over the logical content: every finished shard's attributes and datasets (name, dtype, shape, bytes).
 
-    Equal for caches holding equal data, independent of chunking, write order or interruptions.
+    Equal for caches holding equal data, independent of chunking, write order, writer ranks or interruptions.
 
     Args:
         path: a cache folder or a single shard file.
@@ -317,8 +560,9 @@ def content_checksum(path: Path | str, block: int = 1 << 22) -> str:
             for name in DATASETS:
                 dset = f[name]
                 digest.update(f"{name}:{dset.dtype.str}:{dset.shape}".encode())
-                for start in range(0, dset.shape[0], max(1, block // max(1, int(np.prod(dset.shape[1:]))))):
-                    stop = start + max(1, block // max(1, int(np.prod(dset.shape[1:]))))
+                row = max(1, int(np.prod(dset.shape[1:])))
+                for start in range(0, dset.shape[0], max(1, block // row)):
+                    stop = start + max(1, block // row)
                     digest.update(np.ascontiguousarray(read_dataset(file, dset, slice(start, stop))).tobytes())
     return digest.hexdigest()
 

@@ -11,16 +11,15 @@ import numpy as np
 
 from pd_lightning.data.cache_format import (
     DATASETS,
-    NLOGP_MAX,
     Q_BITS,
-    Q_MAX,
     SCHEMA_VERSION,
+    STAT_DATASETS,
     CacheCorruptError,
     CacheIncompleteError,
     CacheMismatchError,
     read_dataset,
 )
-from pd_lightning.data.cache_reader import TeacherCache
+from pd_lightning.data.cache_reader import RESUME, TeacherCache, open_layout
 
 _BLOCK_TOKENS = 1 << 20  # positions scanned per step
 
@@ -32,35 +31,51 @@ def _blocks(offsets: np.ndarray, length: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def verify(path: str | Path, vocab_size: int | None = None) -> dict[str, Any]:
+def _check_finite(file: Path, f: h5py.File, a: int, b: int) -> dict[str, np.ndarray]:
+    """The statistics of positions ``[a, b)`` (float64), refusing NaN/Inf with the shard and position named."""
+    out = {}
+    for name in STAT_DATASETS:
+        value = read_dataset(file, f[name], slice(a, b)).astype(np.float64)
+        bad = ~np.isfinite(value.reshape(len(value), -1)).all(-1)
+        if bad.any():
+            raise CacheCorruptError(
+                f"cache shard {file} holds a non-finite teacher statistic ({name}) at position "
+                f"{a + int(np.flatnonzero(bad)[0])}; delete the shard and {RESUME}"
+            )
+        out[name] = value
+    return out
+
+
+def verify(path: str | Path, vocab_size: int | None = None, allow_partial: bool = False) -> dict[str, Any]:
     """Read every byte of a cache, checking checksums and consistency; return a short summary.
 
-    Checks: every shard present, opens and is complete (else :class:`CacheIncompleteError`); fletcher32 of every
-    chunk and the internal consistency of counts, offsets and sizes (else :class:`CacheCorruptError` naming
-    file and dataset); ids and tokens below the cache's vocabulary and below ``vocab_size``
-    (else :class:`CacheMismatchError`).
+    Checks: the indexes agree and name existing, complete shards of one spec (else :class:`CacheIncompleteError` /
+    :class:`CacheMismatchError`); fletcher32 of every chunk, the internal consistency of counts, offsets and sizes,
+    and finite statistics (else :class:`CacheCorruptError` naming file and dataset); ids and tokens below the
+    cache's vocabulary and below ``vocab_size`` (else :class:`CacheMismatchError`).
 
     Args:
         path: the cache folder.
         vocab_size: the student's vocabulary size (optional).
+        allow_partial: verify the finished shards of an unfinished cache.
     """
-    cache = TeacherCache(path)
+    cache = TeacherCache(path, allow_partial=allow_partial)
     limit = cache.vocab_size if vocab_size is None else min(vocab_size, cache.vocab_size)
-    length, tokens_total, entries_total, max_id = cache.seq_len, 0, 0, -1
-    for s, file in enumerate(cache.files):
-        offsets = cache._offsets[s]
+    length, tokens_total, entries_total, max_id, sequences = cache.seq_len, 0, 0, -1, 0
+    for file in cache.files:
         with h5py.File(file, "r") as f:
             for name in DATASETS:  # the small ones in full; big ones block by block below
                 if name not in f:
                     raise CacheCorruptError(f"cache shard {file} lacks dataset '{name}'")
+            offsets = read_dataset(file, f["sequence_offsets"])
             num_seq, num_entries = len(offsets) - 1, f["entries"].shape[0]
+            read_dataset(file, f["sequence_index"])
             if offsets[0] != 0 or offsets[-1] != num_entries or (np.diff(offsets) < 0).any():
                 raise CacheCorruptError(f"cache shard {file}: sequence_offsets inconsistent with 'entries'")
             if f["tokens"].shape != (num_seq, length + 1) or f["counts"].shape[0] != num_seq * length:
                 raise CacheCorruptError(f"cache shard {file}: dataset shapes do not match {num_seq} sequences")
             for a, b in _blocks(offsets, length):
-                read_dataset(file, f["std"], slice(a * length, b * length))
-                read_dataset(file, f["entropy"], slice(a * length, b * length))
+                _check_finite(file, f, a * length, b * length)
                 tokens = read_dataset(file, f["tokens"], slice(a, b))
                 counts = read_dataset(file, f["counts"], slice(a * length, b * length)).astype(np.int64)
                 if not np.array_equal(counts.reshape(-1, length).sum(1), np.diff(offsets[a : b + 1])):
@@ -72,47 +87,45 @@ def verify(path: str | Path, vocab_size: int | None = None) -> dict[str, Any]:
                     raise CacheCorruptError(f"cache shard {file}: token ids outside [0, {cache.vocab_size})")
             tokens_total += num_seq * length
             entries_total += num_entries
+            sequences += num_seq
     if max_id >= limit:
         raise CacheMismatchError(
             f"teacher cache {path} holds id {max_id}, not below vocab_size={limit} "
             f"(cache vocab {cache.vocab_size}, student vocab {vocab_size})"
         )
-    return {"shards": len(cache.files), "sequences": len(cache), "tokens": tokens_total, "entries": entries_total}
+    return {"shards": len(cache.files), "sequences": sequences, "tokens": tokens_total, "entries": entries_total}
 
 
 def cache_info(path: str | Path, sample_tokens: int | None = None) -> dict[str, Any]:
-    """Size and content statistics of a cache (for ``pd-lightning cache-info``).
+    """Size and content statistics of a cache (for ``pd-lightning cache-info``), from its index and shards.
 
     Keys: ``tokens``, ``entries``, ``bytes`` (files on disk), ``bytes_per_token``, ``bytes_per_entry`` (the
     ``entries`` dataset's storage per entry), ``bookkeeping_bytes_per_token`` (counts + per-sequence tables),
-    ``stats_bytes_per_token`` (std + entropy), ``token_bytes_per_token``, ``mean_entries_per_token``,
-    ``entries_histogram`` (``{entries per position: positions}``), ``mean_kept_mass``, ``mean_std``,
-    ``mean_entropy``, ``sampled_tokens``, the spec (``schema_version``, fingerprints, ``processor``, ...),
-    ``shards`` and ``complete``. An unfinished cache gives ``complete: False``, the reason and the number of
-    sequences committed so far.
+    ``stats_bytes_per_token`` (std, entropy, tail, power sums), ``token_bytes_per_token``,
+    ``mean_entries_per_token``, ``entries_histogram`` (``{entries per position: positions}``), ``mean_kept_mass``
+    (from the stored tail: ``1 - tail``), ``mean_std``, ``mean_entropy``, ``sampled_tokens``, the spec
+    (``schema_version``, fingerprints, ``processor``, ``power_gammas``, ...), ``shards`` (finished),
+    ``num_shards`` (in the complete cache) and ``complete``. An unfinished cache gives ``complete: False``, the
+    reason, and the figures of its finished shards. Non-finite statistics raise :class:`CacheCorruptError`.
 
     Args:
         path: the cache folder.
         sample_tokens: positions per shard scanned for the histogram and means (``None``: all).
     """
     path = Path(path)
-    try:
-        cache = TeacherCache(path)
-    except CacheIncompleteError as err:
-        committed = 0
-        for part in sorted(path.glob("shard-*.parts/part-*.npz")):
-            with np.load(part) as data:
-                committed += len(data["sequence_index"])
-        return {"path": str(path), "complete": False, "reason": str(err), "committed_sequences": committed}
+    layout = open_layout(path)
+    if not layout.shards:
+        raise CacheIncompleteError(f"teacher cache {path} has no finished shard yet; {RESUME}")
+    cache = TeacherCache(path, allow_partial=True)
     length, k = cache.seq_len, cache.max_entries
     storage = dict.fromkeys(DATASETS, 0)
     total_bytes, tokens, entries, scanned = 0, 0, 0, 0
     histogram = np.zeros(k + 1, dtype=np.int64)
     kept_mass = std_sum = entropy_sum = 0.0
-    for s, file in enumerate(cache.files):
+    for file in cache.files:
         total_bytes += file.stat().st_size
-        offsets = cache._offsets[s]
         with h5py.File(file, "r") as f:
+            offsets = read_dataset(file, f["sequence_offsets"])
             for name in DATASETS:
                 storage[name] += f[name].id.get_storage_size()
             tokens += int(f.attrs["num_tokens"])
@@ -123,37 +136,38 @@ def cache_info(path: str | Path, sample_tokens: int | None = None) -> dict[str, 
                     break
                 b = min(b, a + max(1, -(-budget // length)))
                 counts = read_dataset(file, f["counts"], slice(a * length, b * length)).astype(np.int64)
-                packed = read_dataset(file, f["entries"], slice(int(offsets[a]), int(offsets[b])))
-                probs = np.exp((packed & Q_MAX).astype(np.float64) * (-NLOGP_MAX / Q_MAX))  # (E_b,)
-                rows = np.repeat(np.arange(len(counts)), counts)  # position of each entry
-                kept_mass += float(np.bincount(rows, weights=probs, minlength=len(counts)).sum())
+                stats = _check_finite(file, f, a * length, b * length)
                 histogram += np.bincount(counts, minlength=k + 1)[: k + 1]
-                std_sum += float(read_dataset(file, f["std"], slice(a * length, b * length)).astype(np.float64).sum())
-                entropy_sum += float(
-                    read_dataset(file, f["entropy"], slice(a * length, b * length)).astype(np.float64).sum()
-                )
+                kept_mass += float((1.0 - stats["tail"]).sum())
+                std_sum += float(stats["std"].sum())
+                entropy_sum += float(stats["entropy"].sum())
                 scanned += len(counts)
                 budget -= len(counts)
+    index_bytes = sum(p.stat().st_size for p in path.glob("index*.json"))
     spec = cache.meta
-    return {
+    info = {
         "path": str(path),
-        "complete": True,
+        "complete": layout.complete,
         "schema_version": SCHEMA_VERSION,
         **{key: spec[key] for key in ("teacher_fingerprint", "tokenizer_fingerprint", "source_fingerprint")},
         "processor": spec["processor"],
+        "power_gammas": list(cache.spec.power_gammas),
         "vocab_size": cache.vocab_size,
         "seq_len": length,
-        "num_sequences": len(cache),
+        "num_sequences": cache.num_sequences,
+        "finished_sequences": len(cache),
         "max_entries": k,
         "shards": len(cache.files),
+        "num_shards": cache.spec.num_shards,
+        "sequences_per_shard": cache.spec.sequences_per_shard,
         "tokens": tokens,
         "entries": entries,
-        "bytes": total_bytes,
-        "bytes_per_token": total_bytes / max(tokens, 1),
+        "bytes": total_bytes + index_bytes,
+        "bytes_per_token": (total_bytes + index_bytes) / max(tokens, 1),
         "bytes_per_entry": storage["entries"] / max(entries, 1),
         "bookkeeping_bytes_per_token": sum(storage[n] for n in ("counts", "sequence_index", "sequence_offsets"))
         / max(tokens, 1),
-        "stats_bytes_per_token": (storage["std"] + storage["entropy"]) / max(tokens, 1),
+        "stats_bytes_per_token": sum(storage[n] for n in STAT_DATASETS) / max(tokens, 1),
         "token_bytes_per_token": storage["tokens"] / max(tokens, 1),
         "mean_entries_per_token": entries / max(tokens, 1),
         "entries_histogram": {int(c): int(n) for c, n in enumerate(histogram) if n},
@@ -162,6 +176,11 @@ def cache_info(path: str | Path, sample_tokens: int | None = None) -> dict[str, 
         "mean_entropy": entropy_sum / max(scanned, 1),
         "sampled_tokens": scanned,
     }
+    if not layout.complete:
+        info["reason"] = (
+            f"{layout.finished_sequences} of {layout.spec.num_sequences} sequences in finished shards; {RESUME}"
+        )
+    return info
 
 
 def plot_entries_histogram(info: dict[str, Any], png_path: str | Path) -> Path:

@@ -1,7 +1,9 @@
-"""Reading a teacher cache: a map-style ``Dataset`` over the global sequence indices of all shards.
+"""Reading a teacher cache: a map-style ``Dataset`` over the sequences of its finished shards.
 
-Only small per-sequence tables are loaded at construction; HDF5 handles are opened lazily, once per process,
-so the dataset works in DataLoader workers started by fork or spawn (handles are never pickled or shared).
+The reader takes the union of the cache's indexes (see :mod:`pd_lightning.data.cache_format`), i.e. the finished
+shards of any number of writer ranks, and checks every shard's header (it exists, opens, is complete and of the
+index's spec). Only small per-shard tables are loaded, lazily; HDF5 handles are opened lazily, once per process, so
+the dataset works in DataLoader workers started by fork or spawn (handles are never pickled or shared).
 """
 
 from __future__ import annotations
@@ -21,18 +23,27 @@ from pd_lightning.data.cache_format import (
     CacheCorruptError,
     CacheError,
     CacheIncompleteError,
+    CacheLayout,
     CacheMismatchError,
     CacheSpec,
     decode,
     read_attrs,
     read_dataset,
-    shard_name,
-    shard_sequences,
+    read_layout,
+    schema1_message,
 )
-from pd_lightning.distill.target import TEACHER_ENTROPY, TEACHER_IDS, TEACHER_LOGPROBS, TEACHER_STD
+from pd_lightning.distill.target import (
+    TEACHER_ENTROPY,
+    TEACHER_IDS,
+    TEACHER_LOGPROBS,
+    TEACHER_STD,
+    TEACHER_TAIL,
+    power_sum_key,
+)
 
 # HDF5 raw-data chunk cache per open file: holds the chunks a 2048-position window touches.
 _CHUNK_CACHE_BYTES = 4 << 20
+RESUME = "rerun `pd-lightning predict` with the same arguments to finish it"
 
 
 class _Shard(NamedTuple):
@@ -42,82 +53,100 @@ class _Shard(NamedTuple):
     entries: h5py.Dataset
     std: h5py.Dataset
     entropy: h5py.Dataset
+    tail: h5py.Dataset
+    power_sum: h5py.Dataset
+    offsets: np.ndarray  # (S_j + 1,)
 
 
-def list_shards(path: Path) -> list[Path]:
-    """The shard files of a cache folder, checked to form one complete set ``0..world-1``.
-
-    Raises:
-        CacheIncompleteError: no shard, or a missing one (an interrupted ``predict``).
-        CacheError: shards of several world sizes.
-    """
-    if not path.is_dir():
+def open_layout(path: str | Path) -> CacheLayout:
+    """The layout of a cache folder, refusing a path that is not a cache folder (one clear message each)."""
+    path = Path(path)
+    if not path.exists():
         raise CacheError(f"teacher cache folder {path} does not exist")
-    found = {(int(m[1]), int(m[2])) for m in (SHARD_RE.match(p.name) for p in path.iterdir()) if m}
-    parts = sorted(p.name for p in path.glob("shard-*.parts"))
-    resume = "rerun `pd-lightning predict` with the same arguments to resume"
-    if not found:
-        if parts:
-            raise CacheIncompleteError(f"teacher cache {path} is unfinished (only {', '.join(parts)}); {resume}")
-        raise CacheError(f"no teacher cache shards (shard-*-of-*.h5) in {path}")
-    worlds = sorted({w for _, w in found})
-    if len(worlds) > 1:
-        raise CacheError(f"{path} mixes shards written with world sizes {worlds}; delete the stale ones")
-    world = worlds[0]
-    missing = [shard_name(r, world) for r in range(world) if (r, world) not in found]
-    if missing:
-        raise CacheIncompleteError(f"teacher cache {path} lacks {', '.join(missing)}; {resume}")
-    return [path / shard_name(r, world) for r in range(world)]
+    if not path.is_dir():
+        raise CacheError(f"{path} is a file, not a teacher cache folder (pass the folder `pd-lightning predict` wrote)")
+    layout = read_layout(path)
+    if layout is None:
+        if any(SHARD_RE.match(p.name[: -len(".tmp")]) for p in path.glob("shard-*.h5.tmp")):
+            raise CacheIncompleteError(f"teacher cache {path} has no finished shard yet; {RESUME}")
+        raise CacheError(f"no teacher cache in {path} (no index.json or index-*-of-*.json)")
+    for p in path.iterdir():  # a finished shard that no index names must at least belong to this cache
+        match = SHARD_RE.match(p.name)
+        if match and int(match[1]) not in layout.shards:
+            try:
+                spec = CacheSpec.from_attrs(read_attrs(p), p)
+            except CacheError:
+                continue  # being written or adopted by a running predict
+            if spec != layout.spec:
+                raise CacheMismatchError(
+                    f"{path} mixes two caches: {p.name} was written with other parameters than the index "
+                    f"({spec.describe_difference(layout.spec)}); keep one cache per folder"
+                )
+    return layout
 
 
 class TeacherCache(Dataset):
-    """All shards of a teacher cache, indexed by global sequence index.
+    """The finished shards of a teacher cache; ``cache[i]`` is the ``i``-th finished sequence.
 
-    ``cache[i]`` is a dict of tensors for sequence ``i`` (``L = seq_len``, ``K`` = :attr:`max_entries`):
-    ``input_ids`` ``(L,)`` int64, ``labels`` ``(L,)`` int64, ``teacher_ids`` ``(L, K)`` int64 (padding 0),
-    ``teacher_logprobs`` ``(L, K)`` float32 (padding ``-inf``), ``teacher_std`` and ``teacher_entropy``
-    ``(L,)`` float32. ``K`` is fixed per cache, so batches collate with the default collate function.
+    For a complete cache ``cache[i]`` is global sequence ``i``. With ``allow_partial`` a cache still being written
+    (or interrupted) is read over the sequences of the shards finished when it was opened, in global order
+    (:attr:`sequences` maps positions to global indices).
+
+    Items (``L = seq_len``, ``K`` = :attr:`max_entries`, ``G`` stored gammas): ``input_ids`` ``(L,)`` int64,
+    ``labels`` ``(L,)`` int64, ``teacher_ids`` ``(L, K)`` int64 (padding 0), ``teacher_logprobs`` ``(L, K)``
+    float32 (padding ``-inf``), ``teacher_std``, ``teacher_entropy``, ``teacher_tail`` ``(L,)`` float32 and one
+    ``teacher_power_sum@<gamma>`` ``(L,)`` float32 per stored gamma. ``K`` is fixed per cache, so batches
+    collate with the default collate function. Rows that cover the whole vocabulary (``Full``) are renormalised
+    to sum to 1. Non-finite statistics raise :class:`CacheCorruptError` naming the shard and sequence.
 
     Args:
         path: the cache folder.
+        allow_partial: read a cache whose shards are not all finished (refused by default).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, allow_partial: bool = False) -> None:
         self.path = Path(path)
-        self.files = list_shards(self.path)
-        specs, offsets, index, max_counts = [], [], [], []
-        for file in self.files:
-            attrs = read_attrs(file)
-            if not attrs.get("complete", False):
-                raise CacheIncompleteError(
-                    f"teacher cache shard {file} is incomplete (never finalised); "
-                    "rerun `pd-lightning predict` with the same arguments to resume"
-                )
-            specs.append(CacheSpec.from_attrs(attrs, file))
-            max_counts.append(int(attrs["max_count"]))
-            with h5py.File(file, "r") as f:
-                index.append(read_dataset(file, f["sequence_index"]))
-                offsets.append(read_dataset(file, f["sequence_offsets"]))
-        for file, spec in zip(self.files[1:], specs[1:]):
-            if spec != specs[0]:
-                raise CacheMismatchError(f"{file} differs from {self.files[0]}: {spec.describe_difference(specs[0])}")
-        self.spec = specs[0]
-        self._offsets = offsets  # per shard (S_s + 1,) entry offset of each sequence
-        n, world = self.spec.num_sequences, len(self.files)
-        self._shard_of: np.ndarray | None = np.full(n, -1, dtype=np.int32)  # (N,) shard holding each sequence
-        self._row_of: np.ndarray | None = np.zeros(n, dtype=np.int64)  # (N,) its row in that shard
-        for s, (file, idx) in enumerate(zip(self.files, index)):
-            if idx.size and (idx.min() < 0 or idx.max() >= n or (self._shard_of[idx] >= 0).any()):
-                raise CacheCorruptError(f"{file}: sequence_index out of range or duplicated across shards")
-            self._shard_of[idx] = s
-            self._row_of[idx] = np.arange(len(idx))
-        if (self._shard_of < 0).any():
-            raise CacheIncompleteError(f"teacher cache {self.path} lacks {(self._shard_of < 0).sum()} of {n} sequences")
-        if all(np.array_equal(idx, shard_sequences(n, s, world)) for s, idx in enumerate(index)):
-            self._shard_of = self._row_of = None  # the writers' partition: i -> shard i % world, row i // world
+        layout = open_layout(self.path)
+        if not layout.complete and not allow_partial:
+            raise CacheIncompleteError(
+                f"teacher cache {self.path} is unfinished ({layout.finished_sequences} of "
+                f"{layout.spec.num_sequences} sequences in finished shards); {RESUME}, or pass "
+                "--data.allow_partial true to train on the finished part"
+            )
+        if not layout.shards:
+            raise CacheIncompleteError(f"teacher cache {self.path} has no finished shard yet; {RESUME}")
+        self.spec: CacheSpec = layout.spec
+        self.layout = layout
+        self.complete = layout.complete
+        for j in sorted(layout.shards):
+            self._check_header(j)
+        self.shard_ids = np.array(sorted(layout.shards), dtype=np.int64)  # (J,)
+        self.sequences: np.ndarray | None = None  # (n,) global index of each position, None = identity
+        if not layout.complete:
+            self.sequences = np.concatenate([np.arange(*self.spec.shard_range(int(j))) for j in self.shard_ids])
+        max_counts = [int(r.get("max_count", 0)) for r in layout.shards.values()]
         self.max_entries = self.spec.max_entries or max(max(max_counts), 1)
         self._pid: int | None = None
         self._shards: dict[int, _Shard] = {}
+
+    def _check_header(self, j: int) -> None:
+        file = self.layout.file(j)
+        attrs = read_attrs(file)
+        try:
+            spec = CacheSpec.from_attrs(attrs, file)
+        except CacheMismatchError as err:
+            raise CacheMismatchError(schema1_message(self.path)) from err
+        if spec != self.spec:
+            raise CacheMismatchError(
+                f"{file} was written with other parameters than {self.path}'s index "
+                f"({spec.describe_difference(self.spec)}); keep one cache per folder"
+            )
+        start, stop = self.spec.shard_range(j)
+        if not attrs.get("complete", False) or int(attrs.get("shard", -1)) != j:
+            raise CacheCorruptError(f"teacher cache shard {file} is not a finished shard {j}; delete it and {RESUME}")
+        if int(attrs["num_shard_sequences"]) != stop - start:
+            raise CacheCorruptError(f"teacher cache shard {file} holds {attrs['num_shard_sequences']} sequences, "
+                                    f"expected {stop - start}; delete it and {RESUME}")  # fmt: skip
 
     # ----------------------------------------------------------------------------------------- metadata
     @property
@@ -133,11 +162,16 @@ class TeacherCache(Dataset):
         return self.spec.vocab_size
 
     @property
+    def files(self) -> list[Path]:
+        """The finished shard files read."""
+        return [self.layout.file(int(j)) for j in self.shard_ids]
+
+    @property
     def meta(self) -> dict[str, Any]:
-        """The cache's metadata: the spec's fields (``processor`` parsed from JSON), world size, ``K``."""
+        """The cache's metadata: the spec's fields (``processor`` parsed from JSON), shard count, ``K``."""
         meta = dict(self.spec.__dict__)
         meta["processor"] = json.loads(self.spec.processor)
-        meta.update(world_size=len(self.files), max_entries=self.max_entries, path=str(self.path))
+        meta.update(shards=len(self.shard_ids), max_entries=self.max_entries, path=str(self.path))
         return meta
 
     def check_compatible(
@@ -164,31 +198,39 @@ class TeacherCache(Dataset):
 
     # ----------------------------------------------------------------------------------------- reading
     def __len__(self) -> int:
-        return self.spec.num_sequences
+        return self.spec.num_sequences if self.sequences is None else len(self.sequences)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.read(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"position {i} out of range [0, {len(self)})")
+        return self.read(int(i) if self.sequences is None else int(self.sequences[i]))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.update(_pid=None, _shards={})  # h5py handles never cross a process boundary
         return state
 
-    def _shard(self, s: int) -> _Shard:
+    def _shard(self, j: int) -> _Shard:
         if self._pid != os.getpid():  # a forked child must not use its parent's handles
             self._pid, self._shards = os.getpid(), {}
-        shard = self._shards.get(s)
+        shard = self._shards.get(j)
         if shard is None:
-            f = h5py.File(self.files[s], "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
-            shard = _Shard(f, f["tokens"], f["counts"], f["entries"], f["std"], f["entropy"])
-            self._shards[s] = shard
+            path = self.layout.file(j)
+            try:
+                f = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
+            except OSError as err:
+                raise CacheCorruptError(f"cannot open cache shard {path} (truncated or not HDF5): {err}") from err
+            offsets = read_dataset(path, f["sequence_offsets"])
+            shard = _Shard(f, f["tokens"], f["counts"], f["entries"], f["std"], f["entropy"], f["tail"],
+                           f["power_sum"], offsets)  # fmt: skip
+            self._shards[j] = shard
         return shard
 
     def read(self, i: int, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
-        """Positions ``[start, stop)`` of sequence ``i`` (the fast path for windows); keys as ``cache[i]``.
+        """Positions ``[start, stop)`` of global sequence ``i`` (the fast path for windows); keys as ``cache[i]``.
 
         Args:
-            i: global sequence index.
+            i: global sequence index (must lie in a finished shard).
             start: first position.
             stop: end position (default ``seq_len``).
         """
@@ -198,32 +240,49 @@ class TeacherCache(Dataset):
             raise IndexError(f"sequence {i} out of range [0, {self.spec.num_sequences})")
         if not 0 <= start < stop <= length:
             raise IndexError(f"positions [{start}, {stop}) out of range [0, {length}]")
-        if self._shard_of is None:
-            s, r = i % len(self.files), i // len(self.files)
-        else:
-            s, r = int(self._shard_of[i]), int(self._row_of[i])
-        shard = self._shard(s)
+        j, r = divmod(i, self.spec.sequences_per_shard)
+        if j not in self.layout.shards:
+            raise IndexError(f"sequence {i} is in shard {j}, which is not finished")
+        shard = self._shard(j)
         base = r * length
         try:
             tokens = shard.tokens[r, start : stop + 1]  # (W + 1,)
             counts = shard.counts[base : base + stop]  # from the sequence start: the prefix gives the offset
-            first = int(self._offsets[s][r]) + int(counts[:start].sum(dtype=np.int64))
+            first = int(shard.offsets[r]) + int(counts[:start].sum(dtype=np.int64))
             counts = counts[start:]  # (W,)
             entries = shard.entries[first : first + int(counts.sum(dtype=np.int64))]  # (E_w,)
-            std = shard.std[base + start : base + stop]
-            entropy = shard.entropy[base + start : base + stop]
+            stats = {
+                TEACHER_STD: shard.std[base + start : base + stop],
+                TEACHER_ENTROPY: shard.entropy[base + start : base + stop],
+                TEACHER_TAIL: shard.tail[base + start : base + stop],
+            }
+            if shard.power_sum.shape[1]:
+                power = shard.power_sum[base + start : base + stop]  # (W, G)
+                for g, gamma in enumerate(self.spec.power_gammas):
+                    stats[power_sum_key(gamma)] = power[:, g]
         except OSError as err:
-            raise CacheCorruptError(f"cache shard {self.files[s]} is corrupt (sequence {i}): {err}") from err
-        ids, logprobs = decode(counts, entries, self.max_entries)
+            raise CacheCorruptError(f"cache shard {self.layout.file(j)} is corrupt (sequence {i}): {err}") from err
+        for name, value in stats.items():
+            if not np.isfinite(value).all():
+                raise CacheCorruptError(
+                    f"cache shard {self.layout.file(j)} holds a non-finite teacher statistic ({name}) in sequence {i}; "
+                    f"delete the shard and {RESUME}"
+                )
+        ids, logprobs = decode(counts, entries, self.max_entries, self.spec.nlogp_max)
+        full = counts.astype(np.int64) == self.spec.vocab_size  # rows covering the whole vocabulary: sum to 1
+        if full.any():
+            rows = logprobs[full].astype(np.float64)
+            top = rows.max(-1, keepdims=True)
+            logprobs[full] = (rows - top - np.log(np.exp(rows - top).sum(-1, keepdims=True))).astype(np.float32)
         tokens = torch.from_numpy(tokens.astype(np.int64))
-        return {
+        item = {
             "input_ids": tokens[:-1],
             "labels": tokens[1:].clone(),  # its own storage: a consumer may mask labels in place
             TEACHER_IDS: torch.from_numpy(ids),
             TEACHER_LOGPROBS: torch.from_numpy(logprobs),
-            TEACHER_STD: torch.from_numpy(std.astype(np.float32)),
-            TEACHER_ENTROPY: torch.from_numpy(entropy.astype(np.float32)),
         }
+        item.update({k: torch.from_numpy(v.astype(np.float32)) for k, v in stats.items()})
+        return item
 
     def close(self) -> None:
         """Close this process's file handles."""

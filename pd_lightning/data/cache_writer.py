@@ -1,14 +1,18 @@
-"""Writing one rank's shard of a teacher cache: resumable, crash-safe, optionally in a background thread.
+"""Writing a teacher cache once, in bounded self-contained shards: resumable, crash-safe, optionally in a thread.
 
-Crash safety: an HDF5 file killed mid-write may be unopenable, so the live state is never an HDF5 file. Whole
-sequences are buffered and committed every ``commit_sequences`` sequences as an immutable part file
-(``shard-R-of-W.parts/part-NNNNNN.npz``: written to ``*.tmp``, fsynced, atomically renamed). A SIGKILL at any
-moment leaves committed parts plus at most one ``*.tmp``, which the next run deletes before continuing with the
-sequences no part holds (progress is lost back to the last commit). :meth:`CacheWriter.finalize` merges the
-parts, sorted by global sequence index, into ``shard-R-of-W.h5.tmp``, writes ``complete=True`` last, fsyncs and
-renames it into place, then deletes the parts. So the final shard depends only on the data, never on where
-runs were interrupted, and a shard file under its final name is complete. Cost: the data is written twice
-(parts, then the shard) and the parts need as much disk as the shard until the merge ends.
+Writer rank ``r`` of ``W`` writes the shards ``j = r, r + W, ...`` (see :mod:`pd_lightning.data.cache_format`), one
+at a time, streaming whole sequences into ``shard-{j:06d}.h5.tmp`` as they arrive. When the shard's last sequence
+is in, the writer stores the per-sequence tables and the attributes, sets ``complete=True`` last, fsyncs, renames
+the file into place (atomic), fsyncs the folder, and records the shard in the rank's index
+``index-{r:05d}-of-{W:05d}.json`` (written to a temporary file, fsynced, renamed). The last writer to finish writes
+``index.json`` for the whole cache. Every byte of the cache is written once: there are no part files, no merge and
+no second copy, so the disk holds at most the finished shards plus one partly written shard per rank.
+
+Commit granularity is the shard: a kill (or an exception) loses at most the shard being written; its ``.tmp``
+is deleted by the next run, which writes that shard again from its first sequence. A kill between the rename
+and the index update leaves a complete shard that no index names: the next run adopts it (its attributes say it
+is complete and of this spec). Since every shard holds a fixed range of global sequences, the final content does
+not depend on the interruption history, nor on the number of writer ranks.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
+import signal
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -30,8 +34,10 @@ import torch
 from torch import Tensor
 
 from pd_lightning.data.cache_format import (
+    INDEX_NAME,
+    RANK_INDEX_RE,
+    SCHEMA1_RE,
     SHARD_RE,
-    CacheCorruptError,
     CacheError,
     CacheIncompleteError,
     CacheMismatchError,
@@ -40,23 +46,29 @@ from pd_lightning.data.cache_format import (
     count_dtype,
     encode,
     entry_dtype,
+    fsync_dir,
+    index_document,
+    rank_index_name,
     read_attrs,
+    read_layout,
+    schema1_message,
     shard_name,
-    shard_sequences,
+    write_json_atomic,
 )
 from pd_lightning.distill.target import SparseTarget
 
 log = logging.getLogger(__name__)
 
-PARTS_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.parts$")
+OVERWRITE_HINT = "pass --writer.overwrite true to replace it, or write to another --writer.output"
+# Test hook: "<point>:<n>" SIGKILLs this process at <point> of the n-th shard it finishes (1-based): mid_shard
+# (the .tmp partly written), before_rename (the .tmp complete), after_rename (before the index update), after_index.
+_KILL_ENV = "PD_LIGHTNING_TEST_KILL_AT"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fit(total: int, target: int) -> int:
+    """The chunk length closest to ``target`` that splits ``total`` into equal chunks (up to rounding)."""
+    chunks = max(1, -(-total // target))
+    return max(1, -(-total // chunks))
 
 
 def _remove(path: Path) -> None:
@@ -66,27 +78,122 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _cat(pieces: list[EncodedSequences]) -> EncodedSequences:
+    return EncodedSequences(**{k: np.concatenate([getattr(p, k) for p in pieces]) for k in pieces[0].as_dict()})
+
+
+class _OpenShard:
+    """The shard being written: a ``.tmp`` HDF5 file whose per-position datasets have their final size."""
+
+    def __init__(self, path: Path, spec: CacheSpec, shard: int, chunk_entries: int) -> None:
+        self.path, self.spec, self.shard = path, spec, shard
+        self.start, self.stop = spec.shard_range(shard)
+        n, length, g = self.stop - self.start, spec.seq_len, len(spec.power_gammas)
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.file = h5py.File(self.tmp, "w", track_order=False)
+        pos_chunk = length * _fit(n, max(1, 2048 // length))
+
+        def create(name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], **kw) -> h5py.Dataset:
+            if 0 in shape:  # HDF5 cannot chunk an empty dimension; nothing to checksum either
+                return self.file.create_dataset(name, shape=shape, dtype=dtype, track_times=False)
+            return self.file.create_dataset(
+                name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=True, track_times=False, **kw
+            )
+
+        self.tokens = create("tokens", (n, length + 1), np.int32, (_fit(n, max(1, 4096 // (length + 1))), length + 1))
+        cdtype = count_dtype(spec.max_entries or spec.vocab_size)
+        self.counts = create("counts", (n * length,), cdtype, (pos_chunk,))
+        self.stats = {
+            name: create(name, (n * length,), np.float16, (pos_chunk,)) for name in ("std", "entropy", "tail")
+        }
+        self.power = create("power_sum", (n * length, g), np.float16, (pos_chunk, max(g, 1)))
+        self.entries = self.file.create_dataset(
+            "entries", shape=(0,), maxshape=(None,), dtype=entry_dtype(spec.vocab_size), chunks=(chunk_entries,),
+            fletcher32=True, track_times=False,
+        )  # fmt: skip
+        self.written = 0  # sequences written
+        self.sizes: list[np.ndarray] = []  # entries per sequence
+        self.num_entries = 0
+        self.max_count = 0
+
+    def append(self, block: EncodedSequences) -> None:
+        """Write the next consecutive sequences."""
+        length = self.spec.seq_len
+        a, b = self.written, self.written + len(block.sequence_index)
+        self.tokens[a:b] = block.tokens
+        self.counts[a * length : b * length] = block.counts
+        for name, dset in self.stats.items():
+            dset[a * length : b * length] = getattr(block, name)
+        if self.power.shape[1]:
+            self.power[a * length : b * length] = block.power_sum
+        e = len(block.entries)
+        if e:
+            self.entries.resize((self.num_entries + e,))
+            self.entries[self.num_entries :] = block.entries
+        self.num_entries += e
+        self.sizes.append(block.sequence_entries(length))
+        self.max_count = max(self.max_count, int(block.counts.max()) if block.counts.size else 0)
+        self.written = b
+
+    def finish(self) -> dict[str, Any]:
+        """Tables, attributes, ``complete`` last; close and fsync the ``.tmp``. Returns the shard's index record."""
+        n = self.stop - self.start
+        sizes = np.concatenate(self.sizes) if self.sizes else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (n + 1,)
+        f = self.file
+        f.create_dataset(
+            "sequence_index", data=np.arange(self.start, self.stop, dtype=np.int64), chunks=(_fit(max(n, 1), 4096),),
+            fletcher32=True, track_times=False,
+        )  # fmt: skip
+        f.create_dataset(
+            "sequence_offsets", data=offsets, chunks=(_fit(n + 1, 4096),), fletcher32=True, track_times=False
+        )
+        f.attrs.update(self.spec.to_attrs())
+        record = {
+            "shard": self.shard,
+            "first_sequence": self.start,
+            "num_shard_sequences": n,
+            "num_tokens": n * self.spec.seq_len,
+            "num_entries": self.num_entries,
+            "max_count": self.max_count,
+        }
+        f.attrs.update(record)
+        f.flush()
+        f.attrs["complete"] = True  # last: everything above is flushed before the mark
+        f.close()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        record["bytes"] = self.tmp.stat().st_size
+        return record
+
+    def abandon(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
 class CacheWriter:
-    """Writes the shard of rank ``rank`` (sequences ``rank, rank + world_size, ...``) into ``cache_dir``.
+    """Writes writer rank ``rank``'s shards (``rank, rank + world_size, ...``) of a cache into ``cache_dir``.
 
-    Feed whole sequences with :meth:`write` in any order and batch size; sequences of other ranks, already
-    committed ones and repeats (e.g. a sampler's padding) are skipped. :attr:`pending_sequences` lists what is
-    left, so a resumed producer can skip finished work. Call :meth:`finalize` once everything is written.
+    Feed whole sequences with :meth:`write` in any batch size, ideally in :attr:`pending_sequences` order (out of
+    order sequences are held in memory until their turn); sequences of other ranks' shards, of finished shards, and
+    repeats (e.g. a sampler's padding) are skipped. Call :meth:`finalize` once everything is written.
 
-    Refusals, checked at construction: a folder holding shards or parts of another :class:`CacheSpec` raises
-    :class:`CacheMismatchError` (``overwrite=True`` deletes them); a complete cache of the same spec makes this
-    writer :attr:`complete` (writes are ignored; logged); an interrupted run of the same spec with another
-    ``world_size`` raises.
+    Refusals, checked at construction: a folder holding another cache (other :class:`CacheSpec`, a schema-1 cache,
+    an unreadable index) raises :class:`CacheMismatchError` / :class:`CacheCorruptError` naming
+    ``--writer.overwrite true``, which makes rank 0 delete that cache's files first. A complete cache of the same
+    spec makes this writer :attr:`complete` (writes are ignored); if its final ``index.json`` is missing (a kill
+    after the last shard), it is written here, so a rerun always finishes the cache.
 
     Args:
         cache_dir: the cache folder (created if missing).
-        spec: identity of the content (:meth:`CacheSpec.for_processor`).
+        spec: identity of the content (:meth:`CacheSpec.for_processor`), including the shard size.
         rank: this writer's rank.
-        world_size: number of writer ranks (= shards).
-        overwrite: delete shards and parts of another spec instead of refusing.
-        commit_sequences: sequences buffered in memory before they are committed to a part file (the work a
-            kill can lose).
+        world_size: number of writer ranks (any number; it may change between runs).
+        overwrite: replace another cache found in ``cache_dir`` instead of refusing.
         chunk_entries: HDF5 chunk length of the ``entries`` dataset (elements).
+        write_sequences: sequences gathered in memory before they are written into the open shard.
         progress: called with the number of sequences accepted by each :meth:`write` (e.g. ``tqdm.update``).
     """
 
@@ -98,125 +205,176 @@ class CacheWriter:
         rank: int = 0,
         world_size: int = 1,
         overwrite: bool = False,
-        commit_sequences: int = 64,
         chunk_entries: int = 1 << 14,
+        write_sequences: int = 64,
         progress: Callable[[int], object] | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if commit_sequences < 1:
-            raise ValueError(f"commit_sequences must be >= 1, got commit_sequences={commit_sequences}")
-        if chunk_entries < 1:
-            raise ValueError(f"chunk_entries must be >= 1, got chunk_entries={chunk_entries}")
+        if chunk_entries < 1 or write_sequences < 1:
+            raise ValueError(f"chunk_entries and write_sequences must be >= 1, got {chunk_entries}, {write_sequences}")
         self.cache_dir = Path(cache_dir)
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise FileExistsError(f"--writer.output {self.cache_dir} is a file, not a folder; name a folder")
         self.spec = spec
         self.rank, self.world_size = rank, world_size
-        self.commit_sequences = commit_sequences
-        self.chunk_entries = chunk_entries
+        self.chunk_entries, self.write_sequences = chunk_entries, write_sequences
         self.progress = progress
-        self.path = self.cache_dir / shard_name(rank, world_size)
-        self.parts_dir = self.cache_dir / (self.path.stem + ".parts")
-        self._mine = shard_sequences(spec.num_sequences, rank, world_size)  # (S,) sorted
-        self._done = np.zeros(len(self._mine), dtype=bool)  # committed, by position in self._mine
+        self.index_path = self.cache_dir / rank_index_name(rank, world_size)
+        self._mine = spec.rank_shards(rank, world_size)  # (J,)
+        self._records: dict[int, dict[str, Any]] = {}  # this rank's index
+        self._done: set[int] = set()  # finished shards (all ranks)
+        self._held: dict[int, EncodedSequences] = {}  # sequences that arrived before their turn
         self._buffer: list[EncodedSequences] = []
-        self._buffered = 0
+        self._open: _OpenShard | None = None
+        self._finished_here = 0
+        kill = os.environ.get(_KILL_ENV, "")
+        self._kill = (kill.split(":")[0], int(kill.split(":")[1])) if ":" in kill else None
         self.complete = False
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._check_folder(overwrite)
-        if not self.complete:
-            self._open_parts()
+        self._scan(overwrite)
+        self._queue = [int(j) for j in self._mine if j not in self._done]  # my unfinished shards, in order
+        self._next = self.spec.shard_range(self._queue[0])[0] if self._queue else None
+        if not self._queue:
+            self._finish_cache()
 
     # ----------------------------------------------------------------------------------------- set-up
-    def _check_folder(self, overwrite: bool) -> None:
-        """Apply the refusals; set :attr:`complete` when a complete cache of this spec is present."""
-        finished: dict[int, set[int]] = {}  # world size -> ranks with a complete shard of this spec
-        unfinished: set[int] = set()  # world sizes with parts of this spec
-        for entry in sorted(self.cache_dir.iterdir()):
-            match = SHARD_RE.match(entry.name) or PARTS_RE.match(entry.name)
-            if not match:
-                continue
-            rank, world = map(int, match.groups())
-            # concurrent ranks: each deletes only its own entries; rank 0 also those of other world sizes
-            mine = (rank, world) == (self.rank, self.world_size) or (self.rank == 0 and world != self.world_size)
-            is_parts = entry.suffix == ".parts"
-            if is_parts and not (entry / "manifest.json").exists():
-                if mine:  # killed before its manifest was committed: holds no committed part
-                    _remove(entry)
-                continue  # (another rank's may be being created right now)
-            try:
-                spec = self._spec_of(entry, is_parts)
-            except CacheError as err:
-                if not overwrite:
-                    raise CacheCorruptError(f"{err}; delete it or pass overwrite=True") from err
-                if mine:
-                    log.warning("overwrite=True: removing unreadable %s (%s)", entry, err)
-                    _remove(entry)
-                continue
-            if spec != self.spec:
-                if not overwrite:
-                    raise CacheMismatchError(
-                        f"{self.cache_dir} holds {entry.name}, written with other parameters "
-                        f"({spec.describe_difference(self.spec)}); pass overwrite=True to replace it, "
-                        "or write to another folder"
-                    )
-                if mine:
-                    log.warning("overwrite=True: removing %s (other parameters)", entry)
-                    _remove(entry)
-            elif is_parts:
-                unfinished.add(world)
-            else:
-                finished.setdefault(world, set()).add(rank)
-        if self.rank in finished.get(self.world_size, ()) or any(len(r) == w for w, r in finished.items()):
-            self.complete = True
-            self._done[:] = True  # nothing pending
-            if self.parts_dir.exists():  # killed between the final rename and the clean-up
-                _remove(self.parts_dir)
-            log.info("teacher cache %s is already complete for these parameters; nothing to write", self.cache_dir)
-            return
-        other = sorted((unfinished | set(finished)) - {self.world_size})
-        if other:
-            raise CacheIncompleteError(
-                f"{self.cache_dir} holds an interrupted cache of the same parameters written with "
-                f"world_size={other[0]}; resume with {other[0]} ranks, or pass overwrite=True to start over"
-            )
-
-    def _spec_of(self, entry: Path, is_parts: bool) -> CacheSpec:
-        if not is_parts:
-            return CacheSpec.from_attrs(read_attrs(entry), entry)
+    def _scan(self, overwrite: bool) -> None:
+        """Apply the refusals, adopt finished shards that no index names, remove stale temporary files."""
+        d, names = self.cache_dir, sorted(p.name for p in self.cache_dir.iterdir())
+        old = [n for n in names if SCHEMA1_RE.match(n)]
+        if old:
+            if not overwrite:
+                raise CacheMismatchError(f"{schema1_message(d)}; {OVERWRITE_HINT}")
+            if self.rank == 0:
+                log.warning("--writer.overwrite true: removing the schema-1 cache in %s", d)
+                for n in old:
+                    _remove(d / n)
         try:
-            return CacheSpec(**json.loads((entry / "manifest.json").read_text()))
-        except (OSError, ValueError, TypeError) as err:
-            raise CacheCorruptError(f"unreadable manifest in {entry}: {err}") from err
+            layout = read_layout(d, check_files=False)
+        except CacheError as err:
+            if not overwrite:
+                raise type(err)(f"{err}; {OVERWRITE_HINT}") from err
+            layout = None
+            if self.rank == 0:
+                self._remove_other_cache(names)
+        if layout is not None and layout.spec != self.spec:
+            if not overwrite:
+                raise CacheMismatchError(
+                    f"--writer.output {d} holds a teacher cache written with other parameters "
+                    f"({layout.spec.describe_difference(self.spec)}); {OVERWRITE_HINT}"
+                )
+            layout = None
+            if self.rank == 0:
+                log.warning("--writer.overwrite true: removing the other cache in %s", d)
+                self._remove_other_cache(names)
+        listed = {} if layout is None else layout.shards
+        for n in names:
+            if n.startswith(".index") and n.endswith(".tmp"):  # an index write interrupted before its rename
+                stale = n.startswith(f".{self.index_path.name}.") or (
+                    self.rank == 0 and not n.startswith(f".index-{0:05d}-of-") and f"-of-{self.world_size:05d}" not in n
+                )  # mine, or (rank 0) index.json's and other world sizes' (no rank of this run writes those now)
+                if stale:
+                    _remove(d / n)
+                continue
+            if n.endswith(".tmp"):
+                match = SHARD_RE.match(n[: -len(".tmp")])
+                j = int(match[1]) if match else -1
+                if match and (j % self.world_size == self.rank or j >= self.spec.num_shards):
+                    _remove(d / n)  # a shard interrupted mid-write: written again from its first sequence
+                continue
+            match = SHARD_RE.match(n)
+            if not match or not (d / n).exists():
+                continue
+            j = int(match[1])
+            if j in listed:
+                self._done.add(j)
+                if j in self._mine:
+                    self._records[j] = listed[j]
+                continue
+            record = self._adoptable(d / n, j, overwrite)  # complete but unrecorded: a kill before the index update
+            if record is not None:
+                self._done.add(j)
+                if j in self._mine:
+                    self._records[j] = record
+        for j in set(listed) - self._done:
+            log.warning("%s: the index names %s, which is missing; it is written again", d, shard_name(j))
+        if self._records:
+            write_json_atomic(self.index_path, index_document(self.spec, self._records, rank=self.rank,
+                                                              world_size=self.world_size))  # fmt: skip
+        done = len(self._done)
+        if done == self.spec.num_shards:
+            self.complete = True
+        elif done:
+            log.info("resuming %s: %d of %d shards already finished", d, done, self.spec.num_shards)
 
-    def _open_parts(self) -> None:
-        """Create the parts folder, or resume from its committed parts."""
-        self.parts_dir.mkdir(exist_ok=True)
-        manifest = self.parts_dir / "manifest.json"
-        if not manifest.exists():
-            tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(self.spec), sort_keys=True))
-            os.replace(tmp, manifest)
-            _fsync_dir(self.parts_dir)
-        for tmp in self.parts_dir.glob("*.tmp"):  # a part or manifest interrupted mid-write
-            tmp.unlink()
-        self.path.with_suffix(".h5.tmp").unlink(missing_ok=True)  # an interrupted merge
-        self._parts = sorted(self.parts_dir.glob("part-*.npz"))
-        for part in self._parts:
-            with np.load(part) as data:
-                self._mark_done(data["sequence_index"])
-        if self._parts:
-            log.info(
-                "resuming %s: %d of %d sequences already written", self.path.name, self._done.sum(), len(self._done)
-            )
+    def _adoptable(self, path: Path, shard: int, overwrite: bool) -> dict[str, Any] | None:
+        """The index record of a complete shard of this spec that no index names, or ``None``."""
+        try:
+            attrs = read_attrs(path)
+            spec = CacheSpec.from_attrs(attrs, path)
+        except CacheError as err:
+            if shard % self.world_size == self.rank:
+                log.warning("removing unreadable unindexed %s (%s); it is written again", path, err)
+                _remove(path)
+            return None
+        if spec != self.spec:
+            if not overwrite:
+                raise CacheMismatchError(
+                    f"--writer.output {self.cache_dir} mixes two caches: {path.name} was written with other parameters "
+                    f"({spec.describe_difference(self.spec)}); {OVERWRITE_HINT}"
+                )
+            if self.rank == 0:
+                _remove(path)
+            return None
+        if not attrs.get("complete", False) or int(attrs.get("shard", -1)) != shard:
+            return None
+        keys = ("shard", "first_sequence", "num_shard_sequences", "num_tokens", "num_entries", "max_count")
+        return {**{k: int(attrs[k]) for k in keys}, "bytes": path.stat().st_size}
 
-    def _mark_done(self, sequence_index: np.ndarray) -> None:
-        self._done[np.searchsorted(self._mine, sequence_index)] = True
+    def _remove_other_cache(self, names: list[str]) -> None:
+        """Rank 0 under ``--writer.overwrite true``: delete the other cache's indexes and shards (checked first)."""
+        for n in names:
+            path = self.cache_dir / n
+            if n == INDEX_NAME or RANK_INDEX_RE.match(n):
+                try:
+                    keep = CacheSpec.from_json(json.loads(path.read_text())["spec"], path) == self.spec
+                except (OSError, ValueError, KeyError, CacheError):
+                    keep = False
+                if not keep:
+                    _remove(path)
+            elif SHARD_RE.match(n):
+                try:
+                    keep = CacheSpec.from_attrs(read_attrs(path), path) == self.spec
+                except CacheError:
+                    keep = False
+                if not keep:
+                    _remove(path)
 
     # ----------------------------------------------------------------------------------------- writing
     @property
+    def path(self) -> Path:
+        """The cache folder."""
+        return self.cache_dir
+
+    @property
     def pending_sequences(self) -> np.ndarray:
-        """Global indices of this rank's sequences not yet committed (sorted int64)."""
-        return self._mine[~self._done]
+        """Global indices of the sequences of this rank's unfinished shards (sorted int64; a shard in progress
+        counts in full, since it is written again from its start if the run stops before it is finished)."""
+        ranges = [np.arange(*self.spec.shard_range(j), dtype=np.int64) for j in self._queue]
+        return np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
+
+    def _wanted(self, idx: np.ndarray) -> np.ndarray:
+        """``(B,)`` bool: sequences of my unfinished shards that were not written or held yet (first occurrence)."""
+        if not self._queue:
+            return np.zeros(len(idx), dtype=bool)
+        shard = idx // self.spec.sequences_per_shard
+        keep = np.isin(shard, self._queue) & (idx >= 0) & (idx < self.spec.num_sequences)
+        keep &= ~((shard == self._queue[0]) & (idx < self._next))
+        keep &= ~np.isin(idx, list(self._held))
+        _, first = np.unique(idx, return_index=True)
+        keep &= np.isin(np.arange(len(idx)), first)
+        return keep
 
     def write(self, sequence_index: Tensor | np.ndarray, tokens: Tensor, target: SparseTarget) -> int:
         """Add whole sequences; returns how many were accepted (others are skipped, see the class doc).
@@ -226,18 +384,10 @@ class CacheWriter:
             tokens: ``(B, seq_len + 1)`` token rows (inputs and labels).
             target: the processor's output for the ``B * seq_len`` positions, sequence-major.
         """
-        if self.complete or not len(self._mine):
-            return 0
         index = torch.as_tensor(sequence_index).detach().cpu().to(torch.int64)  # (B,)
         if index.dim() != 1:
             raise ValueError(f"sequence_index must be 1-D, got shape {tuple(index.shape)}")
-        idx = index.numpy()
-        pos = np.searchsorted(self._mine, idx).clip(max=len(self._mine) - 1)  # (B,)
-        keep = (self._mine[pos] == idx) & ~self._done[pos]  # this rank's, not committed yet
-        buffered = np.concatenate([b.sequence_index for b in self._buffer] or [np.empty(0, np.int64)])
-        keep &= ~np.isin(idx, buffered)  # not buffered yet
-        _, first = np.unique(idx, return_index=True)
-        keep &= np.isin(np.arange(len(idx)), first)  # repeats within the batch
+        keep = self._wanted(index.numpy())
         if not keep.any():
             return 0
         if not keep.all():
@@ -247,36 +397,75 @@ class CacheWriter:
             target = target.select(positions.to(target.ids.device))
             tokens, index = tokens[rows.to(tokens.device)], index[rows]
         encoded = encode(index, tokens, target, self.spec)
-        self._buffer.append(encoded)
-        self._buffered += len(encoded.sequence_index)
-        if self._buffered >= self.commit_sequences:
-            self.commit()
+        length = self.spec.seq_len
+        bounds = np.concatenate([[0], np.cumsum(encoded.sequence_entries(length))])
+        for r, seq in enumerate(encoded.sequence_index.tolist()):  # one piece per sequence, kept until its turn
+            pos = slice(r * length, (r + 1) * length)
+            self._held[seq] = EncodedSequences(
+                sequence_index=encoded.sequence_index[r : r + 1],
+                tokens=encoded.tokens[r : r + 1],
+                counts=encoded.counts[pos],
+                entries=encoded.entries[bounds[r] : bounds[r + 1]],
+                std=encoded.std[pos],
+                entropy=encoded.entropy[pos],
+                tail=encoded.tail[pos],
+                power_sum=encoded.power_sum[pos],
+            )
+        self._drain()
         if self.progress is not None:
             self.progress(len(encoded.sequence_index))
         return len(encoded.sequence_index)
 
-    def commit(self) -> None:
-        """Persist the buffered sequences as a part file (atomic); a no-op when nothing is buffered."""
+    def _drain(self) -> None:
+        """Move held sequences that are next in line into the open shard; finish shards that are full."""
+        while self._queue and self._next in self._held:
+            self._buffer.append(self._held.pop(self._next))
+            self._next += 1
+            stop = self.spec.shard_range(self._queue[0])[1]
+            if len(self._buffer) >= self.write_sequences or self._next == stop:
+                self._flush()
+            if self._next == stop:
+                self._finish_shard()
+
+    def _flush(self) -> None:
         if not self._buffer:
             return
-        arrays = {name: np.concatenate([getattr(b, name) for b in self._buffer]) for name in self._buffer[0].as_dict()}
-        number = int(self._parts[-1].stem.split("-")[1]) + 1 if self._parts else 0
-        part = self.parts_dir / f"part-{number:06d}.npz"
-        tmp = part.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, part)
-        _fsync_dir(self.parts_dir)
-        self._parts.append(part)
-        self._mark_done(arrays["sequence_index"])
-        self._buffer, self._buffered = [], 0
+        if self._open is None:
+            j = self._queue[0]
+            self._open = _OpenShard(self.cache_dir / shard_name(j), self.spec, j, self.chunk_entries)
+        self._open.append(_cat(self._buffer))
+        self._buffer = []
+        self._maybe_kill("mid_shard", self._finished_here + 1)
+
+    def _finish_shard(self) -> None:
+        shard = self._open
+        if shard is None:  # an empty shard cannot happen (shards hold >= 1 sequence); guard anyway
+            shard = _OpenShard(self.cache_dir / shard_name(self._queue[0]), self.spec, self._queue[0], 1)
+        record = shard.finish()
+        self._finished_here += 1
+        self._maybe_kill("before_rename", self._finished_here)
+        os.replace(shard.tmp, shard.path)
+        fsync_dir(self.cache_dir)
+        self._maybe_kill("after_rename", self._finished_here)
+        self._records[shard.shard] = record
+        write_json_atomic(self.index_path, index_document(self.spec, self._records, rank=self.rank,
+                                                          world_size=self.world_size))  # fmt: skip
+        self._maybe_kill("after_index", self._finished_here)
+        self._done.add(shard.shard)
+        self._open = None
+        self._queue.pop(0)
+        self._next = self.spec.shard_range(self._queue[0])[0] if self._queue else None
+
+    def _maybe_kill(self, point: str, count: int) -> None:
+        if self._kill is not None and self._kill == (point, count):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def close(self) -> None:
-        """Commit what is buffered (a later run resumes from it); does not finalise."""
-        if not self.complete:
-            self.commit()
+        """Stop without finishing: the partly written shard is deleted (a rerun writes it again from its start)."""
+        if self._open is not None:
+            self._open.abandon()
+            self._open = None
+        self._buffer, self._held = [], {}
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -286,110 +475,36 @@ class CacheWriter:
 
     # ----------------------------------------------------------------------------------------- finalising
     def finalize(self) -> Path:
-        """Merge the parts into the final shard (complete, checksummed) and return its path.
+        """Check that this rank's shards are all written; write ``index.json`` when the whole cache is.
+
+        Returns:
+            ``index.json`` when the cache is complete, else this rank's index (other ranks are still writing).
 
         Raises:
             CacheIncompleteError: some of this rank's sequences were never written.
         """
-        if self.complete:
-            return self.path
-        self.commit()
-        if not self._done.all():
+        if self._queue:
             missing = self.pending_sequences
+            self.close()
             raise CacheIncompleteError(
-                f"cannot finalise {self.path.name}: {len(missing)} of {len(self._mine)} sequences were never "
-                f"written (first missing: {missing[:5].tolist()})"
+                f"cannot finish {self.cache_dir}: {len(missing)} sequences of this rank's shards were never written "
+                f"(first missing: {missing[:5].tolist()}); rerun `pd-lightning predict` with the same arguments"
             )
-        tmp = self.path.with_suffix(".h5.tmp")
-        _merge_parts(self._parts, tmp, self.spec, self.rank, self.world_size, self.chunk_entries)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.cache_dir)
-        shutil.rmtree(self.parts_dir)
+        return self._finish_cache()
+
+    def _finish_cache(self) -> Path:
+        """Write ``index.json`` if every shard of the cache is finished (by any rank); idempotent."""
+        layout = read_layout(self.cache_dir, check_files=False)
+        if layout is None or not layout.complete:
+            return self.index_path
+        final = self.cache_dir / INDEX_NAME
+        if not layout.final:
+            write_json_atomic(final, index_document(self.spec, layout.shards, complete=True))
+        for n in os.listdir(self.cache_dir):
+            if RANK_INDEX_RE.match(n):  # everything they list is in index.json now
+                (self.cache_dir / n).unlink(missing_ok=True)
         self.complete = True
-        return self.path
-
-
-def _merge_parts(parts: list[Path], out: Path, spec: CacheSpec, rank: int, world_size: int, chunk_entries: int) -> None:
-    """Write the final shard from committed parts, sequences sorted by global index."""
-    length = spec.seq_len
-    index, where, starts, sizes = [], [], [], []
-    max_count = 0
-    for number, part in enumerate(parts):  # first pass: only per-sequence figures stay in memory
-        with np.load(part) as data:
-            seq, counts = data["sequence_index"], data["counts"]
-        index.append(seq)
-        where.append(np.stack([np.full(len(seq), number), np.arange(len(seq))], axis=1))
-        # where each sequence's entries start in this part: (S_p + 1,)
-        sizes.append(counts.reshape(-1, length).sum(1, dtype=np.int64))  # (S_p,) entries per sequence
-        starts.append(np.concatenate([[0], np.cumsum(sizes[-1])]))
-        max_count = max(max_count, int(counts.max()) if counts.size else 0)
-    index_all = np.concatenate(index) if index else np.empty(0, np.int64)
-    where_all = np.concatenate(where) if where else np.empty((0, 2), np.int64)
-    order = np.argsort(index_all, kind="stable")
-    index_all, where_all = index_all[order], where_all[order]  # (S,), (S, 2): part number, row in part
-    num_seq = len(index_all)
-    seq_entries = np.concatenate(sizes)[order] if sizes else np.empty(0, np.int64)  # (S,)
-    offsets = np.concatenate([[0], np.cumsum(seq_entries)]).astype(np.int64)  # (S + 1,)
-    num_entries = int(offsets[-1])
-    cdtype = count_dtype(max(max_count, 1))
-
-    # chunk sizes near the targets, evened out so that the last chunk is (almost) full: no padded tail
-    tok_rows = _fit(num_seq, max(1, 4096 // (length + 1)))
-    tok_chunk = length * _fit(num_seq, max(1, 2048 // length))
-    chunk_entries = _fit(num_entries, chunk_entries)
-    with h5py.File(out, "w") as f:
-
-        def create(name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...]) -> h5py.Dataset:
-            return f.create_dataset(
-                name, shape=shape, dtype=dtype, chunks=chunks, maxshape=(None,) * len(shape), fletcher32=True
-            )
-
-        create("sequence_index", (num_seq,), np.int64, (_fit(num_seq, 4096),))[:] = index_all
-        create("sequence_offsets", (num_seq + 1,), np.int64, (_fit(num_seq + 1, 4096),))[:] = offsets
-        d_tokens = create("tokens", (num_seq, length + 1), np.int32, (tok_rows, length + 1))
-        d_counts = create("counts", (num_seq * length,), cdtype, (tok_chunk,))
-        d_std = create("std", (num_seq * length,), np.float16, (tok_chunk,))
-        d_entropy = create("entropy", (num_seq * length,), np.float16, (tok_chunk,))
-        d_entries = create("entries", (num_entries,), entry_dtype(spec.vocab_size), (chunk_entries,))
-
-        # copy runs of consecutive rows of the same part in one go
-        loaded: tuple[int, dict[str, np.ndarray]] | None = None
-        s = 0
-        while s < num_seq:
-            p, r = where_all[s]
-            e = s + 1
-            while e < num_seq and where_all[e, 0] == p and where_all[e, 1] == where_all[e - 1, 1] + 1:
-                e += 1
-            if loaded is None or loaded[0] != p:
-                with np.load(parts[p]) as data:
-                    loaded = (p, {k: data[k] for k in data.files})
-            arrays, n = loaded[1], e - s
-            d_tokens[s:e] = arrays["tokens"][r : r + n]
-            d_counts[s * length : e * length] = arrays["counts"][r * length : (r + n) * length].astype(cdtype)
-            d_std[s * length : e * length] = arrays["std"][r * length : (r + n) * length]
-            d_entropy[s * length : e * length] = arrays["entropy"][r * length : (r + n) * length]
-            d_entries[offsets[s] : offsets[e]] = arrays["entries"][starts[p][r] : starts[p][r + n]]
-            s = e
-
-        f.attrs.update(spec.to_attrs())
-        f.attrs.update(
-            rank=rank,
-            world_size=world_size,
-            num_shard_sequences=num_seq,
-            num_tokens=num_seq * length,
-            num_entries=num_entries,
-            max_count=max_count,
-        )
-        f.flush()
-        f.attrs["complete"] = True  # last: everything above is flushed before the mark
-    with open(out, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fit(total: int, target: int) -> int:
-    """The chunk length closest to ``target`` that splits ``total`` into equal chunks (up to rounding)."""
-    chunks = max(1, -(-total // target))
-    return max(1, -(-total // chunks))
+        return final
 
 
 class BackgroundWriter:
@@ -433,7 +548,10 @@ class BackgroundWriter:
 
     def _raise(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"background cache writer for {self.writer.path} failed: {self._error}") from self._error
+            err = self._error
+            if isinstance(err, CacheError | ValueError | OSError):
+                raise type(err)(f"background cache writer for {self.writer.path} failed: {err}") from err
+            raise RuntimeError(f"background cache writer for {self.writer.path} failed: {err}") from err
 
     def write(self, sequence_index: Tensor | np.ndarray, tokens: Tensor, target: SparseTarget) -> None:
         """Queue whole sequences (arguments as :meth:`CacheWriter.write`)."""
@@ -454,11 +572,13 @@ class BackgroundWriter:
         self._raise()
 
     def close(self) -> None:
-        """Drain the queue, stop the thread and commit what is buffered (raises a thread error)."""
-        self._stop()
-        self.writer.close()
+        """Drain the queue, stop the thread and drop the partly written shard (raises a thread error)."""
+        try:
+            self._stop()
+        finally:
+            self.writer.close()
 
     def finalize(self) -> Path:
-        """Drain the queue, stop the thread and finalise the shard."""
+        """Drain the queue, stop the thread and finish (see :meth:`CacheWriter.finalize`)."""
         self._stop()
         return self.writer.finalize()

@@ -47,8 +47,9 @@ class DistillLoss(nn.Module, ABC):
       match, so it neither adds 0 nor enters the mean's denominator).
 
     Args:
-        tail_bucket: [D] add one extra outcome per position: the teacher's tail mass ``1 - sum_k p_k`` (at tau=1,
-            from the stored full-vocabulary log-probs) against the student's mass outside the kept set (the
+        tail_bucket: [D] add one extra outcome per position: the teacher's tail mass at tau=1 (``target.tail``,
+            summed over the full distribution by the teacher and stored per token; ``1 - sum_k p_k`` of the kept
+            log-probs only for data without it) against the student's mass outside the kept set (the
             "ghost token" of Megatron-LM's offline KD). With ``tau != 1`` the temperature reshapes the kept part
             only, ``F_k = (1 - tail) * softmax_kept(log p_k / tau)``, and the tail keeps its tau=1 mass, since the
             tail's own shape is not stored. The tail entry is dropped where the teacher's tail mass is 0.
@@ -187,8 +188,12 @@ class DistillLoss(nn.Module, ABC):
         if self.tail_bucket:
             if s_tail is None:
                 raise ValueError("tail_bucket=True needs the student's tail mass (s_tail)")
-            kept_mass = torch.where(valid, t_raw.exp(), 0.0).sum(-1).clamp(max=1.0)  # (n,)
-            t_tail = torch.log1p(-kept_mass)  # (n,) log of the tau=1 tail mass; -inf when there is none
+            if target.tail is not None:  # stored from the full distribution: exact for small tails too
+                tail = target.tail.to(dtype).clamp(0.0, 1.0)  # (n,)
+                kept_mass, t_tail = 1.0 - tail, tail.log()  # log 0 = -inf: no tail entry
+            else:  # derived from the (quantised) kept entries: tails below ~1e-4 may round to 0
+                kept_mass = torch.where(valid, t_raw.exp(), 0.0).sum(-1).clamp(max=1.0)  # (n,)
+                t_tail = torch.log1p(-kept_mass)  # (n,) log of the tau=1 tail mass; -inf when there is none
             t_logp = t_logp + kept_mass.log()[:, None]  # F_k = (1 - tail) * softmax_kept(...)
             s_logp = torch.cat([s_logp, s_tail[:, None]], dim=-1)  # (n, K + 1)
             t_logp = torch.cat([t_logp, t_tail[:, None]], dim=-1)  # (n, K + 1)
