@@ -17,7 +17,13 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from argparse import ArgumentError
+
+from pd_lightning.errors import check_config_files, one_line
+from pd_lightning.paths import describe_os_error
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+COMMANDS = ("fit", "validate", "test", "predict", "prepare", "cache-info", "export-hf")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -29,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _function_cli(fn, args: list[str]) -> None:
     from jsonargparse import CLI
 
-    CLI(fn, args=args)
+    CLI(fn, args=args, exit_on_error=False)  # main() reports parse errors in one line
 
 
 def cache_info_command(path: str, json: bool = False, plot: str | None = None) -> None:
@@ -44,6 +50,10 @@ def cache_info_command(path: str, json: bool = False, plot: str | None = None) -
 
     from pd_lightning.data.cache_inspect import cache_info, plot_entries_histogram
 
+    if plot:
+        from pd_lightning.paths import check_output_file
+
+        check_output_file(plot, "--plot")  # before reading the cache
     info = cache_info(path)
     if plot and info.get("complete"):
         plot_entries_histogram(info, plot)
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(argv) if from_python else sys.argv[1:]
     command = argv[0] if argv else ""
     try:
+        check_config_files(argv)  # a missing or malformed --config YAML, named with its line
         if command == "prepare":
             from pd_lightning.data.corpus import prepare
 
@@ -68,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "cache-info":
             _function_cli(cache_info_command, argv[1:])
         elif command == "export-hf":
-            from pd_lightning.export import export_checkpoint
+            from pd_lightning.export import export_checkpoint, export_hf_argv
 
-            _function_cli(export_checkpoint, argv[1:])
+            _function_cli(export_checkpoint, export_hf_argv(argv[1:]))
         elif command == "eval-data":
             from pd_lightning.eval.data import eval_data
 
@@ -85,8 +96,20 @@ def main(argv: list[str] | None = None) -> None:
             train_cli(argv if from_python else None)
     except _user_errors() as e:
         # Bad input: one clear line naming the flag or file, non-zero exit, no traceback.
-        print(f"pd-lightning: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(e) if not isinstance(e, KeyError) or not e.args else str(e.args[0]))
+    except ArgumentError as e:  # jsonargparse (exit_on_error=False): its multi-line message as one line
+        _fail(one_line(e.message, command if command in COMMANDS else ""))
+    except OSError as e:  # an output that cannot be written (read-only, disk full, ...) met during the work
+        message = describe_os_error(e)
+        if message is None:
+            raise
+        _fail(message)
+
+
+def _fail(message: str) -> None:
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"pd-lightning: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -76,39 +76,48 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Teacher
     return Teacher(_HFLogits(model).eval(), vocab, fingerprint, tok_fp)
 
 
-def _load_checkpoint(path: Path, dtype: torch.dtype) -> Teacher:
+def _load_checkpoint(path: Path, dtype: torch.dtype, flag: str) -> Teacher:
+    from pd_lightning.checkpoint_io import load_checkpoint
     from pd_lightning.model.config import StudentConfig
     from pd_lightning.model.transformer import Transformer
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    student = (ckpt.get("hyper_parameters") or {}).get("student")
-    if not isinstance(student, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"--model.teacher {str(path)!r}: not a pd-lightning checkpoint (no student hyperparameters)")
-    cfg = StudentConfig(**student)
-    model = Transformer(cfg)
+    ckpt = load_checkpoint(path, flag, kind="student")  # weights_only=True; one-line errors
+    where = f"{flag} {str(path)!r}"
+    try:
+        cfg = StudentConfig(**ckpt["hyper_parameters"]["student"])
+        model = Transformer(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its student hyperparameters do not build a student ({e})") from None
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(f"{where}: its weights do not fit its student config ({first[:200]})") from None
     extra = ckpt.get("pd_lightning", {})
     return Teacher(
         model.to(dtype).eval(), cfg.vocab_size, _file_fingerprint([path]), extra.get("tokenizer_fingerprint")
     )
 
 
-def load_teacher(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False) -> Teacher:
+def load_teacher(
+    path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False, flag: str = "--model.teacher"
+) -> Teacher:
     """Load a teacher from a local HF causal-LM folder or a pd-lightning ``.ckpt`` file.
 
     Args:
         path: the folder (config.json + weights) or checkpoint file.
         dtype: float32, bfloat16 or float16.
         trust_remote_code: allow the folder's own modelling code (only when you trust its source).
+        flag: the command-line flag named in error messages.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--model.dtype must be one of {list(DTYPES)}, got {dtype!r}")
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"--model.teacher: {str(p)!r} does not exist")
+        raise FileNotFoundError(f"{flag}: {str(p)!r} does not exist")
     if p.is_file():
-        return _load_checkpoint(p, DTYPES[dtype])
+        return _load_checkpoint(p, DTYPES[dtype], flag)
     if not (p / "config.json").is_file():
         raise ValueError(f"--model.teacher {str(p)!r}: not a Hugging Face model folder (no config.json)")
     return _load_hf(p, DTYPES[dtype], trust_remote_code)

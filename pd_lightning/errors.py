@@ -1,0 +1,160 @@
+"""Bad command lines and config files, reported in one line naming the flag or file.
+
+``check_config_files`` reads every ``--config``/``-c`` YAML before the parser does, so a missing file or a syntax
+error names the file, the line and the column (jsonargparse reports "<unicode string>"). ``one_line`` rewrites a
+jsonargparse error message into one line: for a union ("Does not validate against any of the Union subtypes ...")
+it keeps the reason of the subtype the value was meant for, drops the ``NoneType`` alternative and the echo of the
+given value, and joins nested parser keys into the full flag (``--model.lr_schedule.warmup_fraction``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Expected a <class 'NoneType'>",
+    "Problem with given class_path",
+    "Parser key",
+)
+_EXPECTED_PATH = re.compile(r"Expected a path but (.*) either not accessible or invalid")
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for i, a in enumerate(argv):
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif a.startswith("--config="):
+            paths.append(a.split("=", 1)[1])
+    return paths
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Every ``--config`` file exists and is valid YAML (a mapping), else ``ValueError`` naming the file."""
+    import yaml
+
+    for name in _config_paths(argv):
+        p = Path(name)
+        if not p.is_file():
+            what = "is a folder" if p.is_dir() else "does not exist"
+            raise FileNotFoundError(f"--config {name!r} {what}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--config {name!r}: not a UTF-8 text file (byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"--config {name!r}: not valid YAML at{where}: {problem}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(
+                f"--config {name!r}: expected a mapping of keys (model:, data:, trainer:, ...), "
+                f"got a {type(data).__name__}"
+            )
+
+
+def _short_type(text: str) -> str:
+    """ "<class 'float'>" -> "float"; "typing.Literal['a', 'b']" -> "one of 'a', 'b'"."""
+    text = text.strip().removeprefix("a ").removeprefix("an ")
+    m = re.fullmatch(r"<class '([\w.]+)'>", text.strip())
+    if m:
+        return "a " + m.group(1).rsplit(".", 1)[-1]
+    m = re.fullmatch(r"typing\.Literal\[(.*)\]", text.strip())
+    if m:
+        return "one of " + m.group(1)
+    return text.strip()
+
+
+def _subclass_names(subtypes_line: str) -> list[str]:
+    """Concrete subclasses of the union's class type, for "choose one of" hints (empty when unknown)."""
+    import importlib
+    import inspect
+
+    m = re.search(r"<class '([\w.]+)'>", subtypes_line)
+    if not m or m.group(1) == "NoneType":
+        return []
+    module, _, name = m.group(1).rpartition(".")
+    try:
+        base = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return []
+    found, todo = [], list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if not inspect.isabstract(cls) and not cls.__name__.startswith("_"):
+            found.append(cls.__name__)
+    return sorted(set(found))
+
+
+def one_line(message: str, command: str = "") -> str:
+    """A jsonargparse error message as one line: ``--flag: reason``."""
+    message = str(message)
+    lines = [s.rstrip() for s in message.splitlines()]
+    help_hint = f" (see pd-lightning {command} --help)" if command else ""
+    link = re.match(r"argument ([\w.]+) --> ([\w.]+): ", message)
+    if link:
+        source, target = link.groups()
+        return f"--{target} is set from --{source} (the data's own value): remove --{target} from the command line"
+    if message.startswith("Problems parsing config"):
+        return "a --config file is not valid YAML: " + " ".join(s.strip() for s in lines if s.strip())[:300]
+    required = re.match(r"the following arguments are required: (.*)", message)
+    if required:
+        names = [
+            n.strip().split(".", 1)[-1] if command and n.strip().startswith(command + ".") else n.strip()
+            for n in required.group(1).split(",")
+        ]
+        return f"missing required {', '.join('--' + n for n in names)}{help_hint}"
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if not keys:
+        text = " ".join(s.strip() for s in lines if s.strip())
+        return text + (help_hint if text.startswith("unrecognized") or "required" in text else "")
+    flag = "--" + ".".join(keys)
+    subtypes = next((s for s in lines if s.strip().startswith("Subtypes:")), "")
+    class_path = re.search(r"Problem with given class_path '([\w.]+)'", message)
+    reasons = []
+    for s in lines:
+        s = s.strip().lstrip("- ").strip()
+        if not s or any(s.startswith(n) for n in _NOISE) or _EXPECTED_PATH.match(s):
+            continue
+        reasons.append(s)
+    if not reasons:
+        return f"{flag}: invalid value{help_hint}"
+    literals = [
+        _short_type(r.removeprefix("Expected a ")) for r in reasons if r.startswith("Expected a typing.Literal")
+    ]
+    if literals and len(literals) == len(reasons):
+        choices = ", ".join(c.removeprefix("one of ") for c in literals)
+        given = re.search(r"Given value: (.*)", message)
+        got = f", got {given.group(1).strip()!r}" if given else ""
+        return f"{flag}: expected one of {choices}{got}"
+    reason = reasons[0]
+    m = re.match(r"Expected a dot import path string: (.*)", reason)
+    if m:
+        names = _subclass_names(subtypes)
+        hint = f"; choose one of {', '.join(names)}" if names else "; give a class name or its full import path"
+        return f"{flag}: {m.group(1)!r} is not a known class{hint}"
+    m = re.match(r"Expected an instantiatable class, but ([\w.]+) is abstract", reason)
+    if m:
+        names = _subclass_names(subtypes)
+        example = f" (one of {', '.join(names)})" if names else ""
+        first = names[0] if names else "NAME"
+        return f"{flag}: choose a class first, e.g. {flag} {first}{example}, then set its arguments"
+    m = re.match(r"Expected (.+?)\. Got value: (.*)", reason)
+    if m:
+        return f"{flag}: expected {_short_type(m.group(1))}, got {m.group(2)!r}"
+    m = re.match(r"Option '(\w+)' is not accepted", reason)
+    if m:
+        cls = class_path.group(1).rsplit(".", 1)[-1] if class_path else "this class"
+        return f"{flag}: {cls} has no argument {m.group(1)!r}{help_hint}"
+    m = re.match(r"File does not exist: (.*)", reason)
+    if m:
+        return f"{flag}: file {m.group(1)} does not exist"
+    return f"{flag}: {reason}"
