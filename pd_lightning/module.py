@@ -23,6 +23,10 @@ from pd_lightning.model.config import StudentConfig
 from pd_lightning.model.transformer import Transformer
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss turned NaN / inf (``pd-lightning fit`` prints it as one line and exits 2)."""
+
+
 class DistillationModule(L.LightningModule):
     """Pre-trains a student on (1 - alpha) * LM loss + alpha * KD loss.
 
@@ -117,6 +121,7 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         alpha = self.alpha_at(self.global_step)
         out = self._loss(batch, alpha)
+        self._check_finite(out, alpha)
         log = dict(on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         self.log("train/loss", out.total, prog_bar=True, **log)
         self.log("train/lm_loss", out.lm, **log)
@@ -128,6 +133,44 @@ class DistillationModule(L.LightningModule):
             if value is not None:
                 self.log(f"train/{'kd_loss' if name == 'kd' else name}", value, **log)
         return out.total
+
+    def _check_finite(self, out, alpha: float) -> None:
+        """Stop before the backward pass and the optimizer step when the loss is NaN / inf on any rank.
+
+        No step is taken with it, so no checkpoint ever holds the non-finite weights that would follow. Costs one
+        device sync (and, with several ranks, one all-reduce of a flag) per micro-batch.
+        """
+        bad = not bool(torch.isfinite(out.total.detach()))
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            parts = f"lm {float(out.lm):.4g}" + ("" if out.kd is None else f", kd {float(out.kd):.4g}")
+            raise NonFiniteLossError(
+                f"the training loss is not finite after {self.global_step} optimizer steps ({parts}, "
+                f"alpha {alpha:.3g}); stopped before the optimizer step, so no checkpoint holds non-finite weights. "
+                "Check the teacher cache (`pd-lightning cache-info`), lower --model.lr or set "
+                "--trainer.gradient_clip_val, then resume from the last good checkpoint (--ckpt_path)"
+            )
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's step, then a check that the weights stayed finite (before any checkpoint of this step).
+
+        A finite loss can still give a step that overflows the weights (a far too large learning rate, inf
+        gradients); the check reads every parameter once per optimizer step (max-abs ``torch._foreach_norm``)
+        and, with several ranks, all-reduces one flag. Under fp16 loss scaling a skipped step leaves the weights
+        as they were.
+        """
+        super().optimizer_step(*args, **kwargs)
+        params = [p for p in self.parameters() if p.numel() > 0]
+        bad = bool(params) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params, math.inf)).max()))
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"optimizer step {self.global_step + 1} made the weights non-finite; stopped before saving "
+                "them. Lower --model.lr or set --trainer.gradient_clip_val, then resume from the last good "
+                "checkpoint (--ckpt_path)"
+            )
 
     def on_train_batch_end(self, outputs, batch: dict[str, Tensor], batch_idx: int) -> None:
         now = time.perf_counter()

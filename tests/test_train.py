@@ -77,15 +77,20 @@ def test_lm_pretraining_loss_falls(tmp_path, prepared, capsys):
 
 
 def small_token_file(prepared: dict, out: Path, n_train: int = 104, n_val: int = 16) -> Path:
-    """A copy of the prepared token file cut to ``n_train`` training and ``n_val`` validation sequences, so that a
-    run of a few dozen steps crosses epoch boundaries without ``limit_train_batches``."""
+    """The first ``n_train`` training and ``n_val`` validation sequences of the prepared token file, written as a
+    single-file token file, so that a run of a few dozen steps crosses epoch boundaries without
+    ``limit_train_batches``."""
     import h5py
 
-    with h5py.File(prepared["tokens"], "r") as src, h5py.File(out, "w") as dst:
-        dst["train"] = src["train"][:n_train]
-        dst["val"] = src["val"][:n_val]
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
+    from pd_lightning.data.corpus import TokenFile
+
+    src = TokenFile(prepared["tokens"])
+    with h5py.File(out, "w") as dst:
+        dst["train"] = src.rows("train", slice(0, n_train))
+        dst["val"] = src.rows("val", slice(0, n_val))
+        for key in ("tokenizer_fingerprint", "vocab_size", "seq_len", "eos_id", "complete"):
+            dst.attrs[key] = src.attrs[key]
+        dst.attrs["schema_version"] = 1
         dst.attrs["tokenizer_path"] = str(prepared["tokenizer"])
     return out
 

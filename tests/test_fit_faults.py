@@ -1,0 +1,153 @@
+"""`pd-lightning fit` killed for real (SIGKILL, SIGTERM) anywhere, then resumed: the same run as an uninterrupted one.
+
+Each faulty run is a subprocess with ``tests.faults.Fault`` (a real signal at an exact point); its resume runs
+through the CLI as a user would (``--ckpt_path last``). No ``limit_train_batches``: 104 sequences, batch 4, so an
+epoch is 26 steps and the 40-step runs cross into epoch 1; validation every 10 steps, checkpoints every 5 steps
+plus ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pd_lightning.cli import main
+from tests.test_train import small_token_file, tiny_fit_args
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_STEPS = 40
+
+
+def fit_args(tokens: Path, root: Path, version: int = 0, *extra: str) -> list[str]:
+    args = tiny_fit_args(
+        tokens,
+        root,
+        MAX_STEPS,
+        "--trainer.val_check_interval=10",
+        "--trainer.check_val_every_n_epoch=null",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={root / 'ckpt'}",
+        "--trainer.callbacks.every_n_train_steps=5",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+        *extra,
+    )
+    i = args.index("--trainer.logger.version")
+    args[i + 1] = str(version)
+    return args
+
+
+def logged(root: Path, version: int) -> tuple[dict[int, float], dict[int, int], dict[int, float]]:
+    """(step -> train loss, step -> epoch, step -> val loss) from the CSV log; steps are 1-based."""
+    with open(root / "log" / f"version_{version}" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    train = {int(r["step"]) + 1: float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    epochs = {int(r["step"]) + 1: int(r["epoch"]) for r in rows if r.get("train/loss")}
+    val = {int(r["step"]) + 1: float(r["val/loss"]) for r in rows if r.get("val/loss")}
+    return train, epochs, val
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == MAX_STEPS
+    return ckpt["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def tokens(prepared, tmp_path_factory) -> Path:
+    return small_token_file(prepared, tmp_path_factory.mktemp("faults") / "tokens.h5")
+
+
+@pytest.fixture(scope="module")
+def reference(tokens, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("reference")
+    main(fit_args(tokens, root))
+    train, epochs, val = logged(root, 0)
+    assert sorted(train) == list(range(1, MAX_STEPS + 1))
+    assert epochs[26] == 0 and epochs[27] == 1  # the run crosses an epoch boundary
+    assert sorted(val) == [10, 20, 30, 40]
+    return {"train": train, "epochs": epochs, "val": val, "weights": weights(root / "ckpt" / "last.ckpt")}
+
+
+def run_with_fault(tokens: Path, root: Path, at: str, step: int) -> subprocess.CompletedProcess:
+    args = [*fit_args(tokens, root), "--trainer.callbacks+=tests.faults.Fault", f"--trainer.callbacks.at={at}"]
+    args.append(f"--trainer.callbacks.step={step}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "pd_lightning.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def resume_and_compare(tokens: Path, root: Path, reference: dict, resumed_from: int) -> None:
+    main([*fit_args(tokens, root, 1), "--ckpt_path", "last"])
+    train, epochs, val = logged(root, 1)
+    assert sorted(train) == list(range(resumed_from + 1, MAX_STEPS + 1))  # no step lost or repeated
+    for step, loss in train.items():
+        assert loss == reference["train"][step], (step, loss, reference["train"][step])
+    assert epochs == {s: e for s, e in reference["epochs"].items() if s > resumed_from}
+    assert val and all(v == reference["val"][s] for s, v in val.items())
+    final = weights(root / "ckpt" / "last.ckpt")
+    assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"])
+    assert not list((root / "ckpt").glob(".*tmp*"))  # the next save cleared what a kill left behind
+
+
+@pytest.mark.parametrize(
+    "at,step,resumed_from",
+    [
+        ("train", 13, 10),  # first epoch
+        ("train", 33, 30),  # a later epoch
+        ("validation", 20, 20),  # the checkpoint of step 20 is written before its validation runs
+        ("save", 15, 10),  # during the write of last.ckpt at step 15: last.ckpt must still be step 10's
+    ],
+)
+def test_sigkill_then_resume_equals_uninterrupted(tokens, reference, tmp_path, at, step, resumed_from):
+    run = run_with_fault(tokens, tmp_path, at, step)
+    assert run.returncode == -9, run.stderr[-3000:]
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # never a half-written file
+    assert last["global_step"] == resumed_from
+    if at == "save":
+        assert list((tmp_path / "ckpt").glob(".last.ckpt.tmp-*"))  # the half-written file is the temporary one
+    resume_and_compare(tokens, tmp_path, reference, resumed_from)
+
+
+def test_sigterm_saves_and_exits_nonzero_then_resumes(tokens, reference, tmp_path):
+    run = run_with_fault(tokens, tmp_path, "sigterm", 13)
+    assert run.returncode == 143, (run.returncode, run.stderr[-3000:])
+    message = [line for line in run.stderr.splitlines() if line.startswith("pd-lightning: stopped by SIGTERM")]
+    assert len(message) == 1 and "step 13 of 40" in message[0] and "--ckpt_path" in message[0], run.stderr[-2000:]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 13
+    resume_and_compare(tokens, tmp_path, reference, 13)
+
+
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        (["--model.lr=1e30"], "optimizer step 2 made the weights non-finite"),  # the loss stays finite
+        (
+            ["--trainer.callbacks+=tests.faults.Fault", "--trainer.callbacks.at=nan", "--trainer.callbacks.step=3"],
+            "the training loss is not finite after 3 optimizer steps",
+        ),
+    ],
+    ids=["weights-overflow", "nan-loss"],
+)
+def test_non_finite_run_stops_before_saving_bad_weights(tokens, tmp_path, capsys, fault, message):
+    """A run whose loss or weights turn non-finite stops there with one line and exit code 2, and every checkpoint
+    it wrote holds finite weights (before: it went on and saved NaN over the good ones, exit 0)."""
+    args = fit_args(tokens, tmp_path, 0, "--trainer.callbacks.every_n_train_steps=1", *fault)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"pd-lightning: error: {message}"), err[-3:]
+    ckpts = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert ckpts
+    for path in ckpts:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path
