@@ -104,7 +104,12 @@ def predict_cli(args: list[str] | None = None, run: bool = True) -> PredictCLI:
     return PredictCLI(
         TeacherLogits,
         TokenSequences,
-        trainer_defaults={"logger": False, "enable_checkpointing": False, "default_root_dir": "runs/predict"},
+        trainer_defaults={
+            "logger": False,
+            "enable_checkpointing": False,
+            "default_root_dir": "runs/predict",
+            "use_distributed_sampler": False,  # each rank's loader already holds only its own pending sequences
+        },
         save_config_callback=None,
         args=args,
         run=run,

@@ -128,7 +128,7 @@ class LMEvalCallback(L.Callback):
     # ---- scoring ------------------------------------------------------------------------------------------------
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Run the tasks on the live student, log ``bench/*`` at the current step and return {task: %, average}."""
-        from pd_lightning.eval.distributed import ShardedLM
+        from pd_lightning.eval.distributed import ShardedLM, single_process_view
         from pd_lightning.eval.lm import StudentLM
         from pd_lightning.eval.runner import evaluate
 
@@ -141,7 +141,7 @@ class LMEvalCallback(L.Callback):
         elif getattr(trainer.datamodule, "seq_len", None):
             kw["max_length"] = int(trainer.datamodule.seq_len)
         shots = None if self.num_fewshot is None else dict.fromkeys(self.tasks, self.num_fewshot)
-        with preserved_training_state(pl_module):
+        with preserved_training_state(pl_module), single_process_view():
             lm = StudentLM.from_module(pl_module, self._tok, **kw)
             result = evaluate(ShardedLM(lm), self.tasks, self.data_dir, num_fewshot=shots,
                               limit=self.limit, seed=self.seed)  # fmt: skip

@@ -12,7 +12,10 @@ compositions.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -23,6 +26,21 @@ def _world(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+@contextlib.contextmanager
+def single_process_view() -> Iterator[None]:
+    """lm-eval returns results only where ``LOCAL_RANK`` is 0 (its tensor-parallel guard): every rank computes the
+    same metrics here, so each one sees ``LOCAL_RANK=0`` for the duration of the evaluation."""
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LOCAL_RANK"]
+        else:
+            os.environ["LOCAL_RANK"] = saved
 
 
 def shard(n: int, rank: int, world_size: int) -> tuple[list[int], int]:

@@ -89,7 +89,7 @@ def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
 def score(trainer, module, opts: BenchmarkOptions, prepared: dict, ckpt_path: str) -> dict:
     """Score the module (holding the checkpoint's weights) on ``opts.tasks``; print the table, write JSON + .md."""
     from pd_lightning.eval.callback import preserved_training_state
-    from pd_lightning.eval.distributed import ShardedLM
+    from pd_lightning.eval.distributed import ShardedLM, single_process_view
     from pd_lightning.eval.lm import StudentLM
     from pd_lightning.eval.report import text_table, with_deltas, write_results
     from pd_lightning.eval.runner import evaluate
@@ -100,7 +100,7 @@ def score(trainer, module, opts: BenchmarkOptions, prepared: dict, ckpt_path: st
     if seq_len:
         kw["max_length"] = int(seq_len)
     shots = None if opts.num_fewshot is None else dict.fromkeys(opts.tasks, opts.num_fewshot)
-    with preserved_training_state(module):
+    with preserved_training_state(module), single_process_view():
         lm = StudentLM.from_module(module, prepared["tokenizer"], **kw)
         result = evaluate(ShardedLM(lm), opts.tasks, opts.data_dir, num_fewshot=shots,
                           limit=opts.limit, seed=opts.seed)  # fmt: skip

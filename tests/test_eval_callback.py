@@ -1,0 +1,134 @@
+"""``LMEvalCallback`` (``--config callbacks/lm_eval.yaml``): benchmark scores reach the logger during training, the
+run's losses are those of a run without it, a resumed run does not score a step twice, and a 2-process DDP run logs
+the scores a one-process scoring of the same weights gives."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pd_lightning.cli import main
+from tests.test_train import CKPT, small_token_file, tiny_fit_args, train_losses
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "eval"
+TASKS = ["piqa", "hellaswag", "gsm8k"]  # two multiple-choice tasks and one generation task
+
+
+def callback_config(path: Path, **init_args) -> Path:
+    """callbacks/lm_eval.yaml with the tiny test's settings (the file itself is what users compose)."""
+    cfg = yaml.safe_load((ROOT / "callbacks" / "lm_eval.yaml").read_text())
+    entry = cfg["trainer"]["callbacks+"][0]
+    assert entry["class_path"] == "pd_lightning.eval.callback.LMEvalCallback"
+    entry["init_args"].update({"tasks": TASKS, "data_dir": str(FIXTURES), "limit": 2, "max_gen_toks": 8,
+                               "on_checkpoint": False, **init_args})  # fmt: skip
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def bench_rows(root: Path) -> dict[int, dict[str, float]]:
+    """step -> {metric: value} of the ``bench/*`` metrics in the run's CSV log."""
+    out: dict[int, dict[str, float]] = {}
+    with open(root / "log" / "version_0" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            values = {k: float(v) for k, v in row.items() if k.startswith("bench/") and v not in ("", None)}
+            if values:
+                out.setdefault(int(row["step"]), {}).update(values)
+    return out
+
+
+@pytest.fixture
+def tokens(tmp_path, prepared) -> Path:
+    return small_token_file(prepared, tmp_path / "tokens.h5")
+
+
+def test_scores_reach_the_logger_and_training_is_unchanged(tmp_path, tokens, monkeypatch, capsys):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    cfg = callback_config(tmp_path / "cb.yaml", every_n_steps=2)
+    on, off = tmp_path / "on", tmp_path / "off"
+    main(tiny_fit_args(tokens, on, 4, "--config", str(cfg), "--trainer.limit_val_batches", "0"))
+    rng_on = torch.get_rng_state()
+    main(tiny_fit_args(tokens, off, 4, "--trainer.limit_val_batches", "0"))
+    assert torch.equal(torch.get_rng_state(), rng_on)  # the run with evaluations left the generator where it was
+    bench = bench_rows(on)
+    assert sorted(bench) == [2, 4], bench
+    for step in (2, 4):
+        assert set(bench[step]) == {*(f"bench/{t}" for t in TASKS), "bench/average"}
+        assert bench[step]["bench/average"] == pytest.approx(sum(bench[step][f"bench/{t}"] for t in TASKS) / 3)
+    assert "bench:" in capsys.readouterr().out
+    # Evaluating (which reseeds Python/NumPy/torch inside lm-eval) does not change training: same losses, bit for bit.
+    assert train_losses(on) == train_losses(off)
+
+
+def test_resume_does_not_score_a_step_twice(tmp_path, tokens, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    cfg = callback_config(tmp_path / "cb.yaml", every_n_steps=3, on_checkpoint=True)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    ckpt_args = [a.replace("every_n_train_steps=6", "every_n_train_steps=2") for a in CKPT]
+    main(tiny_fit_args(tokens, full, 6, "--config", str(cfg), *ckpt_args))
+    reference = bench_rows(full)
+    # Scored at every save (2, 4, 6) and every 3 steps (3, 6): each step once.
+    assert sorted(reference) == [2, 3, 4, 6], reference
+    ckpt = next(full.rglob("step=4.ckpt"))
+    state = torch.load(ckpt, weights_only=True)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("LMEvalCallback"))
+    assert sorted(saved["scored"]) == [2, 3, 4]  # the step-4 score, made while saving, is in that checkpoint
+    main(tiny_fit_args(tokens, resumed, 6, "--config", str(cfg), *ckpt_args, "--ckpt_path", str(ckpt)))
+    again = bench_rows(resumed)
+    assert sorted(again) == [6]  # steps 2, 3, 4 are not scored again
+    assert again[6] == reference[6]  # the resumed run reached the same weights
+    assert train_losses(resumed) == {s: v for s, v in train_losses(full).items() if s > 4}
+
+
+def test_ddp_scores_equal_one_process_scores(tmp_path, prepared, monkeypatch, capsys):
+    """Two gloo ranks each score half the requests; the logged scores equal ``validate`` of the same checkpoint in
+    one process (the weights differ from a one-process run's, since each rank trains on its own half of the data)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    tasks = ["piqa", "mmlu", "gsm8k"]
+    cfg = callback_config(tmp_path / "cb.yaml", every_n_steps=2, tasks=tasks, limit=3)
+    root = tmp_path / "ddp"
+    args = tiny_fit_args(prepared["tokens"], root, 2, "--config", str(cfg), "--trainer.strategy", "ddp",
+                         "--trainer.devices", "2", "--trainer.limit_val_batches", "0")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    run = subprocess.run([sys.executable, "-m", "pd_lightning.cli", *args], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = bench_rows(root)[2]
+    ckpt = next(root.rglob("*.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+    out = tmp_path / "one.json"
+    vargs = tiny_fit_args(prepared["tokens"], tmp_path / "v", 2, "--trainer.limit_val_batches", "1")
+    vargs[0] = "validate"
+    main([*vargs, "--ckpt_path", str(ckpt), "--eval.tasks", json.dumps(tasks), "--eval.data_dir", str(FIXTURES),
+          "--eval.limit", "3", "--eval.max_gen_toks", "8", "--eval.output", str(out)])  # fmt: skip
+    one = json.loads(out.read_text())
+    assert {t: logged[f"bench/{t}"] for t in tasks} == pytest.approx(one["scores"], abs=1e-6)
+    assert logged["bench/average"] == pytest.approx(one["average"], abs=1e-6)
+
+
+def test_preserved_training_state_restores_modes_and_random_states():
+    import random
+
+    import numpy as np
+
+    from pd_lightning.eval.callback import preserved_training_state
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    net.train()
+    net[1].eval()  # a submodule deliberately in eval mode stays so
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    with preserved_training_state(net):
+        net.eval()
+        random.seed(123), np.random.seed(123), torch.manual_seed(123)  # what lm-eval does
+        torch.rand(5)
+    assert net.training and not net[1].training and net[0].training
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
