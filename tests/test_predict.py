@@ -32,7 +32,7 @@ def predict_args(teacher: Path, tokens: Path, out: Path, *extra: str) -> list[st
         "--data.split", "val",
         "--data.batch_size", "4",
         "--writer.output", str(out),
-        "--writer.commit_sequences", "8",
+        "--writer.shard_tokens", "2048",  # 32 sequences of 64 positions per shard: 15 shards
         "--trainer.accelerator", "cpu",
         "--trainer.devices", "1",
         "--trainer.enable_progress_bar", "false",
@@ -42,6 +42,19 @@ def predict_args(teacher: Path, tokens: Path, out: Path, *extra: str) -> list[st
 
 def shard_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.h5"))
+
+
+def val_shards(prepared) -> tuple[int, int]:
+    """Validation sequences of the prepared token file and the shards (32 sequences each) a cache of them has."""
+    from pd_lightning.data.corpus import TokenFile
+
+    n = TokenFile(str(prepared["tokens"]), flag="--data.path").lengths["val"]
+    return n, -(-n // 32)
+
+
+def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pd_lightning.cli", *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +69,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, hf_teacher, prepared
     cmd = [sys.executable, "-m", "pd_lightning.cli", *predict_args(hf_teacher, prepared["tokens"], out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    parts = out / "shard-00000-of-00001.parts"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("part-*"))) < 2 and proc.poll() is None:
+    while time.time() < deadline and len(shard_files(out)) < 2 and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "predict finished before it could be killed; make the job longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not shard_files(out), "a killed run must not leave a shard under its final name"
+    assert not (out / "index.json").exists(), "a killed run must not look finished"
     # The half-written cache is refused by readers, naming the remedy.
     from pd_lightning.data.cache_reader import TeacherCache
 
@@ -73,18 +85,64 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, hf_teacher, prepared
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
-    (a,), (b,) = shard_files(out), shard_files(reference_cache)
-    assert content_checksum(a) == content_checksum(b)
+    assert content_checksum(out) == content_checksum(reference_cache)
 
 
-def test_cache_info_json(reference_cache, capsys):
+def test_rerun_after_kill_past_the_last_shard_finishes_the_cache(tmp_path, hf_teacher, prepared, reference_cache):
+    """Issue 8 item 2: killed after the last shard but before the final index, a rerun has nothing to predict
+    (Lightning skips the loop) and must still finish the cache."""
+    out = tmp_path / "cache"
+    _, shards = val_shards(prepared)
+    kill = f"after_index:{shards}"
+    killed = run_cli(predict_args(hf_teacher, prepared["tokens"], out), PD_LIGHTNING_TEST_KILL_AT=kill)
+    assert killed.returncode == -signal.SIGKILL and len(shard_files(out)) == shards
+    assert not (out / "index.json").exists()
+    rerun = run_cli(predict_args(hf_teacher, prepared["tokens"], out))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (out / "index.json").exists() and not list(out.glob("index-*.json"))
+    assert content_checksum(out) == content_checksum(reference_cache)
+
+
+def test_two_writer_ranks_then_one_and_two_reader_ranks(tmp_path, hf_teacher, prepared, reference_cache):
+    """Issue 7 item 1: `predict` on 2 DDP processes (gloo) completes the cache (before the fix Lightning's
+    distributed sampler made each rank skip half of its own sequences), with the same content as 1 rank; the
+    cache is then read by 1 and by 2 reader ranks, every sequence once."""
+    from types import SimpleNamespace
+
+    from pd_lightning.data.cache_datamodule import CacheDataModule
+    from pd_lightning.data.corpus import TokenFile
+
+    out = tmp_path / "cache"
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    run = run_cli(predict_args(hf_teacher, prepared["tokens"], out, *ddp))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    n, shards = val_shards(prepared)
+    assert (out / "index.json").exists() and len(shard_files(out)) == shards
+    assert content_checksum(out) == content_checksum(reference_cache)  # independent of the writer count
+    tokens = TokenFile(str(prepared["tokens"]), flag="--data.path")
+    rows = {tuple(tokens.rows("val", i)[:-1].tolist()): i for i in range(n)}
+    for readers in (1, 2):
+        seen: list[int] = []
+        for rank in range(readers):
+            dm = CacheDataModule(path=str(out), batch_size=5, shuffle=True, num_workers=0)
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=readers)
+            for batch in dm.train_dataloader():
+                seen += [rows[tuple(r.tolist())] for r in batch["input_ids"]]
+        # every sequence at most once; all of them but the sampler's trim to equal per-rank batches
+        assert len(seen) == len(set(seen)) and len(seen) >= n - readers * 5, (readers, len(seen))
+
+
+def test_cache_info_json(reference_cache, prepared, capsys):
     main(["cache-info", str(reference_cache), "--json", "true"])
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("tokens", "bytes_per_token", "bytes_per_entry", "mean_entries_per_token", "mean_kept_mass"):
         assert isinstance(info[key], int | float), key
-    assert info["schema_version"] == 1 and info["tokens"] == 465 * 64
+    n, shards = val_shards(prepared)
+    assert info["schema_version"] == 2 and info["tokens"] == n * 64 and info["complete"] is True
+    assert info["shards"] == info["num_shards"] == shards and info["power_gammas"] == [0.5]
     assert 1 <= info["mean_entries_per_token"] <= 20
-    assert info["bytes_per_entry"] <= 4.0 + 0.05  # entry = packed uint32 (id + quantised -log p) + chunk padding
+    # entry = packed uint32 (id + quantised -log p); + fletcher32 and the padded last chunk of each small shard
+    assert info["bytes_per_entry"] <= 4.0 + shards * (1 << 16) / info["entries"]
 
 
 def test_rerun_of_complete_cache_and_other_parameters(reference_cache, hf_teacher, prepared, capsys):
@@ -94,7 +152,9 @@ def test_rerun_of_complete_cache_and_other_parameters(reference_cache, hf_teache
         main(predict_args(hf_teacher, prepared["tokens"], reference_cache, "--model.processor.k", "5"))
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "overwrite" in err
+    lines = [line for line in err.splitlines() if line.startswith("pd-lightning: error:")]
+    assert len(lines) == 1 and "--writer.overwrite true" in lines[0] and "overwrite=True" not in err
+    assert "Traceback" not in err
 
 
 def test_teacher_refusals(tmp_path, hf_teacher, prepared, corpus_dir, capsys):
