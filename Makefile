@@ -23,11 +23,11 @@ $(DEMO)/tokens.h5: | $(BIN)/.installed
 runs/demo-teacher/teacher.ckpt: $(DEMO)/tokens.h5
 	$(BIN)/pd-lightning fit --config configs/demo/teacher.yaml
 
-$(DEMO)/cache/top-0.95-100/shard-00000-of-00001.h5: runs/demo-teacher/teacher.ckpt
+$(DEMO)/cache/top-0.95-100/index.json: runs/demo-teacher/teacher.ckpt
 	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --writer.overwrite true --trainer.enable_progress_bar false
 	$(BIN)/pd-lightning cache-info $(DEMO)/cache/top-0.95-100
 
-demo: $(DEMO)/cache/top-0.95-100/shard-00000-of-00001.h5
+demo: $(DEMO)/cache/top-0.95-100/index.json
 	$(BIN)/pd-lightning fit --config configs/demo/student_kd.yaml
 	$(BIN)/pd-lightning fit --config configs/demo/student_lm.yaml
 
