@@ -4,6 +4,7 @@
     pd-lightning predict --config ...             run a teacher over a token file, write the logits cache
     pd-lightning prepare ...                      text -> packed token file (HDF5)
     pd-lightning cache-info PATH [--json]         figures of a logits cache
+    pd-lightning cache-plan --tokens 100e9 ...    expected size, shards, disk and bandwidth of a cache
     pd-lightning export-hf ...                    student checkpoint -> Hugging Face Llama folder
     pd-lightning eval-data --output DIR --<task> SRC   benchmark files -> <DIR>/<task>/<split>.jsonl (lm-eval)
 
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> None:
             _function_cli(prepare, argv[1:])
         elif command == "cache-info":
             _function_cli(cache_info_command, argv[1:])
+        elif command == "cache-plan":  # --from-cache / --teacher-tokens-per-s spelled either way
+            from pd_lightning.data.cache_inspect import cache_plan_command
+
+            flags = ["--" + a[2:].replace("-", "_") if a.startswith("--") else a for a in argv[1:]]
+            _function_cli(cache_plan_command, flags)
         elif command == "export-hf":
             from pd_lightning.export import export_checkpoint, export_hf_argv
 

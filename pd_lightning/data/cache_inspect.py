@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ import numpy as np
 
 from pd_lightning.data.cache_format import (
     DATASETS,
+    DEFAULT_SHARD_TOKENS,
     Q_BITS,
     SCHEMA_VERSION,
+    SMALL_VOCAB,
     STAT_DATASETS,
     CacheCorruptError,
     CacheIncompleteError,
@@ -213,3 +216,119 @@ def plot_entries_histogram(info: dict[str, Any], png_path: str | Path) -> Path:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def cache_plan(
+    tokens: float,
+    vocab: int,
+    p: float = 0.95,
+    k: int = 100,
+    from_cache: str | None = None,
+    teacher_tokens_per_s: float = 20_000.0,
+    gpus: int = 8,
+    seq_len: int = 4096,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    power_gammas: int = 1,
+) -> dict[str, Any]:
+    """Expected size, shards, disk and write bandwidth of a cache, on paper (``pd-lightning cache-plan``).
+
+    Bytes per token follow the format (``cache_format``): 4 (token id) + 1 or 2 (count) + 6 (std, entropy, tail)
+    + 2 per stored gamma + 20 / ``seq_len`` (per-sequence tables) + entries/token x (4 B, or 8 B above 2^18 ids)
+    x (1 + 4 / 16384) (fletcher32 per 16k-entry chunk). Entries/token come from a sample cache (``from_cache``, the
+    measured mean of a cache written with the same processor) or, without one, are assumed to be ``k`` (an upper
+    bound for top-p-k: the nucleus often stops earlier). Per-file HDF5 overhead (a few KB per shard) is ignored.
+
+    Args:
+        tokens: tokens to cache (e.g. ``100e9``).
+        vocab: the teacher's vocabulary size.
+        p: top-p of the truncation (informational unless a sample is given).
+        k: top-k of the truncation.
+        from_cache: a cache written with the same processor on a sample of the corpus.
+        teacher_tokens_per_s: teacher forward throughput per GPU (assumed 20,000: a ~9B teacher's forward pass at
+            ~40% MFU of an H100 in bf16; measure yours with a short `pd-lightning predict`).
+        gpus: writer ranks (GPUs).
+        seq_len: sequence length (for the per-sequence bookkeeping).
+        shard_tokens: ``--writer.shard_tokens``.
+        power_gammas: number of stored WTTM gammas (``--model.power_gammas``; default one, 0.5).
+    """
+    if tokens <= 0 or vocab < 1 or k < 1 or gpus < 1 or teacher_tokens_per_s <= 0 or seq_len < 1:
+        raise ValueError("cache-plan: --tokens, --vocab, --k, --gpus, --teacher_tokens_per_s, --seq_len must be > 0")
+    if from_cache is not None:
+        sample = cache_info(from_cache)
+        entries_per_token = float(sample["mean_entries_per_token"])
+        source = f"measured in {from_cache} ({sample['tokens']} tokens)"
+    else:
+        entries_per_token = float(k)
+        source = f"assumed = k = {k} (upper bound; pass --from_cache SAMPLE for a measured figure)"
+    entry_bytes = 4 if vocab <= SMALL_VOCAB else 8
+    fixed = 4 + (1 if k <= 255 else 2) + 6 + 2 * power_gammas + 20 / seq_len
+    per_token = fixed + entries_per_token * entry_bytes * (1 + 4 / 16384)
+    total = tokens * per_token
+    shard_tokens_eff = max(1, shard_tokens // seq_len) * seq_len
+    shards = math.ceil(tokens / shard_tokens_eff)
+    per_gpu_tokens = tokens / gpus
+    return {
+        "tokens": tokens,
+        "vocab": vocab,
+        "processor": f"top-{p}-{k}",
+        "entries_per_token": entries_per_token,
+        "entries_per_token_source": source,
+        "bytes_per_token": per_token,
+        "total_bytes": total,
+        "total_TB": total / 1e12,
+        "shard_tokens": shard_tokens_eff,
+        "shard_GB": shard_tokens_eff * per_token / 1e9,
+        "shards": shards,
+        "gpus": gpus,
+        "disk_per_gpu_TB": total / gpus / 1e12,
+        "teacher_tokens_per_s_per_gpu": teacher_tokens_per_s,
+        "write_MB_per_s_per_gpu": teacher_tokens_per_s * per_token / 1e6,
+        "hours": per_gpu_tokens / teacher_tokens_per_s / 3600,
+        "peak_extra_disk_GB_per_gpu": shard_tokens_eff * per_token / 1e9,
+    }
+
+
+def cache_plan_command(
+    tokens: float | None = None,
+    vocab: int | None = None,
+    p: float = 0.95,
+    k: int = 100,
+    from_cache: str | None = None,
+    teacher_tokens_per_s: float = 20_000.0,
+    gpus: int = 8,
+    seq_len: int = 4096,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    power_gammas: int = 1,
+    json: bool = False,
+) -> None:
+    """Plan a teacher cache on paper: expected size, shards, disk and write bandwidth per GPU.
+
+    Args:
+        tokens: tokens to cache (e.g. 100e9).
+        vocab: the teacher's vocabulary size (GLM-4-9B: 151552).
+        p: top-p of the truncation.
+        k: top-k of the truncation.
+        from_cache: a sample cache written with the same processor (measured entries per token).
+        teacher_tokens_per_s: teacher throughput per GPU (default an assumption, see the docs).
+        gpus: writer ranks.
+        seq_len: sequence length.
+        shard_tokens: positions per shard (--writer.shard_tokens).
+        power_gammas: number of stored WTTM gammas.
+        json: print one JSON object.
+    """
+    import json as json_lib
+
+    if tokens is None or vocab is None:
+        raise ValueError("cache-plan needs --tokens (e.g. 100e9) and --vocab (the teacher's vocabulary size)")
+    plan = cache_plan(tokens, vocab, p, k, from_cache, teacher_tokens_per_s, gpus, seq_len, shard_tokens, power_gammas)
+    if json:
+        print(json_lib.dumps(plan))
+        return
+    print(f"cache plan: {plan['processor']} of a {vocab}-entry teacher over {tokens:.4g} tokens on {gpus} GPUs")
+    print(f"  entries/token        {plan['entries_per_token']:.2f} ({plan['entries_per_token_source']})")
+    print(f"  bytes/token          {plan['bytes_per_token']:.1f}")
+    print(f"  total size           {plan['total_TB']:.2f} TB")
+    print(f"  shards               {plan['shards']} of {plan['shard_tokens']} tokens (~{plan['shard_GB']:.2f} GB)")
+    print(f"  disk per GPU         {plan['disk_per_gpu_TB']:.2f} TB (+ one shard being written)")
+    print(f"  write per GPU        {plan['write_MB_per_s_per_gpu']:.1f} MB/s at {teacher_tokens_per_s:.0f} tokens/s")
+    print(f"  teacher time         {plan['hours']:.1f} h per GPU")

@@ -1,0 +1,52 @@
+"""`pd-lightning cache-plan`: expected size, shards, disk and bandwidth, against hand-computed figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pd_lightning.cli import main
+from pd_lightning.data.cache import CacheSpec, CacheWriter, cache_info
+from pd_lightning.distill.processors import TopPK
+
+
+def plan(capsys, *args: str) -> dict:
+    main(["cache-plan", *args, "--json", "true"])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_paper_setting_by_hand(capsys) -> None:
+    got = plan(capsys, "--tokens", "100e9", "--vocab", "151552", "--p", "0.95", "--k", "100",
+               "--teacher-tokens-per-s", "20000", "--gpus", "8")  # fmt: skip
+    # 4 token + 1 count + 6 (std, entropy, tail) + 2 (one gamma) + 20 / 4096 + 100 entries x 4 B x (1 + 4 / 16384)
+    per_token = 4 + 1 + 6 + 2 + 20 / 4096 + 100 * 4 * (1 + 4 / 16384)
+    assert got["bytes_per_token"] == pytest.approx(per_token)
+    assert got["total_TB"] == pytest.approx(100e9 * per_token / 1e12)
+    assert got["shards"] == math.ceil(100e9 / 8388608) and got["shard_tokens"] == 8388608
+    assert got["disk_per_gpu_TB"] == pytest.approx(got["total_TB"] / 8)
+    assert got["write_MB_per_s_per_gpu"] == pytest.approx(20000 * per_token / 1e6)
+    assert got["hours"] == pytest.approx(100e9 / 8 / 20000 / 3600)
+    main(["cache-plan", "--tokens", "1e9", "--vocab", "300000"])  # the table; ids above 2^18 take 8 B
+    out = capsys.readouterr().out
+    assert "total size" in out and "write per GPU" in out and "assumed = k = 100" in out
+
+
+def test_from_a_sample_cache(tmp_path, capsys) -> None:
+    proc = TopPK(0.9, 20)
+    spec = CacheSpec.for_processor(proc, vocab_size=300, seq_len=16, num_sequences=6, teacher_fingerprint="t",
+                                   tokenizer_fingerprint="k", source_fingerprint="s")  # fmt: skip
+    writer = CacheWriter(tmp_path, spec)
+    for i in range(6):
+        g = torch.Generator().manual_seed(i)
+        writer.write(torch.tensor([i]), torch.zeros(1, 17, dtype=torch.long), proc(torch.randn(16, 300, generator=g)))
+    writer.finalize()
+    measured = cache_info(tmp_path)["mean_entries_per_token"]
+    got = plan(capsys, "--tokens", "1e9", "--vocab", "300", "--k", "20", "--from-cache", str(tmp_path))
+    assert got["entries_per_token"] == pytest.approx(measured) and str(tmp_path) in got["entries_per_token_source"]
+    assert got["bytes_per_token"] == pytest.approx(4 + 1 + 6 + 2 + 20 / 4096 + measured * 4 * (1 + 4 / 16384))
+    with pytest.raises(SystemExit) as e:
+        main(["cache-plan", "--vocab", "300"])
+    assert e.value.code == 2 and "--tokens" in capsys.readouterr().err
