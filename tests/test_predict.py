@@ -269,3 +269,37 @@ def test_cache_datamodule_refuses_other_tokenizer(tmp_path, reference_cache, cor
         CacheDataModule(path=str(reference_cache), val_tokens=str(other))
     ours = CacheDataModule(path=str(reference_cache)).tokenizer_fingerprint
     assert ours in str(e.value) and "tokenizer_fingerprint" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "nan_std"])
+def test_damaged_cache_in_fit_with_workers_is_one_line(tmp_path, reference_cache, prepared, damage):
+    """Issue 8 items 3 and 6: `fit` over a damaged cache with --data.num_workers 1 fails with one line naming the
+    shard (before: a 41-line worker traceback; a NaN std trained NaN weights)."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    shard = cache / "shard-000000.h5"
+    with h5py.File(shard, "r+") as f:
+        if damage == "nan_std":
+            f["std"][:] = np.nan
+        else:
+            offset = f["entries"].id.get_chunk_info(0).byte_offset
+    if damage == "flipped_byte":
+        with open(shard, "r+b") as fh:
+            fh.seek(offset + 5)
+            byte = fh.read(1)
+            fh.seek(offset + 5)
+            fh.write(bytes([byte[0] ^ 0x40]))
+    args = fit_from_cache(cache, prepared["tokens"], tmp_path / "run", 4, "--data.init_args.num_workers=1",
+                          "--data.init_args.shuffle=false", "--trainer.limit_val_batches=0")  # fmt: skip
+    run = run_cli(args)
+    assert run.returncode == 2, run.stderr[-3000:]
+    lines = [line for line in run.stderr.splitlines() if line.startswith("pd-lightning: error:")]
+    assert len(lines) == 1 and "shard-000000.h5" in lines[0], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert ("non-finite" in lines[0]) == (damage == "nan_std")
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
