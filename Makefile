@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python benchmarks/cache_write_overhead.py
 	$(BIN)/python benchmarks/kd_overhead.py
 	$(BIN)/python benchmarks/loss_memory.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/eval_throughput.py
 
 clean:
 	rm -rf runs lightning_logs $(DEMO) data/bench
