@@ -1,12 +1,24 @@
-"""Overhead of caching a teacher's logits: time of (teacher forward + TopPK processing + background HDF5 writing,
-finalisation included) ÷ time of the teacher forward alone, over the same tokens, in one run.
+"""Overhead of caching a teacher's logits, and what writing the cache costs in disk traffic and disk space.
 
-    .venv/bin/python benchmarks/cache_write_overhead.py [--hidden 512 --layers 4 --vocab 4096 --sequences 24]
+    .venv/bin/python benchmarks/cache_write_overhead.py [--reps 7] [--sequences 24]
 
-The teacher is a Llama-layout transformer (random weights: the cost of top-p-k does not depend on them) sized so
-that its forward pass dominates as a real teacher's does (params >> vocab). Repetitions alternate the two
-variants; the ratio is the median of paired ratios. Last line:
-``RESULT write_overhead_ratio=... forward_s=... forward_process_write_s=... process_only_ratio=...``.
+Time: (teacher forward + TopPK processing with the stored statistics + background HDF5 writing, finalisation
+included) ÷ the teacher forward alone, over the same tokens, in one run, at two teacher shapes:
+
+- ``small`` (today's): Llama-layout, hidden 512, 4 layers, vocab 4,096 (~3.7k parameters per vocabulary entry);
+- ``realistic``: the parameters per vocabulary entry of a real teacher/tokenizer pair (GLM-4-9B: 9.4e9 / 151,552
+  ≈ 62k) scaled down to what a CPU runs: hidden 640, 7 layers, vocab 480 (~63k per entry). The cost of top-p-k
+  and of writing grows with the vocabulary, the forward with the parameters, so this ratio is what it would be on
+  a real teacher.
+
+Disk (write-once cache, measured on the small shape's write runs): ``bytes_written_ratio`` = bytes the process
+passed to write(2) during the run (``/proc/self/io`` ``wchar``) ÷ the final cache size; ``peak_disk_ratio`` = the
+largest total size of the cache folder seen during the run (sampled every 2 ms) ÷ the final size.
+
+Random weights (the cost does not depend on them). Repetitions alternate the variants; ratios are medians of
+paired ratios, with their min/max. Last line: ``RESULT write_overhead_ratio=... forward_s=...
+forward_process_write_s=... process_only_ratio=... bytes_written_ratio=... peak_disk_ratio=...
+realistic_write_ratio=...``.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import argparse
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,20 +39,83 @@ from pd_lightning.distill.processors import TopPK, position_keys
 from pd_lightning.model.config import StudentConfig
 from pd_lightning.model.transformer import Transformer
 
+GAMMAS = (0.5,)  # what `pd-lightning predict` stores by default
 
-def run(teacher, batches, processor=None, out: Path | None = None, spec: CacheSpec | None = None) -> float:
+
+def wchar() -> int:
+    """Bytes this process has passed to write(2) so far."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no wchar in /proc/self/io")
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for p in list(folder.iterdir()) if folder.exists() else []:
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:  # renamed meanwhile
+            pass
+    return total
+
+
+def run(teacher, batches, processor=None, out: Path | None = None, spec: CacheSpec | None = None) -> dict:
+    """One pass; with ``out`` also the bytes written and the peak folder size."""
     writer = BackgroundWriter(CacheWriter(out, spec, overwrite=True)) if out is not None else None
-    t0 = time.perf_counter()
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], folder_bytes(out))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True) if out is not None else None
+    if watcher is not None:
+        watcher.start()
+    w0, t0 = wchar(), time.perf_counter()
     with torch.no_grad():
         for index, tokens in batches:
             logits = teacher(tokens[:, :-1])  # (B, L, V)
             if processor is not None:
-                target = processor(logits, position_keys(index, tokens.shape[1] - 1))
+                target = processor(logits, position_keys(index, tokens.shape[1] - 1), gammas=GAMMAS)
                 if writer is not None:
                     writer.write(index, tokens, target)
     if writer is not None:
         writer.finalize()
-    return time.perf_counter() - t0
+    seconds, written = time.perf_counter() - t0, wchar() - w0
+    if watcher is not None:
+        stop.set()
+        watcher.join()
+        peak[0] = max(peak[0], folder_bytes(out))
+    result = {"s": seconds}
+    if out is not None:
+        final = folder_bytes(out)
+        result.update(written=written / final, peak=peak[0] / final, size=final)
+    return result
+
+
+def setup(vocab: int, hidden: int, layers: int, sequences: int, seq: int, batch: int):
+    torch.manual_seed(0)
+    cfg = StudentConfig(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=hidden // 64,
+        n_query_groups=max(1, hidden // 256), intermediate_size=int(hidden * 8 / 3) // 16 * 16,
+    )  # fmt: skip
+    teacher = Transformer(cfg).eval()
+    tokens = torch.randint(0, vocab, (sequences, seq + 1))
+    batches = [(torch.arange(i, min(i + batch, sequences)), tokens[i : i + batch])
+               for i in range(0, sequences, batch)]  # fmt: skip
+    processor = TopPK(0.95, 100)
+    spec = CacheSpec.for_processor(
+        processor, vocab_size=vocab, seq_len=seq, num_sequences=sequences, teacher_fingerprint="bench",
+        tokenizer_fingerprint="bench", source_fingerprint="bench", shard_tokens=max(seq, sequences * seq // 4),
+        power_gammas=GAMMAS,
+    )  # fmt: skip
+    return cfg, teacher, batches, processor, spec
+
+
+def spread(xs: list[float]) -> str:
+    return f"median {statistics.median(xs):.4f} (min {min(xs):.4f}, max {max(xs):.4f})"
 
 
 def main() -> None:
@@ -50,54 +126,64 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--sequences", type=int, default=24)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--real-vocab", type=int, default=480)
+    ap.add_argument("--real-hidden", type=int, default=640)
+    ap.add_argument("--real-layers", type=int, default=7)
+    ap.add_argument("--real-sequences", type=int, default=8)
     args = ap.parse_args()
+    print(f"torch threads: {torch.get_num_threads()}")
 
-    torch.manual_seed(0)
-    cfg = StudentConfig(
-        vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.hidden // 64,
-        n_query_groups=max(1, args.hidden // 256), intermediate_size=int(args.hidden * 8 / 3) // 16 * 16,
-    )  # fmt: skip
-    teacher = Transformer(cfg).eval()
-    tokens = torch.randint(0, args.vocab, (args.sequences, args.seq + 1))
-    batches = [(torch.arange(i, min(i + args.batch, args.sequences)), tokens[i : i + args.batch])
-               for i in range(0, args.sequences, args.batch)]  # fmt: skip
-    processor = TopPK(0.95, 100)
-    spec = CacheSpec.for_processor(
-        processor, vocab_size=args.vocab, seq_len=args.seq, num_sequences=args.sequences,
-        teacher_fingerprint="bench", tokenizer_fingerprint="bench", source_fingerprint="bench",
-    )  # fmt: skip
+    small = setup(args.vocab, args.hidden, args.layers, args.sequences, args.seq, args.batch)
+    real = setup(args.real_vocab, args.real_hidden, args.real_layers, args.real_sequences, args.seq, args.batch)
     tmp = Path(tempfile.mkdtemp(prefix="pd-bench-"))
+    fwd, full, proc, ratios, written, peak, real_ratios, real_proc = [], [], [], [], [], [], [], []
     try:
-        run(teacher, batches[:1])  # warm-up
-        fwd, full, proc, ratios = [], [], [], []
+        for _, teacher, batches, *_ in (small, real):
+            run(teacher, batches[:1])  # warm-up
         for r in range(args.reps):
-            a = run(teacher, batches)
-            b = run(teacher, batches, processor, tmp / f"cache{r}", spec)
-            c = run(teacher, batches, processor)
+            _, teacher, batches, processor, spec = small
+            a = run(teacher, batches)["s"]
+            b = run(teacher, batches, processor, tmp / f"small{r}", spec)
+            c = run(teacher, batches, processor)["s"]
             fwd.append(a)
-            full.append(b)
+            full.append(b["s"])
+            ratios.append(b["s"] / a)
             proc.append(c / a)
-            ratios.append(b / a)
-        size = sum(f.stat().st_size for f in (tmp / "cache0").iterdir())
+            written.append(b["written"])
+            peak.append(b["peak"])
+            size = b["size"]
+            _, teacher, batches, processor, spec = real
+            d = run(teacher, batches)["s"]
+            e = run(teacher, batches, processor, tmp / f"real{r}", spec)
+            f = run(teacher, batches, processor)["s"]
+            real_ratios.append(e["s"] / d)
+            real_proc.append(f / d)
+            shutil.rmtree(tmp / f"small{r}", ignore_errors=True)
+            shutil.rmtree(tmp / f"real{r}", ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for name, (cfg, _, batches, _, spec) in (("small", small), ("realistic", real)):
+        n = sum(t.shape[0] for _, t in batches) * args.seq
+        print(
+            f"{name:>9} teacher: {cfg.num_parameters() / 1e6:.1f}M params, vocab {cfg.vocab_size} "
+            f"({cfg.num_parameters() / cfg.vocab_size / 1e3:.1f}k params per entry), {n} tokens, "
+            f"{spec.num_shards} shards"
+        )
     tokens_n = args.sequences * args.seq
-    print(
-        f"teacher {cfg.num_parameters() / 1e6:.1f}M params, vocab {args.vocab}, {tokens_n} tokens, "
-        f"cache {size / 1e6:.1f} MB"
-    )
-    print(
-        f"forward only           median {statistics.median(fwd):.2f} s  "
-        f"({tokens_n / statistics.median(fwd):,.0f} tok/s)"
-    )
-    print(
-        f"forward+process+write  median {statistics.median(full):.2f} s  paired ratios {[round(x, 3) for x in ratios]}"
-    )
-    print(f"forward+process        paired ratios {[round(x, 3) for x in proc]}")
+    print(f"small: forward only {statistics.median(fwd):.2f} s ({tokens_n / statistics.median(fwd):,.0f} tok/s); "
+          f"cache {size / 1e6:.2f} MB")  # fmt: skip
+    print(f"small: (forward+process+write) / forward   {spread(ratios)}")
+    print(f"small: (forward+process) / forward         {spread(proc)}")
+    print(f"small: bytes written / final size          {spread(written)}")
+    print(f"small: peak disk / final size              {spread(peak)}")
+    print(f"realistic: (forward+process+write) / forward {spread(real_ratios)}")
+    print(f"realistic: (forward+process) / forward       {spread(real_proc)}")
     print(
         f"RESULT write_overhead_ratio={statistics.median(ratios):.4f} forward_s={statistics.median(fwd):.3f} "
-        f"forward_process_write_s={statistics.median(full):.3f} process_only_ratio={statistics.median(proc):.4f}"
+        f"forward_process_write_s={statistics.median(full):.3f} process_only_ratio={statistics.median(proc):.4f} "
+        f"bytes_written_ratio={statistics.median(written):.4f} peak_disk_ratio={statistics.median(peak):.4f} "
+        f"realistic_write_ratio={statistics.median(real_ratios):.4f}"
     )
 
 
