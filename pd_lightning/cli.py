@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from argparse import ArgumentError
 
 from pd_lightning.errors import check_config_files, one_line
-from pd_lightning.paths import describe_os_error
+from pd_lightning.paths import CHECKED, describe_os_error
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 COMMANDS = ("fit", "validate", "test", "predict", "prepare", "cache-info", "export-hf")
@@ -37,6 +37,25 @@ def _function_cli(fn, args: list[str]) -> None:
     from jsonargparse import CLI
 
     CLI(fn, args=args, exit_on_error=False)  # main() reports parse errors in one line
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """``prepare --input a.jsonl b.jsonl ...`` (what a shell glob gives) -> ``--input ["a.jsonl", "b.jsonl", ...]``."""
+    import json
+
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--input":
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("-"):
+                j += 1
+            values = argv[i + 1 : j]
+            out += ["--input", json.dumps(values)] if len(values) > 1 else ["--input", *values]
+            i = j
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def cache_info_command(path: str, json: bool = False, plot: str | None = None) -> None:
@@ -71,12 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     from_python = argv is not None
     argv = list(argv) if from_python else sys.argv[1:]
     command = argv[0] if argv else ""
+    CHECKED.clear()
     try:
         check_config_files(argv)  # a missing or malformed --config YAML, named with its line
         if command == "prepare":
             from pd_lightning.data.corpus import prepare
 
-            _function_cli(prepare, argv[1:])
+            _function_cli(prepare, prepare_argv(argv[1:]))
         elif command == "cache-info":
             _function_cli(cache_info_command, argv[1:])
         elif command == "cache-plan":  # --from-cache / --teacher-tokens-per-s spelled either way

@@ -94,6 +94,33 @@ def _subclass_names(subtypes_line: str) -> list[str]:
     return sorted(set(found))
 
 
+def _subclass_names_of_key(command: str, key: str) -> list[str]:
+    """Concrete subclasses of the class type annotated for ``key`` (``model.processor``) in ``command``'s model."""
+    import typing
+
+    roots = {
+        "predict": "pd_lightning.predict.TeacherLogits",
+        "fit": "pd_lightning.module.DistillationModule",
+        "validate": "pd_lightning.module.DistillationModule",
+        "test": "pd_lightning.module.DistillationModule",
+    }
+    parts = key.split(".")
+    if command not in roots or len(parts) != 2 or parts[0] != "model":
+        return []
+    import importlib
+
+    module, _, name = roots[command].rpartition(".")
+    try:
+        hints = typing.get_type_hints(getattr(importlib.import_module(module), name).__init__)
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        return []
+    hint = hints.get(parts[1])
+    for t in typing.get_args(hint) or (hint,):
+        if isinstance(t, type) and t is not type(None):
+            return _subclass_names(f"<class '{t.__module__}.{t.__qualname__}'>")
+    return []
+
+
 def one_line(message: str, command: str = "") -> str:
     """A jsonargparse error message as one line: ``--flag: reason``."""
     message = str(message)
@@ -138,7 +165,7 @@ def one_line(message: str, command: str = "") -> str:
     reason = reasons[0]
     m = re.match(r"Expected a dot import path string: (.*)", reason)
     if m:
-        names = _subclass_names(subtypes)
+        names = _subclass_names(subtypes) or _subclass_names_of_key(command, ".".join(keys))
         hint = f"; choose one of {', '.join(names)}" if names else "; give a class name or its full import path"
         return f"{flag}: {m.group(1)!r} is not a known class{hint}"
     m = re.match(r"Expected an instantiatable class, but ([\w.]+) is abstract", reason)

@@ -37,6 +37,16 @@ class TrainCLI(LightningCLI):
         a checkpoint whose student has another shape, naming the fields that differ.
         """
 
+    def before_instantiate_classes(self) -> None:
+        from pd_lightning import cli_checks  # --weights_only forced true, --ckpt_path opened safely, in one line
+
+        cli_checks.before_instantiate(self.config[self.subcommand] if self.subcommand else self.config, self.subcommand)
+
+    def after_instantiate_classes(self) -> None:
+        from pd_lightning import cli_checks  # output folders writable; validate has validation data
+
+        cli_checks.after_instantiate(self.trainer, self.datamodule, self.subcommand)
+
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         # `validate` also scores the checkpoint on the benchmarks: --eval.tasks, --eval.data_dir, --eval.baseline, ...
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -77,6 +87,7 @@ def train_cli(args: list[str] | None = None, run: bool = True) -> TrainCLI:
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # cli.main reports parse errors in one line
         args=args,
         run=run,
         auto_configure_optimizers=False,
@@ -96,6 +107,9 @@ class PredictCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.get("return_predictions") is None:
             cfg["return_predictions"] = False
+        from pd_lightning import cli_checks  # --weights_only, --writer.output writable, before the teacher loads
+
+        cli_checks.before_instantiate_predict(cfg, self.subcommand)
 
 
 def predict_cli(args: list[str] | None = None, run: bool = True) -> PredictCLI:
@@ -111,6 +125,7 @@ def predict_cli(args: list[str] | None = None, run: bool = True) -> PredictCLI:
             "use_distributed_sampler": False,  # each rank's loader already holds only its own pending sequences
         },
         save_config_callback=None,
+        parser_kwargs={"exit_on_error": False},  # cli.main reports parse errors in one line
         args=args,
         run=run,
     )

@@ -38,6 +38,11 @@ def _first_existing(p: Path) -> Path:
     return p
 
 
+# Outputs checked in this process (flag, path): named by ``describe_os_error`` when an OS error carries no file name
+# (a failed write() or fsync() does not say which file it was writing).
+CHECKED: list[tuple[str, str]] = []
+
+
 def _probe_writable(folder: Path, flag: str, target: str) -> None:
     try:
         fd, name = tempfile.mkstemp(prefix=".pd-lightning-write-check-", dir=folder)
@@ -58,6 +63,7 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     if not anc.is_dir():
         raise ValueError(f"{flag} {str(p)!r}: {str(anc)!r} is a file, so no folder can be created under it")
     _probe_writable(anc, flag, str(p))
+    CHECKED.append((flag, str(p)))
     return p
 
 
@@ -73,6 +79,7 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     if not anc.is_dir():
         raise ValueError(f"{flag} {str(p)!r}: {str(anc)!r} is a file, so no folder can be created under it")
     _probe_writable(anc, flag, str(p))
+    CHECKED.append((flag, str(p)))
     return p
 
 
@@ -81,8 +88,12 @@ def describe_os_error(e: OSError) -> str | None:
     why = WRITE_ERRNOS.get(e.errno)
     if why is None:
         return None
-    name = e.filename if e.filename is not None else None
-    where = f" {str(name)!r}" if name else ""
+    if e.filename is not None:
+        where = f" {str(e.filename)!r}"
+    elif CHECKED:
+        where = " under " + ", ".join(f"{flag} {path!r}" for flag, path in dict.fromkeys(CHECKED))
+    else:
+        where = ""
     todo = (
         "free space or choose another output path" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another path"
     )
