@@ -5,9 +5,12 @@ in one process and with a warm page cache, reading 2048-position windows at rand
 ``TeacherCache.read``: HDF5 reads, fletcher32 checks, decoding to ``(L, K)`` int64 ids and fp32 log-probs with
 -inf padding, torch tensors. The baseline reads the same arrays from ``.npy`` memmaps and runs the same
 decoding. Two entry distributions: ``mixed`` (entries per token drawn like a top-0.95-100 cache: 40% of the
-tokens confident with 1-3 entries, a long tail, 14% at the cap; mean ~28) and ``full`` (all 100). Reports the
-median over repetitions; the last line is ``RESULT cache_tokens_per_s=... memmap_tokens_per_s=... ratio=...``
-for the mixed case.
+tokens confident with 1-3 entries, a long tail, 14% at the cap; mean ~28) and ``full`` (all 100). The same
+mixed data is also written as many small shards (``--many-shards``, 32 by default) and read in the same
+interleaved repetitions, so a cache of many bounded shards can be compared with one big shard. Reports the
+median over repetitions (and the spread of the paired ratios); the last line is ``RESULT cache_tokens_per_s=...
+memmap_tokens_per_s=... ratio=... many_shards_tokens_per_s=... many_shards_ratio=...`` for the mixed case
+(``many_shards_ratio`` = many shards ÷ one shard).
 
 Run: ``.venv/bin/python benchmarks/loader_throughput.py [--sequences 512] [--reps 7] [--profile]``
 """
@@ -43,8 +46,10 @@ def synthetic_counts(rng: np.random.Generator, n: int, mode: str) -> np.ndarray:
     return np.where(kind > 0.88, K, counts)
 
 
-def build(folder: Path, mode: str, sequences: int, seq_len: int, chunk_entries: int, seed: int = 0) -> Path:
-    """Write a synthetic cache with the real writer and return its folder."""
+def build(
+    folder: Path, mode: str, sequences: int, seq_len: int, chunk_entries: int, seed: int = 0, shards: int = 1
+) -> Path:
+    """Write a synthetic cache with the real writer (``shards`` shards) and return its folder."""
     rng = np.random.default_rng(seed)
     spec = CacheSpec.for_processor(
         TopPK(0.95, K),
@@ -54,8 +59,9 @@ def build(folder: Path, mode: str, sequences: int, seq_len: int, chunk_entries: 
         teacher_fingerprint="synthetic",
         tokenizer_fingerprint="synthetic",
         source_fingerprint=f"synthetic-{mode}",
+        shard_tokens=-(-sequences // shards) * seq_len,
     )
-    writer = CacheWriter(folder, spec, commit_sequences=16, chunk_entries=chunk_entries)
+    writer = CacheWriter(folder, spec, chunk_entries=chunk_entries)
     for i in range(sequences):
         counts = torch.from_numpy(synthetic_counts(rng, seq_len, mode))
         valid = torch.arange(K)[None, :] < counts[:, None]  # (L, K)
@@ -90,6 +96,10 @@ class MemmapCache:
         first = int(a["sequence_offsets"][r]) + int(counts[:start].sum(dtype=np.int64))
         counts = counts[start:]
         entries = a["entries"][first : first + int(counts.sum(dtype=np.int64))]
+        stats = {name: a[name][base + start : base + stop] for name in ("std", "entropy", "tail")}
+        for value in stats.values():  # the reader's finiteness check
+            if not np.isfinite(value).all():
+                raise ValueError("non-finite statistic")
         ids, logprobs = decode(counts, entries, K)
         tokens = torch.from_numpy(tokens.astype(np.int64))
         return {
@@ -97,8 +107,9 @@ class MemmapCache:
             "labels": tokens[1:].clone(),
             "teacher_ids": torch.from_numpy(ids),
             "teacher_logprobs": torch.from_numpy(logprobs),
-            "teacher_std": torch.from_numpy(a["std"][base + start : base + stop].astype(np.float32)),
-            "teacher_entropy": torch.from_numpy(a["entropy"][base + start : base + stop].astype(np.float32)),
+            "teacher_std": torch.from_numpy(stats["std"].astype(np.float32)),
+            "teacher_entropy": torch.from_numpy(stats["entropy"].astype(np.float32)),
+            "teacher_tail": torch.from_numpy(stats["tail"].astype(np.float32)),
         }
 
 
@@ -114,20 +125,27 @@ def random_windows(rng: np.random.Generator, sequences: int, seq_len: int, n: in
     return np.stack([rng.integers(0, sequences, n), rng.integers(0, seq_len - WINDOW + 1, n)], axis=1)
 
 
-def run(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[float, float]:
+def run(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[float, float, float]:
     sequences, reps, windows, seq_len = args.sequences, args.reps, args.windows, args.seq_len
     folder = build(tmp / mode, mode, sequences, seq_len, args.chunk_entries)
     cache = TeacherCache(folder)
     memmap = MemmapCache(cache.files[0], tmp / f"{mode}-npy", seq_len)
+    many = None
+    if mode == "mixed":  # the same data (same seed) in many shards
+        many = TeacherCache(build(tmp / "many", mode, sequences, seq_len, args.chunk_entries, shards=args.many_shards))
     for i in range(sequences):  # warm the page cache (and the file handles)
         cache.read(i)
         memmap.read(i, 0, seq_len)
+        if many is not None:
+            many.read(i)
     rng = np.random.default_rng(1)
-    results = {"cache": [], "memmap": []}
+    results = {"cache": [], "memmap": [], "many": []}
     for _ in range(reps):
         order = random_windows(rng, sequences, seq_len, windows)
         results["cache"].append(tokens_per_s(cache.read, order))
         results["memmap"].append(tokens_per_s(memmap.read, order))
+        if many is not None:
+            results["many"].append(tokens_per_s(many.read, order))
     if args.profile:
         prof = cProfile.Profile()
         prof.runcall(tokens_per_s, cache.read, random_windows(rng, sequences, seq_len, windows))
@@ -139,7 +157,15 @@ def run(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[float, float]:
         f"({size / (sequences * seq_len):.1f} B/token); cache {c / 1e6:.2f}M tok/s, memmap {m / 1e6:.2f}M tok/s, "
         f"ratio {c / m:.2f}  (median of {reps} x {windows} windows)"
     )
-    return c, m
+    n = 0.0
+    if many is not None:
+        n = statistics.median(results["many"])
+        paired = [a / b for a, b in zip(results["many"], results["cache"])]
+        print(
+            f"{mode:>5}: {len(many.files)} shards {n / 1e6:.2f}M tok/s; many ÷ one shard: median "
+            f"{statistics.median(paired):.3f} (min {min(paired):.3f}, max {max(paired):.3f})"
+        )
+    return c, m, n
 
 
 def main() -> None:
@@ -149,16 +175,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (the median is reported)")
     parser.add_argument("--windows", type=int, default=200, help="random windows per repetition")
     parser.add_argument("--chunk-entries", type=int, default=CacheWriter.__init__.__kwdefaults__["chunk_entries"])
+    parser.add_argument("--many-shards", type=int, default=32, help="shards of the many-shard copy of the mixed cache")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the cache reads")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one DataLoader worker = one core
+    print(f"torch threads: {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         full = run(args, "full", Path(tmp))
         mixed = run(args, "mixed", Path(tmp))
     print(f"full k=100: cache_tokens_per_s={full[0]:.0f} memmap_tokens_per_s={full[1]:.0f}")
     print(
-        f"RESULT cache_tokens_per_s={mixed[0]:.0f} memmap_tokens_per_s={mixed[1]:.0f} ratio={mixed[0] / mixed[1]:.3f}"
+        f"RESULT cache_tokens_per_s={mixed[0]:.0f} memmap_tokens_per_s={mixed[1]:.0f} ratio={mixed[0] / mixed[1]:.3f} "
+        f"many_shards_tokens_per_s={mixed[2]:.0f} many_shards_ratio={mixed[2] / mixed[0]:.3f}"
     )
 
 
