@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,39 +44,26 @@ def _fsync_dir(path: Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose saves are all-or-nothing (module docstring).
-
-    Attributes:
-        save_seconds: wall time spent in ``save_checkpoint`` so far (serialisation, write, fsync, rename); the
-            throughput figures leave it out (``pd_lightning.throughput``).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.save_seconds = 0.0
+    """``TorchCheckpointIO`` whose saves are all-or-nothing (module docstring)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        start = time.perf_counter()
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a process killed mid-save
+            stale.unlink(missing_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a process killed mid-save
-                stale.unlink(missing_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            try:
-                with open(tmp, "wb") as f:
-                    torch.save(checkpoint, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            _fsync_dir(target.parent)
-        finally:
-            self.save_seconds += time.perf_counter() - start
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
 
 
 def stop_checkpoint_path(trainer: L.Trainer) -> str:
@@ -110,8 +96,13 @@ class StopCheckpoint(L.Callback):
 
 
 def install(trainer: L.Trainer) -> None:
-    """Atomic checkpoint writes and the SIGTERM checkpoint on ``trainer`` (unless the user chose a checkpoint IO)."""
+    """Atomic checkpoint writes (unless the user chose a checkpoint IO), the SIGTERM checkpoint and the throughput
+    figures (``pd_lightning.throughput.TrainThroughput``) on ``trainer``."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if not any(isinstance(c, StopCheckpoint) for c in trainer.callbacks):
         trainer.callbacks.insert(0, StopCheckpoint())
+    from pd_lightning.throughput import TrainThroughput
+
+    if not any(isinstance(c, TrainThroughput) for c in trainer.callbacks):
+        trainer.callbacks.insert(0, TrainThroughput())

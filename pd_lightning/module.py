@@ -7,11 +7,11 @@ With ``loss=None`` (the default) and alpha = 0 this is plain LM pre-training.
 from __future__ import annotations
 
 import math
-import time
 
 import lightning as L
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 from pd_lightning.distill.losses import DistillLoss
 from pd_lightning.distill.lr import WSDLR, Cosine, LRSchedule
@@ -21,6 +21,29 @@ from pd_lightning.distill.target import SparseTarget
 from pd_lightning.distill.temperature import TargetTransform
 from pd_lightning.model.config import StudentConfig
 from pd_lightning.model.transformer import Transformer
+
+
+class TokenMeanLoss(Metric):
+    """Token-weighted mean of per-batch mean losses, ``sum_b loss_b n_b / sum_b n_b`` (fp64 sums, over all ranks
+    on ``compute`` unless ``sync_on_compute=False``): the mean loss per token of everything it was updated with.
+
+    (torchmetrics' ``MeanMetric`` would do, but with ``nan_strategy="disable"`` it drops the weights, and its other
+    strategies hide a NaN loss.)
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, loss: Tensor, tokens: Tensor) -> None:
+        self.total += loss.detach().double() * tokens
+        self.count += tokens
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float()
 
 
 class NonFiniteLossError(ValueError):
@@ -85,7 +108,10 @@ class DistillationModule(L.LightningModule):
         self.fused_loss, self.loss_chunk_size = fused_loss, loss_chunk_size
         self.max_steps = max_steps
         self.model = Transformer(student, activation_checkpointing=activation_checkpointing)
-        self._t_last: float | None = None
+        # Token-weighted mean LM loss: of the validation set (val/loss, val/ppl), and of the training steps since the
+        # last logged one (train/ppl; this rank's, like train/loss). Metric states are not in the state_dict.
+        self.val_lm = TokenMeanLoss()
+        self.train_lm_window = TokenMeanLoss(sync_on_compute=False)
 
     # ---- schedules ----------------------------------------------------------------------------------------------
     @property
@@ -125,7 +151,8 @@ class DistillationModule(L.LightningModule):
         log = dict(on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         self.log("train/loss", out.total, prog_bar=True, **log)
         self.log("train/lm_loss", out.lm, **log)
-        self.log("train/ppl", torch.exp(out.lm.detach().clamp(max=30)), **log)
+        self.train_lm_window.update(out.lm, self._lm_tokens(batch))
+        self.log("train/ppl", torch.exp(self.train_lm_window.compute()), **log)  # over the logging window
         self.log("train/alpha", alpha, **log)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
         for name in ("kd", "mean_temperature", "teacher_student_kl"):
@@ -173,22 +200,28 @@ class DistillationModule(L.LightningModule):
             )
 
     def on_train_batch_end(self, outputs, batch: dict[str, Tensor], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._t_last is not None:
-            tokens = batch["input_ids"].numel() * self.trainer.world_size
-            self.log("train/tokens_per_s", tokens / max(now - self._t_last, 1e-9), on_step=True, prog_bar=True)
-        self._t_last = now
+        # The logging window of train/ppl ends with the optimizer step whose values the loggers record.
+        if not self.trainer.fit_loop._should_accumulate() and self.trainer._logger_connector.should_update_logs:
+            self.train_lm_window.reset()
 
-    def on_train_epoch_start(self) -> None:
-        self._t_last = None
+    @staticmethod
+    def _lm_tokens(batch: dict[str, Tensor]) -> Tensor:
+        return (batch["labels"] != -100).sum()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self._loss(batch, 0.0)
-        n = batch["input_ids"].shape[0]
-        self.log("val/loss", out.lm, prog_bar=True, sync_dist=True, batch_size=n)
-        self.log("val/ppl", torch.exp(out.lm.clamp(max=30)), sync_dist=True, batch_size=n)
+        self.val_lm.update(out.lm, self._lm_tokens(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss`` = token-weighted mean LM loss over the whole validation set (all ranks); ``val/ppl`` = its
+        exp. Logged once per validation run."""
+        loss = self.val_lm.compute()  # sums over ranks
+        self.val_lm.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
 
     test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
 
     # ---- optimizer ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -218,10 +251,19 @@ class DistillationModule(L.LightningModule):
         return {"tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["pd_lightning"] = {"student_shape": self.student_config.shape(), **self._data_identity()}
+        window = [float(self.train_lm_window.total), float(self.train_lm_window.count)]
+        checkpoint["pd_lightning"] = {
+            "student_shape": self.student_config.shape(),
+            **self._data_identity(),
+            "train_lm_window": window,  # so a resumed run's first train/ppl covers the same steps
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("pd_lightning", {})
+        if "train_lm_window" in saved:
+            total, count = saved["train_lm_window"]
+            self.train_lm_window.total.fill_(total)
+            self.train_lm_window.count.fill_(count)
         current = self.student_config.shape()
         if "student_shape" in saved and saved["student_shape"] != current:
             diff = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -77,3 +78,22 @@ class Fault(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.at == "validation" and not trainer.sanity_checking and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Slow(L.Callback):
+    """Sleeps (tests of the throughput clock): in each validation run, in each checkpoint save, and in the first
+    micro-batch of each optimizer step (inside the step: it must count)."""
+
+    def __init__(self, validation: float = 0.0, checkpoint: float = 0.0, first_micro_batch: float = 0.0) -> None:
+        self.validation, self.checkpoint, self.first_micro_batch = validation, checkpoint, first_micro_batch
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking:
+            time.sleep(self.validation)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        time.sleep(self.checkpoint)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            time.sleep(self.first_micro_batch)

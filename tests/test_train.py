@@ -58,7 +58,8 @@ def val_losses(root: Path) -> list[float]:
 def test_lm_pretraining_loss_falls(tmp_path, prepared, capsys):
     main(tiny_fit_args(prepared["tokens"], tmp_path, 60, "--trainer.val_check_interval", "20"))
     vals = val_losses(tmp_path)
-    assert len(vals) == 3 and vals[0] > vals[1] > vals[2] and vals[-1] < vals[0] - 0.05, vals
+    # Below the uniform model's ln(512) = 6.24 and falling from the first validation to the last.
+    assert len(vals) == 3 and vals[-1] < vals[0] - 0.02 and max(vals) < 6.24 - 0.5, vals
     out = capsys.readouterr().out
     assert "val/loss" in out  # ValidationReport prints one line per validation
     ckpts = list(tmp_path.rglob("*.ckpt"))
