@@ -47,6 +47,36 @@ class TrainCLI(LightningCLI):
 
         cli_checks.after_instantiate(self.trainer, self.datamodule, self.subcommand)
 
+    def instantiate_trainer(self, **kwargs):
+        from pd_lightning import checkpointing
+
+        trainer = super().instantiate_trainer(**kwargs)
+        checkpointing.install(trainer)  # atomic checkpoint writes, a checkpoint on SIGTERM, throughput figures
+        return trainer
+
+    def fit(self, model, **kwargs) -> None:
+        """``trainer.fit``; a run stopped by SIGTERM before its end exits ``EXIT_INTERRUPTED`` (143), never 0."""
+        import sys
+
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        from pd_lightning.checkpointing import EXIT_INTERRUPTED, StopCheckpoint
+
+        try:
+            self.trainer.fit(model, **kwargs)
+        except SIGTERMException:
+            if self.trainer.is_global_zero:
+                saved = [c.path for c in self.trainer.callbacks if isinstance(c, StopCheckpoint) and c.path]
+                where = f"resume with --ckpt_path {saved[0]}" if saved else "no checkpoint could be saved"
+                print(
+                    f"pd-lightning: stopped by SIGTERM at step {self.trainer.global_step} of "
+                    f"{self.trainer.max_steps if self.trainer.max_steps > 0 else 'the run'}, before the end; {where} "
+                    f"(exit code {EXIT_INTERRUPTED})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise SystemExit(EXIT_INTERRUPTED) from None
+
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         # `validate` also scores the checkpoint on the benchmarks: --eval.tasks, --eval.data_dir, --eval.baseline, ...
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
