@@ -3,7 +3,9 @@ a tiny student over the test tokenizer, a trained checkpoint, and lm-eval ``Inst
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import torch
 
 # Offline, and lm-eval's dataset cache kept out of the user's home (set before `datasets` is imported).
 _HF_TMP = tempfile.mkdtemp(prefix="pd_lightning_test_hf_")
-os.environ.setdefault("HF_HOME", _HF_TMP)
-os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_HF_TMP, "datasets"))
+atexit.register(shutil.rmtree, _HF_TMP, True)
+os.environ["HF_HOME"] = _HF_TMP
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_TMP, "datasets")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 

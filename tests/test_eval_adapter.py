@@ -195,4 +195,12 @@ def test_lm_eval_command_line(eval_ckpt, tmp_path):
 
     bad = subprocess.run([*cmd[:7], "--data_dir", str(tmp_path / "nope")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("pd-lightning-lm-eval: error: eval data folder")
+    nope = str(tmp_path / "nope")
+    expected = f"pd-lightning-lm-eval: error: eval data folder {nope!r} does not exist (write it with `pd-lightning eval-data`)"  # noqa: E501
+    assert bad.stderr.strip().splitlines() == [expected]
+    missing = [*cmd[:3], "--model_args", f"checkpoint={tmp_path / 'gone.ckpt'}", *cmd[5:9], "--output_path",
+               str(tmp_path / "out2")]  # fmt: skip
+    bad = subprocess.run(missing, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].endswith("gone.ckpt' does not exist")
+    assert not (tmp_path / "out2").exists()

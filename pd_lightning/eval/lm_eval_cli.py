@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _pop_option(argv: list[str], name: str) -> str | None:
@@ -39,9 +40,26 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _fail(message: str) -> None:
+    print(f"pd-lightning-lm-eval: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_model_paths(args: list[str]) -> None:
+    """Refuse a missing checkpoint / model folder / tokenizer before lm-eval starts (it indexes its tasks first)."""
+    if _option(args, "--model") not in ("pd-lightning", "pd_lightning"):
+        return
+    model_args = _option(args, "--model_args") or ""
+    pairs = dict(item.split("=", 1) for item in model_args.split(",") if "=" in item)
+    for key in ("checkpoint", "pretrained", "tokenizer"):
+        if key in pairs and not Path(pairs[key]).exists():
+            _fail(f"--model_args {key}={pairs[key]!r} does not exist")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     data_dir = _pop_option(args, "--data_dir")
+    _check_model_paths(args)
     with tempfile.TemporaryDirectory(prefix="pd_lightning_tasks_") as tmp:
         if data_dir is not None:
             from pd_lightning.eval.tasks import KNOWN_TASKS, write_task_dir
@@ -49,8 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             try:
                 write_task_dir(data_dir, tmp, _option(args, "--tasks") or ",".join(KNOWN_TASKS))
             except (FileNotFoundError, ValueError) as e:
-                print(f"pd-lightning-lm-eval: error: {e}", file=sys.stderr)
-                raise SystemExit(2) from None
+                _fail(str(e))
             included = _pop_option(args, "--include_path")
             args += ["--include_path", tmp if included is None else f"{tmp}:{included}"]
         from lm_eval.__main__ import cli_evaluate
@@ -61,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.argv = ["lm-eval", *args]
         try:
             cli_evaluate()
+        except (FileNotFoundError, ValueError) as e:  # e.g. a tokenizer that does not match the checkpoint
+            _fail(str(e))
         finally:
             sys.argv = saved
 
