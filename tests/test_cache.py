@@ -491,7 +491,16 @@ def writer_script(tmp_path_factory) -> tuple[Path, Path]:
     return script, folder / "reference"
 
 
-@pytest.mark.parametrize("kill_at", ["external", "mid_shard:3", "before_rename:2", "after_rename:3", "after_index:8"])
+@pytest.mark.parametrize(
+    "kill_at",
+    [
+        "external",
+        pytest.param("mid_shard:3", marks=pytest.mark.slow),
+        "before_rename:2",
+        "after_rename:3",
+        pytest.param("after_index:8", marks=pytest.mark.slow),  # also through the CLI in test_predict.py
+    ],
+)
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path, writer_script, kill_at: str) -> None:
     """SIGKILL after some shards (external kill), during a shard's final write, after the rename but before the
     index update, and after the last shard but before index.json: the rerun gives the uninterrupted content."""
