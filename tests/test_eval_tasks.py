@@ -127,3 +127,19 @@ def test_num_fewshot_override_and_gsm8k_generation_settings(tmp_path):
     assert (
         gsm.config.generation_kwargs["until"][0] == "Question:" and gsm.config.generation_kwargs["do_sample"] is False
     )
+
+
+def test_task_folder_command(tmp_path, capsys):
+    from pd_lightning.eval.tasks import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--data_dir", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"pd_lightning.eval.tasks: error: eval data folder {str(tmp_path / 'missing')!r} does not exist "
+        "(write it with `pd-lightning eval-data`)"
+    ]
+    main(["--data_dir", str(FIXTURES), "--output", str(tmp_path / "out"), "--tasks", "piqa,ceval"])
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.yaml"))
+    assert names == ["_ceval_group.yaml", "ceval_high_school_physics.yaml", "ceval_pd_custom_subject.yaml", "piqa.yaml"]
+    assert "--include_path" in capsys.readouterr().out

@@ -137,10 +137,11 @@ class StudentLM(TemplateLM):
         batch_size: rows per forward (lm-eval's ``--batch_size``; ``auto`` means 8).
         max_length: longest input in tokens; longer inputs are cut from the left as lm-eval does. Default: the
             checkpoint's training ``seq_len`` when known, else 2048.
-        device: where to run (default: where the model is; ``cuda`` when loading and a GPU is present).
+        device: where to run (default: where the model is; ``cuda`` when loading and a GPU is present). A live
+            model is moved there.
         checkpoint: a pd-lightning ``.ckpt`` file.
         pretrained: an exported Hugging Face folder (``pd-lightning export-hf``).
-        dtype: float32 (default), bfloat16 or float16 when loading.
+        dtype: float32 (default), bfloat16 or float16 when loading (a live model keeps its own).
         max_gen_toks: default cap on generated tokens (a task's ``max_gen_toks`` wins).
         progress: show progress bars.
     """
@@ -167,6 +168,8 @@ class StudentLM(TemplateLM):
             raise ValueError("StudentLM: give exactly one of model, checkpoint=<.ckpt> or pretrained=<HF folder>")
         if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if dtype is not None and model is not None:
+            raise ValueError("dtype applies when loading (checkpoint= / pretrained=); a live model keeps its dtype")
         record: dict = {}
         source = "the student"
         if checkpoint is not None:
@@ -323,7 +326,8 @@ class StudentLM(TemplateLM):
                         pick_t += range(n - c, n)
                         targets += cont
                         owners.append((i, c))
-                h = hidden[torch.tensor(pick_b), torch.tensor(pick_t)]  # (N, C): continuation positions only
+                dev = hidden.device
+                h = hidden[torch.tensor(pick_b, device=dev), torch.tensor(pick_t, device=dev)]  # continuation rows
                 logp = F.log_softmax(self.model.lm_head(h).float(), dim=-1)
                 tgt = torch.tensor(targets, device=logp.device)
                 token_lp = logp.gather(1, tgt[:, None]).squeeze(1).tolist()

@@ -274,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="folder to write the lm-eval YAMLs to")
     parser.add_argument("--tasks", default=",".join(KNOWN_TASKS))
     args = parser.parse_args(argv)
-    written = write_task_dir(args.data_dir, args.output, args.tasks)
+    try:
+        written = write_task_dir(args.data_dir, args.output, args.tasks)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"pd_lightning.eval.tasks: error: {e}\n")
     for task, subtasks in written.items():
         print(f"{task}: {len(subtasks)} lm-eval task(s)")
     print(f"use: lm_eval --include_path {args.output} --tasks {','.join(written)} ...")
