@@ -111,11 +111,11 @@ def test_all_seven_tasks_match_lm_eval_hf_backend(eval_ckpt, tmp_path, tok):
     and identical metrics. PIQA's accuracy is also recomputed from naive fp64 log-likelihoods."""
     from lm_eval.models.huggingface import HFLM
 
-    from pd_lightning.export import export_checkpoint
+    from pd_lightning.cli import main
 
     model, record = load_student_checkpoint(eval_ckpt)
     folder = tmp_path / "hf"
-    export_checkpoint(str(eval_ckpt), str(folder), tokenizer=record["tokenizer_path"])
+    main(["export-hf", "--ckpt", str(eval_ckpt), "--output", str(folder), "--tokenizer", record["tokenizer_path"]])
     ours = StudentLM.from_checkpoint(eval_ckpt, batch_size=4, max_length=512, progress=False)
     theirs = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=4, max_length=512)
     a = evaluate(ours, ALL_TASKS, str(FIXTURES), log_samples=True)
