@@ -164,6 +164,9 @@ class StudentLM(TemplateLM):
         super().__init__()
         from pd_lightning.data.tokenizer import load_tokenizer
 
+        ignored = sorted(set(kwargs) - {"max_batch_size", "trust_remote_code", "parallelize"})
+        if ignored:
+            log.warning("StudentLM ignores the arguments %s", ", ".join(ignored))
         if sum(x is not None for x in (model, checkpoint, pretrained)) != 1:
             raise ValueError("StudentLM: give exactly one of model, checkpoint=<.ckpt> or pretrained=<HF folder>")
         if dtype is not None and dtype not in _DTYPES:
