@@ -198,6 +198,17 @@ def test_multi_shard_any_reader_layout(tmp_path: Path) -> None:
             cache = TeacherCache(tmp_path)
             for i in range(r, 11, readers):
                 assert_matches(cache[i], *refs[i])
+    # at most MAX_OPEN_SHARDS files stay open per process, whatever the number of shards read
+    from pd_lightning.data import cache_reader
+
+    cache, limit = TeacherCache(tmp_path), cache_reader.MAX_OPEN_SHARDS
+    try:
+        cache_reader.MAX_OPEN_SHARDS = 2
+        for i in [10, 0, 5, 3, 9, 1, 7]:
+            assert_matches(cache[i], *refs[i])
+            assert len(cache._shards) <= 2
+    finally:
+        cache_reader.MAX_OPEN_SHARDS = limit
     assert verify(tmp_path) == {"shards": 6, "sequences": 11, "tokens": 11 * 16, "entries": verify(tmp_path)["entries"]}
     # the content does not depend on the number of writer ranks
     write_cache(tmp_path / "one", TopPK(0.9, 12), num=11, world=1, shard_tokens=2 * 16)

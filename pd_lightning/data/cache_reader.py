@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +44,9 @@ from pd_lightning.distill.target import (
 
 # HDF5 raw-data chunk cache per open file: holds the chunks a 2048-position window touches.
 _CHUNK_CACHE_BYTES = 4 << 20
+# Open shard files per process (least recently used closed first): a shuffled epoch over a 100B-token cache touches
+# ~12k shards, more than the usual limit of 1024 open files.
+MAX_OPEN_SHARDS = 32
 RESUME = "rerun `pd-lightning predict` with the same arguments to finish it"
 
 
@@ -127,7 +131,7 @@ class TeacherCache(Dataset):
         max_counts = [int(r.get("max_count", 0)) for r in layout.shards.values()]
         self.max_entries = self.spec.max_entries or max(max(max_counts), 1)
         self._pid: int | None = None
-        self._shards: dict[int, _Shard] = {}
+        self._shards: OrderedDict[int, _Shard] = OrderedDict()
 
     def _check_header(self, j: int) -> None:
         file = self.layout.file(j)
@@ -207,14 +211,18 @@ class TeacherCache(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _shards={})  # h5py handles never cross a process boundary
+        state.update(_pid=None, _shards=OrderedDict())  # h5py handles never cross a process boundary
         return state
 
     def _shard(self, j: int) -> _Shard:
         if self._pid != os.getpid():  # a forked child must not use its parent's handles
-            self._pid, self._shards = os.getpid(), {}
+            self._pid, self._shards = os.getpid(), OrderedDict()
         shard = self._shards.get(j)
-        if shard is None:
+        if shard is not None:
+            self._shards.move_to_end(j)
+        else:
+            if len(self._shards) >= MAX_OPEN_SHARDS:
+                self._shards.popitem(last=False)[1].file.close()
             path = self.layout.file(j)
             try:
                 f = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
@@ -289,4 +297,4 @@ class TeacherCache(Dataset):
         if self._pid == os.getpid():
             for shard in self._shards.values():
                 shard.file.close()
-        self._shards = {}
+        self._shards = OrderedDict()
