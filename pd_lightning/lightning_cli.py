@@ -41,6 +41,9 @@ class TrainCLI(LightningCLI):
         from pd_lightning import cli_checks  # --weights_only forced true, --ckpt_path opened safely, in one line
 
         cli_checks.before_instantiate(self.config[self.subcommand] if self.subcommand else self.config, self.subcommand)
+        from pd_lightning.module import link_wsd_config  # WSD alpha takes WSD-LR's edges, in the saved config too
+
+        link_wsd_config((self.config[self.subcommand] if self.subcommand else self.config).get("model"))
 
     def after_instantiate_classes(self) -> None:
         from pd_lightning import cli_checks  # output folders writable; validate has validation data

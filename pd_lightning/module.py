@@ -50,6 +50,28 @@ class NonFiniteLossError(ValueError):
     """The training loss turned NaN / inf (``pd-lightning fit`` prints it as one line and exits 2)."""
 
 
+def link_wsd_config(model) -> None:
+    """``link_wsd`` on a parsed ``model`` config (jsonargparse Namespace) before anything is instantiated: a WSD /
+    WSDBeta alpha takes the WSDLR learning rate's ``warmup_fraction`` and ``decay_fraction``, so config.yaml, the
+    logged hyperparameters and the checkpoint's show the values used."""
+    import importlib
+
+    def cls(spec):
+        if spec is None or not spec.get("class_path"):
+            return None
+        module, name = spec["class_path"].rsplit(".", 1)
+        return getattr(importlib.import_module(module), name, None)
+
+    if model is None or not model.get("link_wsd", True):
+        return
+    lr, alpha = model.get("lr_schedule"), model.get("alpha")
+    lr_cls, alpha_cls = cls(lr), cls(alpha)
+    if lr_cls is None or alpha_cls is None or not issubclass(lr_cls, WSDLR) or not issubclass(alpha_cls, WSD | WSDBeta):
+        return
+    for key in ("warmup_fraction", "decay_fraction"):
+        alpha["init_args"][key] = lr["init_args"][key]
+
+
 class DistillationModule(L.LightningModule):
     """Pre-trains a student on (1 - alpha) * LM loss + alpha * KD loss.
 
@@ -95,6 +117,11 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"--model.lr must be positive, got {lr}")
         if loss_chunk_size < 0:
             raise ValueError(f"--model.loss_chunk_size must be >= 0, got {loss_chunk_size}")
+        if link_wsd and isinstance(lr_schedule, WSDLR) and isinstance(alpha, WSD | WSDBeta):
+            # Before save_hyperparameters, so the saved / logged alpha is the one used. (`pd-lightning fit` links
+            # the parsed config already -- `link_wsd_config` -- so its config.yaml and hparams agree too.)
+            alpha.warmup_fraction = lr_schedule.warmup_fraction
+            alpha.decay_fraction = lr_schedule.decay_fraction
         self.save_hyperparameters()
         self.student_config = student
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
@@ -102,9 +129,6 @@ class DistillationModule(L.LightningModule):
         self.kd_loss = loss
         self.temperature = temperature
         self.alpha_schedule = alpha
-        if link_wsd and isinstance(self.lr_schedule, WSDLR) and isinstance(alpha, WSD | WSDBeta):
-            alpha.warmup_fraction = self.lr_schedule.warmup_fraction
-            alpha.decay_fraction = self.lr_schedule.decay_fraction
         self.fused_loss, self.loss_chunk_size = fused_loss, loss_chunk_size
         self.max_steps = max_steps
         self.model = Transformer(student, activation_checkpointing=activation_checkpointing)

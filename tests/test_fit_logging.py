@@ -118,3 +118,28 @@ def test_tokens_per_s_counts_every_micro_batch_of_a_step(tokens, tmp_path):
     assert sorted(rate) == [1, 2, 3]
     for step, r in rate.items():
         assert 1.0 <= 2 * 4 * 64 / r < 3.0, (step, r)
+
+
+def test_linked_wsd_alpha_is_saved_and_logged_as_used(tokens, tmp_path):
+    """WSD-LR (0.05, 0.2) + WSD alpha (its own defaults 0.01, 0.1): alpha uses the LR's phase edges, and config.yaml,
+    the logger's hparams.yaml and the checkpoint's hyperparameters all say so (issue 7: they showed 0.01, 0.1)."""
+    import yaml
+
+    main(
+        tiny_fit_args(
+            tokens,
+            tmp_path,
+            2,
+            "--model.lr_schedule=pd_lightning.distill.lr.WSDLR",
+            "--model.lr_schedule.warmup_fraction=0.05",
+            "--model.lr_schedule.decay_fraction=0.2",
+            "--model.alpha=pd_lightning.distill.schedules.WSD",
+            "--model.alpha.alpha_max=0.0",  # LM data: alpha stays 0, the schedule's edges are what is checked
+        )
+    )
+    config = yaml.safe_load((tmp_path / "log" / "version_0" / "config.yaml").read_text())["model"]["alpha"]
+    hparams = yaml.safe_load((tmp_path / "log" / "version_0" / "hparams.yaml").read_text())["alpha"]
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)["hyper_parameters"]["alpha"]
+    for saved in (config, hparams, ckpt):
+        args = saved["init_args"]
+        assert (args["warmup_fraction"], args["decay_fraction"]) == (0.05, 0.2), saved
