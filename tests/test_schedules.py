@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
-from pd_lightning.distill.lr import WSDLR, phase_edges
+from pd_lightning.distill.lr import WSDLR, Cosine, phase_edges
 from pd_lightning.distill.schedules import (
     WSD,
     AlphaScheduler,
@@ -61,9 +62,9 @@ def test_wsd_phase_edges(total, warmup, decay):
     else:
         assert s(0, total) == pytest.approx(0.9)
     assert s(warmup_end, total) == pytest.approx(0.9)
-    assert s(decay_start - 1, total) == pytest.approx(0.9)
-    assert s(decay_start, total) == pytest.approx(0.9)  # decay starts from the plateau
-    assert s(decay_start + 1, total) < 0.9
+    assert s(decay_start - 1, total) == pytest.approx(0.9)  # the last plateau step
+    d = total - decay_start
+    assert s(decay_start, total) == pytest.approx(0.1 + 0.8 * (d - 1) / d)  # d decay steps, each below the plateau
     assert s(total - 1, total) == pytest.approx(0.1)  # last step: alpha_min
 
 
@@ -127,3 +128,41 @@ def test_bad_inputs_name_the_parameter():
         Constant(0.5)(0, 0)
     with pytest.raises(ValueError, match="step"):
         LinearIncrease()(-1, 10)
+
+
+@pytest.mark.parametrize(
+    "decay,expected", [(0.01, [1.0, 1.0, 0.0]), (0.02, [1.0, 0.5, 0.0]), (0.03, [2 / 3, 1 / 3, 0.0])]
+)
+def test_wsd_short_decays_end_at_the_end_value(decay, expected):
+    """Issue 7: with round(decay_fraction * T) = 1 nothing decayed (WSDLR(0.01, 0.01) was 1.0 at steps 98 and 99)."""
+    lr = WSDLR(warmup_fraction=0.01, decay_fraction=decay, min_lr_ratio=0.0)
+    assert [lr(s, 100) for s in (97, 98, 99)] == pytest.approx(expected)
+    assert WSDLR(0.01, decay, min_lr_ratio=0.1)(99, 100) == pytest.approx(0.1)
+    alpha = WSD(alpha_max=0.9, alpha_min=0.2, warmup_fraction=0.01, decay_fraction=decay)
+    assert alpha(99, 100) == pytest.approx(0.2) and alpha(96, 100) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("warmup", [0.0, 0.5, 0.8, 0.9, 1.0])
+def test_cosine_peaks_then_ends_at_min(warmup):
+    """Issue 7: Cosine ended at its peak when the warm-up took >= T - 1 steps; now the warm-up is capped at T - 1
+    steps, the peak is its last step, and the last step is min_lr_ratio whatever the warm-up."""
+    T, cos = 10, Cosine(warmup_fraction=warmup, min_lr_ratio=0.1)
+    values = [cos(s, T) for s in range(T)]
+    w = min(round(warmup * T), T - 1)
+    peak = max(w - 1, 0)
+    assert values[peak] == pytest.approx(1.0) and max(values) == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(values[peak:], values[peak + 1 :]))  # strictly falling after the peak
+    assert values[:w] == pytest.approx([(s + 1) / w for s in range(w)])
+    # the cosine between: p = (s - peak) / (T - 1 - peak)
+    mid = (peak + T - 1) // 2
+    p = (mid - peak) / (T - 1 - peak)
+    assert values[mid] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def test_wsd_docstrings_first_step_values():
+    """The documented first-step values: WSDBeta's defaults give alpha(0) = 1 - 1/w (0.0 at T = 100, 0.9 at
+    T = 1000); WSD gives alpha(0) = alpha_min + (alpha_max - alpha_min) / w."""
+    assert WSDBeta()(0, 100) == pytest.approx(0.0) and WSDBeta()(0, 1000) == pytest.approx(0.9)
+    assert WSDBeta()(999, 1000) == pytest.approx(1.0) and WSDBeta()(500, 1000) == pytest.approx(0.0)
+    assert WSD(0.9, 0.1, 0.05, 0.1)(0, 100) == pytest.approx(0.1 + 0.8 / 5)

@@ -1,10 +1,15 @@
 """Learning-rate schedules: pure functions of (step, total_steps) -> multiplier of the peak LR.
 
-Phase edges are shared with the WSD alpha schedule (``pd_lightning.distill.schedules.WSD``), which LightningCLI
-links to the ones here, so both use the same integer edges:
+Steps are 0-based (the last is ``T - 1``). Phase edges are shared with the WSD alpha schedules
+(``pd_lightning.distill.schedules.WSD`` / ``WSDBeta``, linked to the ones here by ``link_wsd``):
 
-    warmup_end  = round(warmup_fraction * total)
-    decay_start = total - round(decay_fraction * total)
+    w = warmup_end  = round(warmup_fraction * T)            warm-up: steps 0 .. w-1
+    decay_start     = max(T - round(decay_fraction * T), w)  decay:   steps decay_start .. T-1  (d = T - decay_start)
+
+Shapes (``wsd_level``; Cosine the same way): the warm-up rises linearly as ``(s + 1) / w`` and reaches the peak on
+its last step; the decay takes ``d`` steps below the peak, ``(T - 1 - s) / d`` of the way from the end value up to
+the peak, so its last step is exactly the end value whatever ``d`` is (``d = 1``: only the last step, at the end
+value); steps past the end keep the last value.
 """
 
 from __future__ import annotations
@@ -18,6 +23,17 @@ def phase_edges(total_steps: int, warmup_fraction: float, decay_fraction: float)
     warmup_end = round(warmup_fraction * total_steps)
     decay_start = total_steps - round(decay_fraction * total_steps)
     return warmup_end, max(decay_start, warmup_end)
+
+
+def wsd_level(step: int, total_steps: int, warmup_fraction: float, decay_fraction: float) -> float:
+    """Warmup-stable-decay level in [0, 1]: ``(step + 1) / w`` in the warm-up, 1 on the plateau, then
+    ``(T - 1 - step) / d`` in the ``d``-step decay (0 at the last step); module docstring."""
+    warmup_end, decay_start = phase_edges(total_steps, warmup_fraction, decay_fraction)
+    if step < warmup_end:
+        return (step + 1) / warmup_end
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (total_steps - 1 - step) / (total_steps - decay_start))
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -51,6 +67,10 @@ class Constant(LRSchedule):
 class Cosine(LRSchedule):
     """Linear warm-up then cosine decay to ``min_lr_ratio`` x peak at the last step (the paper's vanilla LR).
 
+    Warm-up ``(s + 1) / w`` for ``s < w = min(round(warmup_fraction * T), T - 1)`` (capped so that at least the
+    last step decays), peak at step ``max(w - 1, 0)``, then ``min + (1 - min) (1 + cos(pi p)) / 2`` with ``p`` going
+    linearly from 0 at the peak step to 1 at the last step ``T - 1`` (exactly ``min_lr_ratio`` there).
+
     Args:
         warmup_fraction: fraction of the total steps spent warming up linearly from 0 to the peak.
         min_lr_ratio: final LR as a fraction of the peak.
@@ -63,16 +83,19 @@ class Cosine(LRSchedule):
         self.min_lr_ratio = min_lr_ratio
 
     def __call__(self, step: int, total_steps: int) -> float:
-        warmup_end = round(self.warmup_fraction * total_steps)
+        warmup_end = min(round(self.warmup_fraction * total_steps), max(total_steps - 1, 0))
         if step < warmup_end:
             return (step + 1) / warmup_end
-        span = max(1, total_steps - 1 - warmup_end)
-        progress = min(1.0, (step - warmup_end) / span)
+        peak = max(warmup_end - 1, 0)
+        progress = min(1.0, (step - peak) / max(1, total_steps - 1 - peak))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class WSDLR(LRSchedule):
     """Warmup-stable-decay (MiniCPM): linear warm-up, constant peak, then linear decay to ``min_lr_ratio``.
+
+    ``(s + 1) / w`` in the warm-up, 1 on the plateau, ``min + (1 - min) (T - 1 - s) / d`` in the ``d``-step decay
+    (``wsd_level``): exactly ``min_lr_ratio`` at the last step.
 
     Args:
         warmup_fraction: fraction of the total steps in the linear warm-up.
@@ -91,11 +114,6 @@ class WSDLR(LRSchedule):
         self.min_lr_ratio = min_lr_ratio
 
     def __call__(self, step: int, total_steps: int) -> float:
-        warmup_end, decay_start = phase_edges(total_steps, self.warmup_fraction, self.decay_fraction)
-        if step < warmup_end:
-            return (step + 1) / warmup_end
-        if step < decay_start:
-            return 1.0
-        span = max(1, total_steps - 1 - decay_start)
-        progress = min(1.0, (step - decay_start) / span)
-        return 1.0 - (1.0 - self.min_lr_ratio) * progress
+        level = wsd_level(step, total_steps, self.warmup_fraction, self.decay_fraction)
+        _, decay_start = phase_edges(total_steps, self.warmup_fraction, self.decay_fraction)
+        return level if step < decay_start else self.min_lr_ratio + (1.0 - self.min_lr_ratio) * level

@@ -13,7 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from typing import Literal
 
-from pd_lightning.distill.lr import phase_edges
+from pd_lightning.distill.lr import wsd_level
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -155,31 +155,28 @@ def _check_wsd(warmup_fraction: float, decay_fraction: float) -> None:
 
 
 def wsd_shape(step: int, total_steps: int, warmup_fraction: float, decay_fraction: float) -> float:
-    """Warmup-stable-decay level in [0, 1], with the same integer edges and ramps as ``lr.WSDLR``.
+    """Warmup-stable-decay level in [0, 1], with the same integer edges and ramps as ``lr.WSDLR`` (``lr.wsd_level``).
 
-    Warm-up ``(step + 1) / warmup_end`` for ``step < warmup_end = round(warmup_fraction * total)`` (reaching 1 at
-    its last step), 1 until ``decay_start = total - round(decay_fraction * total)``, then linear from 1 at
-    ``decay_start`` to 0 at the last step.
+    With ``w = round(warmup_fraction * T)`` and a decay of ``d = T - decay_start`` steps: ``(step + 1) / w`` in the
+    warm-up (1 on its last step, never 0: step 0 is at ``1 / w``), 1 on the plateau, ``(T - 1 - step) / d`` in the
+    decay (0 exactly at the last step, also when ``d = 1``).
     """
     _check_steps(step, total_steps)
-    warmup_end, decay_start = phase_edges(total_steps, warmup_fraction, decay_fraction)
-    if step < warmup_end:
-        return (step + 1) / warmup_end
-    if step < decay_start:
-        return 1.0
-    span = max(1, total_steps - 1 - decay_start)
-    return 1.0 - min(1.0, (step - decay_start) / span)
+    return wsd_level(step, total_steps, warmup_fraction, decay_fraction)
 
 
 class WSD(AlphaScheduler):
     """WSD-alpha: alpha warms up, holds while the LR is at its peak, then decays (Table 5; best with WSD-LR).
 
     ``alpha = alpha_min + (alpha_max - alpha_min) * wsd_shape(step)``; the phase edges equal ``lr.WSDLR``'s when
-    the fractions are linked (LightningCLI ``link_arguments``). PD* uses ``alpha_max = 0.9``.
+    the fractions are linked (``DistillationModule(link_wsd=True)``). PD* uses ``alpha_max = 0.9``. The warm-up
+    ramps from ``alpha_min`` (before step 0) to ``alpha_max`` on its last step, so the first step already has
+    ``alpha(0) = alpha_min + (alpha_max - alpha_min) / w`` (``alpha_max`` when ``w <= 1``); the last step has
+    ``alpha_min`` when there is a decay phase.
 
     Args:
         alpha_max: alpha on the plateau, in [0, 1].
-        alpha_min: alpha at the start of the warm-up and at the last step, in [0, 1].
+        alpha_min: alpha at the last step (with a decay phase) and the level the warm-up ramps up from, in [0, 1].
         warmup_fraction: fraction of the total steps in the warm-up (same as the WSD learning rate's).
         decay_fraction: fraction of the total steps in the final decay (same as the WSD learning rate's).
     """
@@ -201,12 +198,14 @@ class WSD(AlphaScheduler):
 class WSDBeta(AlphaScheduler):
     """WSD-beta: the WSD shape on the LM weight ``beta = 1 - alpha`` (Table 5).
 
-    ``beta = beta_min + (beta_max - beta_min) * wsd_shape(step)`` and ``alpha = 1 - beta``: with the defaults,
-    pure KD at the first step, LM only on the plateau, back to pure KD at the last step.
+    ``beta = beta_min + (beta_max - beta_min) * wsd_shape(step)`` and ``alpha = 1 - beta``. With the defaults
+    (``beta_max = 1``, ``beta_min = 0``): ``alpha(0) = 1 - 1 / w`` with ``w = round(warmup_fraction * T)`` (0.0 at
+    T = 100 with the default 0.01, where the warm-up is one step; 0.9 at T = 1000), falling to 0 (LM only) on the
+    last warm-up step and the plateau, then rising through the decay to 1 (pure KD) at the last step.
 
     Args:
         beta_max: beta on the plateau, in [0, 1].
-        beta_min: beta at the start of the warm-up and at the last step, in [0, 1].
+        beta_min: beta at the last step (with a decay phase) and the level the warm-up ramps up from, in [0, 1].
         warmup_fraction: fraction of the total steps in the warm-up (same as the WSD learning rate's).
         decay_fraction: fraction of the total steps in the final decay (same as the WSD learning rate's).
     """
