@@ -132,3 +132,28 @@ def test_preserved_training_state_restores_modes_and_random_states():
         torch.rand(5)
     assert net.training and not net[1].training and net[0].training
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_sharded_requests_equal_one_process(tmp_path, prepared):
+    """ShardedLM on 2 gloo ranks: every rank gets every answer, equal to one process's (log-likelihoods, greedy flags,
+    generated text), with 7, 3 and 1 requests (shares padded). With lockstep both ranks run the same number of
+    forwards, as FSDP needs (without it they need not: the two shares differ in length and generation stops)."""
+    from tests.workers.sharded_lm import build
+
+    out = tmp_path / "res"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = ROOT / "tests" / "workers" / "sharded_lm.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker), str(out), str(prepared["tokenizer"])]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lm, ll, gen, one = build(str(prepared["tokenizer"]))
+    reference = {"ll": lm.loglikelihood(ll), "gen": lm.generate_until(gen), "one": lm.generate_until(one)}
+    for lockstep in (0, 1):
+        ranks = [json.loads((tmp_path / f"res.{lockstep}.{r}.json").read_text()) for r in range(2)]
+        for got in ranks:
+            assert [g for _, g in got["ll"]] == [g for _, g in reference["ll"]]
+            assert [v for v, _ in got["ll"]] == pytest.approx([v for v, _ in reference["ll"]], abs=1e-5)
+            assert got["gen"] == reference["gen"] and got["one"] == reference["one"]
+        if lockstep:
+            assert ranks[0]["forwards"] == ranks[1]["forwards"] and ranks[0]["forwards"]["gen"] > 0

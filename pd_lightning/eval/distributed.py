@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lm_eval.api.model import LM
 
@@ -48,16 +49,36 @@ def shard(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
     return list(range(rank, n, world_size)), math.ceil(n / world_size)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are sharded across ranks (FSDP2 ``DTensor`` parameters, or FSDP1 wrappers)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return True
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
 class ShardedLM(LM):
     """Wraps an lm-eval ``LM`` (e.g. ``StudentLM``) so that each rank of the default process group scores a share.
 
     Every rank must call the same methods with the same requests (they do: each runs the same lm-eval evaluation).
+
+    Equal shares do not make equal numbers of forwards (the adapter merges requests with the same input, and
+    generation stops when its rows are done), so with ``lockstep`` every forward of ``lm.model`` is preceded by a
+    one-integer all-reduce of "still working", and a rank that has finished runs one-token dummy forwards until every
+    rank has: each rank takes part in every forward, as FSDP's parameter all-gathers need. ``lockstep=None`` turns
+    it on when the model's parameters are sharded (``is_sharded``).
     """
 
-    def __init__(self, lm: LM, group=None) -> None:
+    def __init__(self, lm: LM, group=None, lockstep: bool | None = None) -> None:
         super().__init__()
         self.lm, self.group = lm, group
         self.shard_rank, self.shard_world = _world(group)
+        model = getattr(lm, "model", None)
+        if lockstep is None:
+            lockstep = self.shard_world > 1 and model is not None and is_sharded(model)
+        self.lockstep = lockstep
+        self.forwards = 0  # forwards of lm.model on this rank (real + dummy) during the last lockstep call
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, batch_size, ... of the wrapped model
         if name == "lm":
@@ -71,7 +92,8 @@ class ShardedLM(LM):
         mine, per = shard(len(requests), self.shard_rank, self.shard_world)
         # A rank with no request of its own repeats request 0: it still has to take part in every forward.
         padding = [requests[mine[-1] if mine else 0]] * (per - len(mine))
-        answers = call([requests[i] for i in mine] + padding)[: len(mine)]
+        share = [requests[i] for i in mine] + padding
+        answers = (self._lockstep(call, share) if self.lockstep else call(share))[: len(mine)]
         gathered: list = [None] * self.shard_world
         dist.all_gather_object(gathered, answers, group=self.group)
         results: list = [None] * len(requests)
@@ -79,6 +101,32 @@ class ShardedLM(LM):
             for i, answer in zip(range(rank, len(requests), self.shard_world), rank_answers):
                 results[i] = answer
         return results
+
+    def _lockstep(self, call, share: list) -> list:
+        model = self.lm.model
+        device = next(model.parameters()).device
+        self.forwards = 0
+
+        def still_working(flag: int) -> int:
+            t = torch.tensor([flag], dtype=torch.int64, device=device)
+            dist.all_reduce(t, group=self.group)
+            return int(t.item())
+
+        def before_forward(module, args) -> None:
+            still_working(1)
+            self.forwards += 1
+
+        handle = model.register_forward_pre_hook(before_forward)
+        try:
+            answers = call(share)
+        finally:
+            handle.remove()
+        dummy = torch.zeros(1, 1, dtype=torch.long, device=device)
+        while still_working(0):  # others are still working: join their forward
+            with torch.inference_mode():
+                model(dummy)
+            self.forwards += 1
+        return answers
 
     def loglikelihood(self, requests, **kwargs) -> list:
         return self._run("loglikelihood", requests)
