@@ -220,3 +220,37 @@ def test_alpha_zero_module_equals_lm_only_module_bit_for_bit(fused):
     assert torch.equal(a, b)
     for (name, p), q in zip(lm.named_parameters(), kd.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+def first_batch(args: list[str]) -> torch.Tensor:
+    """The first training batch a `pd-lightning fit` with ``args`` would see (the CLI builds it, nothing runs)."""
+    from pd_lightning.lightning_cli import train_cli
+
+    cli = train_cli(args[1:], run=False)  # without the subcommand: parse, seed, instantiate
+    return next(iter(cli.datamodule.train_dataloader()))["input_ids"]
+
+
+def test_seed_everything_changes_the_data_order_unless_data_seed_is_set(tmp_path, prepared):
+    """Issue 7: --seed_everything did not change the data order (that was --data.seed, default 1234)."""
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5")
+    args = tiny_fit_args(tokens, tmp_path, 6)
+    seed = args.index("--seed_everything") + 1  # the data seed: from --seed_everything unless --data.seed
+    orders = {}
+    for s in ("7", "8"):
+        args[seed] = s
+        orders[s] = first_batch(args)
+        orders[s, "fixed"] = first_batch([*args, "--data.init_args.seed", "5"])
+    assert not torch.equal(orders["7"], orders["8"])
+    assert torch.equal(orders["7", "fixed"], orders["8", "fixed"])
+
+
+def test_resume_keeps_the_data_order_whatever_seed_everything(tmp_path, prepared):
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    main(tiny_fit_args(tokens, full, 12, *CKPT))
+    ckpt = next(full.rglob("step=6.ckpt"))
+    args = tiny_fit_args(tokens, resumed, 12, *CKPT, "--ckpt_path", str(ckpt))
+    args[args.index("--seed_everything") + 1] = "99"
+    main(args)
+    reference, after = train_losses(full), train_losses(resumed)
+    assert sorted(after) == list(range(7, 13)) and all(after[s] == reference[s] for s in after)

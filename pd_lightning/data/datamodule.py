@@ -6,6 +6,7 @@ the runtime values (``vocab_size``, ``tokenizer_fingerprint``, ``seq_len``) that
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 
 import lightning as L
@@ -15,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pd_lightning.data.corpus import TokenFile
 from pd_lightning.data.sampler import ResumableSampler
+
+DEFAULT_DATA_SEED = 1234  # the shuffle seed when neither --data.seed nor --seed_everything gives one
 
 
 class TokenDataset(Dataset):
@@ -39,7 +42,10 @@ class SequenceDataModule(L.LightningDataModule):
     Args:
         batch_size: sequences per batch per rank.
         num_workers: DataLoader worker processes per rank.
-        seed: seed of the per-epoch shuffle (epoch e uses seed + e).
+        seed: seed of the per-epoch shuffle (epoch e uses seed + e); None (default) = the run's ``--seed_everything``
+            (Lightning's global seed, ``PL_GLOBAL_SEED``; 1234 without one), so changing ``--seed_everything`` changes
+            the data order too unless ``--data.seed`` is given. The seed used is stored in checkpoints and a resumed
+            run keeps it, whatever its ``--seed_everything``.
         shuffle: shuffle training sequences each epoch.
         val_sequences: cap on validation sequences (None = all of them).
     """
@@ -48,7 +54,7 @@ class SequenceDataModule(L.LightningDataModule):
         self,
         batch_size: int = 8,
         num_workers: int = 0,
-        seed: int = 1234,
+        seed: int | None = None,
         shuffle: bool = True,
         val_sequences: int | None = None,
     ) -> None:
@@ -61,6 +67,16 @@ class SequenceDataModule(L.LightningDataModule):
         self.val_sequences = val_sequences
         self._sampler: ResumableSampler | None = None
         self._resume: dict | None = None
+        self._resumed_seed: int | None = None
+
+    @property
+    def data_seed(self) -> int:
+        """The shuffle seed in use: a resumed run's checkpointed one, else ``--data.seed``, else the global seed."""
+        if self._resumed_seed is not None:
+            return self._resumed_seed
+        if self.seed is not None:
+            return self.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", DEFAULT_DATA_SEED))
 
     # Runtime values linked into the model (see cli.py).
     @property
@@ -103,7 +119,7 @@ class SequenceDataModule(L.LightningDataModule):
             raise ValueError(
                 f"--data.batch_size {self.batch_size} x {world} ranks exceeds the {len(dataset)} training sequences"
             )
-        self._sampler = ResumableSampler(len(dataset), self.shuffle, self.seed, rank, world)
+        self._sampler = ResumableSampler(len(dataset), self.shuffle, self.data_seed, rank, world)
         if self._resume is not None:
             self._sampler.resume(self._resume["epoch"], self._resume["consumed"])
             self._resume = None
@@ -115,7 +131,7 @@ class SequenceDataModule(L.LightningDataModule):
             return []
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if world > 1 and len(dataset) >= world:
-            sampler = ResumableSampler(len(dataset), False, self.seed, rank, world)
+            sampler = ResumableSampler(len(dataset), False, 0, rank, world)
             return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
 
@@ -124,11 +140,19 @@ class SequenceDataModule(L.LightningDataModule):
         if self.trainer is None:
             return {}
         processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.trainer.current_epoch, "consumed": processed * self.batch_size}
+        return {"epoch": self.trainer.current_epoch, "consumed": processed * self.batch_size, "seed": self.data_seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._resume = dict(state)
+        if not state:
+            return
+        saved = state.get("seed")
+        if saved is not None and self.seed is not None and self.seed != saved:
+            raise ValueError(
+                f"--data.seed {self.seed} differs from the checkpoint's data seed {saved}: a resumed run keeps its "
+                f"data order; drop --data.seed or set it to {saved}"
+            )
+        self._resumed_seed = saved
+        self._resume = dict(state)
 
 
 class TokenDataModule(SequenceDataModule):
