@@ -169,6 +169,11 @@ def test_bad_input_writes_nothing(tmp_path, release, capsys):
     assert "1 labels for 2 rows" in _fails(capsys, ["--output", str(out), *flags])
     (release / "piqa" / "valid-labels.lst").unlink()
     assert "valid-labels.lst" in _fails(capsys, ["--output", str(out), "--piqa", str(release / "piqa")])
+    # physicaliqa-train-dev.zip names them dev.jsonl + dev-labels.lst.
+    (release / "piqa" / "valid.jsonl").rename(release / "piqa" / "dev.jsonl")
+    (release / "piqa" / "dev-labels.lst").write_text("1\n0\n")
+    main(["eval-data", "--output", str(tmp_path / "zip"), "--piqa", str(release / "piqa")])
+    assert [r["label"] for r in _read(tmp_path / "zip" / "piqa" / "validation.jsonl")] == [1, 0]
     assert "'hellaswag_val.jsonl'" in _fails(capsys, ["--output", str(out), "--hellaswag", str(release / "piqa")])
     assert "does not exist" in _fails(capsys, ["--output", str(out), "--c3", str(tmp_path / "nope")])
     # A bad MMLU answer letter; a C-Eval subject without its few-shot split.

@@ -81,7 +81,7 @@ def test_validate_scores_all_seven_tasks(tmp_path, prepared, tiny_ckpt, capsys, 
 def _fails(capsys, args: list[str]) -> str:
     with pytest.raises(SystemExit) as e:
         main(args)
-    assert e.value.code != 0
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pd-lightning: error:") and len(err.splitlines()) == 1, err
     return err

@@ -13,7 +13,7 @@ Sources, per task (``--<task> PATH``), detected from what PATH holds:
   ============ ============================================================ ==============================
   hellaswag    ``hellaswag_val.jsonl`` (``hellaswag_train.jsonl``)           validation (train)
   winogrande   ``dev.jsonl`` + ``dev-labels.lst`` (``train_xl*``)            validation (train)
-  piqa         ``valid.jsonl`` + ``valid-labels.lst`` (``train*``)           validation (train)
+  piqa         ``valid.jsonl`` + ``valid-labels.lst`` (or ``dev.*``; ``train*``) validation (train)
   mmlu         ``dev/<subject>_dev.csv``, ``test/<subject>_test.csv``        ``<subject>/{dev,test}``
   ceval        ``dev/<subject>_dev.csv``, ``val/<subject>_val.csv``          ``<subject>/{dev,val}``
   c3           ``c3-{d,m}-dev.json`` (``c3-{d,m}-train.json``)               validation (train)
@@ -152,9 +152,10 @@ def _paired(src: Path, task: str, stem: str, fields: tuple[str, ...], labels: tu
 
 def _piqa(src: Path) -> Files:
     out = {}
-    for stem, split in (("valid", "validation"), ("train", "train")):
+    # The data/ folder names the validation files valid.*, physicaliqa-train-dev.zip names them dev.*.
+    for stem, split in (("valid", "validation"), ("dev", "validation"), ("train", "train")):
         rows = _paired(src, "piqa", stem, ("goal", "sol1", "sol2"), ("0", "1"))
-        if rows is not None:
+        if rows is not None and f"{split}.jsonl" not in out:
             out[f"{split}.jsonl"] = [
                 {"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(r["__label__"])} for r in rows
             ]
