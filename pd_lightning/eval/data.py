@@ -35,7 +35,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-KNOWN_TASKS = ("hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval", "gsm8k")
+from pd_lightning.eval.tasks import KNOWN_TASKS
 
 # Hub schema of each task: the fields every written row has.
 FIELDS = {
@@ -401,22 +401,35 @@ def eval_data(
         if (out / task).exists() and not overwrite:
             raise FileExistsError(f"--output {output!r}: {task}/ exists (pass --overwrite true to replace it)")
     converted = {task: convert(task, src) for task, src in given.items()}  # all checks before any write
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".eval-data.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for task, files in converted.items():
+            for key, rows in sorted(files.items()):
+                path = staging / task / key
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("w", encoding="utf-8") as f:
+                    for row in rows:
+                        f.write(json.dumps({k: v for k, v in row.items() if k != "__line__"}, ensure_ascii=False))
+                        f.write("\n")
+        # The files written are what the task definitions read: checked by the same code as --eval.data_dir.
+        from pd_lightning.eval.tasks import check_data
+
+        check_data(staging, list(converted))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # bad input leaves nothing behind
+        raise
+    for task in converted:
+        if (out / task).exists():
+            (out / task).rename(staging / f"{task}.old")
+        (staging / task).rename(out / task)
+    shutil.rmtree(staging, ignore_errors=True)
     summary: dict[str, dict[str, int]] = {}
     for task, files in converted.items():
-        tmp = out / f".{task}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for key, rows in sorted(files.items()):
-            path = tmp / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps({k: v for k, v in row.items() if k != "__line__"}, ensure_ascii=False) + "\n")
-        old = out / f".{task}.old-{os.getpid()}"
-        if (out / task).exists():
-            (out / task).rename(old)
-        tmp.rename(out / task)
-        shutil.rmtree(old, ignore_errors=True)
         counts: dict[str, int] = {}
         for key, rows in files.items():
             split = key.rsplit("/", 1)[-1][: -len(".jsonl")]
