@@ -254,3 +254,20 @@ def test_resume_keeps_the_data_order_whatever_seed_everything(tmp_path, prepared
     main(args)
     reference, after = train_losses(full), train_losses(resumed)
     assert sorted(after) == list(range(7, 13)) and all(after[s] == reference[s] for s in after)
+
+
+def test_fit_refuses_missing_validation_data(tmp_path, prepared, capsys):
+    """Issue 7: fit with validation configured and no validation sequences ran without ever validating."""
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_val=0)
+    with pytest.raises(SystemExit) as e:
+        main(tiny_fit_args(tokens, tmp_path / "a", 2))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("pd-lightning: error: fit: validation is configured"), err
+    assert "tokens.h5" in err[-1] and "--val_fraction" in err[-1] and "--trainer.limit_val_batches 0" in err[-1]
+    assert not list((tmp_path / "a").rglob("*.ckpt"))
+    main(tiny_fit_args(tokens, tmp_path / "b", 2, "--trainer.limit_val_batches", "0"))  # the way out it names
+    assert list((tmp_path / "b").rglob("*.ckpt"))
+    with pytest.raises(SystemExit) as e:
+        main(tiny_fit_args(prepared["tokens"], tmp_path / "c", 2, "--data.init_args.val_sequences", "0"))
+    assert e.value.code == 2 and "--data.val_sequences is 0" in capsys.readouterr().err

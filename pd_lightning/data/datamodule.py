@@ -101,6 +101,29 @@ class SequenceDataModule(L.LightningDataModule):
     @abstractmethod
     def val_dataset(self) -> Dataset | None: ...
 
+    def setup(self, stage: str) -> None:
+        """``fit`` with validation configured (``--trainer.limit_val_batches`` not 0) refuses data without validation
+        sequences: Lightning would silently never validate."""
+        trainer = self.trainer
+        if stage != "fit" or trainer is None or trainer.limit_val_batches == 0:
+            return
+        dataset = self.val_dataset()
+        if dataset is not None and len(dataset) > 0:
+            return
+        raise ValueError(
+            f"fit: validation is configured but there is no validation data: {self._no_validation_reason()}; "
+            "or pass --trainer.limit_val_batches 0 to train without validation"
+        )
+
+    def _no_validation_reason(self) -> str:
+        if self.val_sequences == 0:
+            return "--data.val_sequences is 0 (set it to a positive number, or leave it unset for all)"
+        if hasattr(self, "val_file") and self.val_file is None:
+            return "--data.val_tokens is not set (give the token file whose val part scores the model)"
+        tokens = getattr(self, "val_file", None) or getattr(self, "tokens", None)
+        where = f" {str(tokens.path)!r}" if tokens is not None else ""
+        return f"the token file{where} has no validation part (run `pd-lightning prepare` with --val_fraction > 0)"
+
     def _loader(self, dataset: Dataset, sampler) -> DataLoader:
         return DataLoader(
             dataset,
