@@ -157,3 +157,16 @@ def test_sharded_requests_equal_one_process(tmp_path, prepared):
             assert got["gen"] == reference["gen"] and got["one"] == reference["one"]
         if lockstep:
             assert ranks[0]["forwards"] == ranks[1]["forwards"] and ranks[0]["forwards"]["gen"] > 0
+
+
+def test_callback_refuses_bad_input_before_training(tmp_path, tokens, capsys):
+    cases = [({"tasks": ["piqa", "nope"]}, "unknown task 'nope'"),
+             ({"data_dir": str(tmp_path / "missing")}, str(tmp_path / "missing"))]  # fmt: skip
+    for i, (init_args, expected) in enumerate(cases):
+        cfg = callback_config(tmp_path / f"cb{i}.yaml", every_n_steps=1, **init_args)
+        with pytest.raises(SystemExit) as e:
+            main(tiny_fit_args(tokens, tmp_path / f"run{i}", 2, "--config", str(cfg)))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("pd-lightning: error:") and expected in err[-1], err[-3:]
+        assert not list((tmp_path / f"run{i}").rglob("*.ckpt"))
