@@ -251,9 +251,15 @@ def _pack_all(units, spec: PartSpec, work, shards_dir, tag, seq_len, shard_rows,
     pool = None
     if workers >= 1 and len(jobs) > 1:
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), init_worker, (spec,))
-        results = pool.imap(tokenize_unit, jobs, chunksize=1)
+        # spawn: the workers do not inherit this process's threads (Rust tokenizer, torch); an executor (unlike
+        # multiprocessing.Pool) raises instead of hanging when a worker dies.
+        pool = ProcessPoolExecutor(
+            min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+            initargs=(spec,),
+        )  # fmt: skip
+        results = _worker_results(pool.map(tokenize_unit, jobs))
     else:
         init_worker(spec, single_threaded=False)
         results = map(tokenize_unit, jobs)
@@ -282,15 +288,29 @@ def _pack_all(units, spec: PartSpec, work, shards_dir, tag, seq_len, shard_rows,
         _save_state(state_path, packers)
     except BaseException:
         bar.leave = False  # the error message stays the only line
+        if pool is not None:  # stop the units still being tokenized now, not when they end
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
         raise
     finally:
         bar.close()
         for p in packers.values():
             p.abandon()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     return {s: packers[s].committed for s in SPLITS} | {"metas": metas}
+
+
+def _worker_results(results):
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        yield from results
+    except BrokenProcessPool:
+        raise RuntimeError(
+            "a prepare worker process died (out of memory? or prepare() was called from a script without "
+            "`if __name__ == '__main__':`); rerun with the same command to resume, or with --workers 0"
+        ) from None
 
 
 def _offset_before(metas, split: str, u: int) -> int:

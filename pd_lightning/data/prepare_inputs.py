@@ -15,7 +15,6 @@ Reading is streaming: a unit never holds more than its own range in memory (comp
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import re
 import zlib
@@ -200,27 +199,53 @@ def _read_range(unit: Unit) -> tuple[bytes, int]:
         return (f.read(end - begin) if end > begin else b""), begin
 
 
+def _decompressed_chunks(unit: Unit) -> Iterator[bytes]:
+    """The decompressed bytes of a .jsonl.gz / .jsonl.zst file, in chunks; a truncated stream is an error."""
+    if unit.kind == ".jsonl.gz":
+        with gzip.open(unit.source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+        return
+    import zstandard
+
+    with open(unit.source, "rb") as f:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        while data := f.read(1 << 20):
+            while data:
+                yield dobj.decompress(data)
+                data = dobj.unused_data if dobj.eof else b""  # the next frame of a multi-frame file
+                if dobj.eof and data:
+                    dobj = zstandard.ZstdDecompressor().decompressobj()
+        if not dobj.eof:
+            raise EOFError("the stream ends inside a frame: the file is truncated")
+
+
 def _compressed_lines(unit: Unit) -> Iterator[tuple[int, str]]:
     kind = "gzip" if unit.kind == ".jsonl.gz" else "zstd"
-    lineno = 0
-    try:
-        if unit.kind == ".jsonl.gz":
-            raw = gzip.open(unit.source, "rb")
-        else:
-            import zstandard
+    lineno, rest = 0, b""
 
-            raw = zstandard.ZstdDecompressor().stream_reader(open(unit.source, "rb"), closefd=True)
-        with io.TextIOWrapper(raw, encoding="utf-8") as text:
-            for lineno, line in enumerate(text, 1):
-                yield lineno, line
-    except UnicodeDecodeError:
-        raise CorpusError(f"{unit.source!r}: not UTF-8 text (after line {lineno}; convert the file to UTF-8)") from None
+    def decoded(raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorpusError(f"{unit.source}:{lineno}: not UTF-8 text (convert the file to UTF-8)") from None
+
+    try:
+        for chunk in _decompressed_chunks(unit):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for raw in lines:
+                lineno += 1
+                yield lineno, decoded(raw)
     except (OSError, EOFError, zlib.error) as e:
-        raise CorpusError(f"{unit.source!r}: not a valid {kind} stream after line {lineno} ({e})") from None
+        raise CorpusError(f"{unit.source!r}: not a valid {kind} stream ({e}); re-download or recompress it") from None
     except Exception as e:  # zstandard.ZstdError is not an OSError
         if type(e).__name__ != "ZstdError":
             raise
-        raise CorpusError(f"{unit.source!r}: not a valid {kind} stream after line {lineno} ({e})") from None
+        raise CorpusError(f"{unit.source!r}: not a valid {kind} stream ({e}); re-download or recompress it") from None
+    if rest:
+        lineno += 1
+        yield lineno, decoded(rest)
 
 
 def unit_documents(unit: Unit, text_field: str = "text", txt_doc_chars: int = 4096) -> Iterator[str]:
