@@ -85,9 +85,12 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
 
 def describe_os_error(e: OSError) -> str | None:
     """One line for an OS error met while writing an output, or None when it is not a write error."""
-    why = WRITE_ERRNOS.get(e.errno)
-    if why is None:
+    seen = e
+    while seen is not None and WRITE_ERRNOS.get(getattr(seen, "errno", None)) is None:
+        seen = seen.__cause__ or seen.__context__  # a writer thread's error re-raised without its errno
+    if not isinstance(seen, OSError):
         return None
+    e, why = seen, WRITE_ERRNOS[seen.errno]
     if e.filename is not None:
         where = f" {str(e.filename)!r}"
     elif CHECKED:

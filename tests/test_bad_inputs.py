@@ -470,6 +470,13 @@ PREDICT_CASES = [
         lambda e, o: predict(e, o, "--data.path", str(e.inputs / "nothing.h5")),
         ("--data.path", "nothing.h5"),
     ),
+    Case(
+        "predict-disk-full",
+        lambda e, o: predict(e, o),
+        ("--writer.output", "no space left"),
+        disk_full="fsync",
+        fix=lambda e, o: predict(e, o),
+    ),
     Case("predict-bad-split", lambda e, o: predict(e, o, "--data.split", "dev"), ("--data.split", "dev")),
     Case(
         "predict-other-cache-in-output",
@@ -597,6 +604,15 @@ def test_catalogue_size_and_coverage():
     assert len({c.id for c in CASES}) == len(CASES)
     for command in ("prepare", "fit", "validate", "predict", "cache-info", "export-hf"):
         assert any(c.id.startswith(command) for c in CASES), command
+
+
+def test_the_pickle_payload_is_live(env):
+    """The catalogue's pickle checkpoint does run code when unpickled without weights_only, so the cases that refuse
+    it test a real refusal (the marker folder must then be removed: the cases assert it never appears)."""
+    assert not env.marker.exists()
+    torch.load(env.bad["pickle"], weights_only=False)
+    assert env.marker.is_dir()
+    env.marker.rmdir()
 
 
 def _params():
