@@ -170,3 +170,19 @@ def test_callback_refuses_bad_input_before_training(tmp_path, tokens, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("pd-lightning: error:") and expected in err[-1], err[-3:]
         assert not list((tmp_path / f"run{i}").rglob("*.ckpt"))
+
+
+def test_no_scoring_while_stopping_on_sigterm(monkeypatch):
+    """The SIGTERM checkpoint (saved on one rank's exception path) must not start an evaluation with collectives."""
+    from types import SimpleNamespace
+
+    from pd_lightning.eval.callback import LMEvalCallback
+
+    cb = LMEvalCallback(tasks=["piqa"], every_n_steps=1, on_checkpoint=True)
+    calls = []
+    monkeypatch.setattr(cb, "score", lambda trainer, module: calls.append(trainer.global_step))
+    for sigterm in (True, False):
+        trainer = SimpleNamespace(global_step=4, received_sigterm=sigterm, state=SimpleNamespace(fn="fit"))
+        cb.on_save_checkpoint(trainer, None, {"callbacks": {}})
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert calls == [4, 4]  # only the two calls without SIGTERM

@@ -115,10 +115,14 @@ class LMEvalCallback(L.Callback):
     # ---- triggers -----------------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if getattr(trainer, "received_sigterm", False):  # stopping: save and exit quickly, no collective calls
+            return
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step not in self.scored:
             self.score(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if getattr(trainer, "received_sigterm", False):  # the SIGTERM checkpoint: not worth delaying the stop for
+            return
         if self.on_checkpoint and trainer.state.fn == "fit" and trainer.global_step not in self.scored:
             self.score(trainer, pl_module)
             # The callbacks' states were collected before this hook: record the new step in the saved one too.
