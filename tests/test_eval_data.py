@@ -137,13 +137,17 @@ def test_hf_datasets_folders(tmp_path, monkeypatch):
     snap.mkdir(parents=True)
     for split in ("test", "dev"):
         pq.write_table(pa.Table.from_pylist(rows), snap / f"{split}-00000-of-00001.parquet")
+        # cais/mmlu also has one config per subject, repeating rows of `all`: read once, from `all`.
+        (snap.parent / "made_up_a").mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows[:1]), snap.parent / "made_up_a" / f"{split}-00000-of-00001.parquet")
 
     out = tmp_path / "evaldata"
     main(["eval-data", "--output", str(out), "--piqa", str(tmp_path / "piqa_saved"),
-          "--gsm8k", str(tmp_path / "gsm_cache"), "--mmlu", str(snap)])  # fmt: skip
+          "--gsm8k", str(tmp_path / "gsm_cache"), "--mmlu", str(snap.parent)])  # fmt: skip
     assert _read(out / "piqa" / "validation.jsonl") == piqa
     assert _read(out / "gsm8k" / "test.jsonl") == [{"question": "test", "answer": "#### 1"}]
     assert _read(out / "mmlu" / "made_up_b" / "dev.jsonl") == [rows[1]]
+    assert _read(out / "mmlu" / "made_up_a" / "test.jsonl") == [rows[0]]  # once, not twice
 
 
 def _fails(capsys, args: list[str]) -> str:

@@ -322,6 +322,8 @@ def _hf_tables(src: Path) -> dict[str, dict[str, Rows]] | None:
 
 def _from_hf(task: str, src: Path, configs: dict[str, dict[str, Rows]]) -> Files:
     splits = REQUIRED_SPLITS[task] + OPTIONAL_SPLITS.get(task, ())
+    if task == "mmlu" and len(configs) > 1:  # cais/mmlu: `all` holds every subject's rows; the others repeat them
+        configs = {k: v for k, v in configs.items() if Path(k).name == "all"} or configs
     if len(configs) > 1 and task not in PER_SUBJECT:
         raise ValueError(f"--{task} {src}: several datasets under it ({', '.join(sorted(configs))}); point it at one")
     out: Files = {}
