@@ -229,7 +229,26 @@ def env(tmp_path_factory, prepared) -> Env:
     (inputs / "corpus.csv").write_text("text\nhello world\n")
     (inputs / "empty.jsonl").write_text("")
     (inputs / "latin1.txt").write_bytes("caf\xe9 au lait, cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50)
+    prepare_inputs(inputs)
     return e
+
+
+def prepare_inputs(inputs: Path) -> None:
+    """prepare's corpus files: a good one, truncated gzip / zstd streams, a line without the text field (line 201),
+    latin-1 JSON lines, and a file where the shards folder of --output blocked.h5 would go."""
+    import gzip
+    import json
+
+    import zstandard
+
+    good = "".join(json.dumps({"text": f"document {i}: " + "words of text " * 30}) + "\n" for i in range(200)).encode()
+    (inputs / "good.jsonl").write_bytes(good)
+    gz, zst = gzip.compress(good), zstandard.ZstdCompressor().compress(good)
+    (inputs / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    (inputs / "cut.jsonl.zst").write_bytes(zst[: len(zst) // 2])
+    (inputs / "no-field.jsonl.gz").write_bytes(gzip.compress(good + b'{"body": "no text"}\n'))
+    (inputs / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    (inputs / "blocked.shards").write_text("in the way\n")
 
 
 def fingerprint(folder: Path) -> dict[str, str]:
@@ -379,7 +398,6 @@ FIT_CASES = [
         "fit-data-is-cache-shard",
         lambda e, o: fit(e, o, "--data.path", str(e.shard)),
         ("--data.path", "shard", "cache"),
-        owner="owned by H4 (corpus.TokenFile): a cache shard given as a token file gets a batch-size message",
     ),
     Case(
         "fit-batch-larger-than-data",
@@ -588,6 +606,90 @@ PREPARE_CASES = [
         ],
         ("--input", "a.jsonl"),
         subprocess=True,
+    ),
+    *[
+        Case(
+            f"prepare-{name}",
+            lambda e, o, f=file: [
+                "prepare",
+                "--input",
+                str(e.inputs / f),
+                "--tokenizer",
+                str(e.tokenizer),
+                "--output",
+                str(o / "t.h5"),
+            ],
+            words,
+            fix=lambda e, o: [
+                "prepare",
+                "--input",
+                str(e.inputs / "good.jsonl"),
+                "--tokenizer",
+                str(e.tokenizer),
+                "--output",
+                str(o / "t.h5"),
+                "--seq_len",
+                "16",
+            ],
+        )
+        for name, file, words in (
+            ("gzip-truncated", "cut.jsonl.gz", ("cut.jsonl.gz", "not a valid gzip stream")),
+            ("zstd-truncated", "cut.jsonl.zst", ("cut.jsonl.zst", "truncated")),
+            ("jsonl-gz-no-text-field", "no-field.jsonl.gz", ("no-field.jsonl.gz:201", "'text'", "--text_field")),
+            ("jsonl-not-utf8", "latin1.jsonl", ("latin1.jsonl", "UTF-8")),
+        )
+    ],
+    Case(  # the BPE is trained before the bad line is met: no tokenizer/ (or anything) may stay to block the rerun
+        "prepare-bad-line-after-bpe-leaves-nothing",
+        lambda e, o: [
+            "prepare",
+            "--input",
+            str(e.inputs / "no-field.jsonl.gz"),
+            "--vocab_size",
+            "300",
+            "--output",
+            str(o / "t.h5"),
+        ],
+        ("no-field.jsonl.gz:201",),
+        fix=lambda e, o: [
+            "prepare",
+            "--input",
+            str(e.inputs / "good.jsonl"),
+            "--vocab_size",
+            "300",
+            "--output",
+            str(o / "t.h5"),
+            "--seq_len",
+            "16",
+        ],
+    ),
+    Case(
+        "prepare-output-is-folder",
+        lambda e, o: ["prepare", "--input", str(e.inputs / "good.jsonl"), "--output", str(e.inputs / "empty-folder")],
+        ("--output", "empty-folder", "folder"),
+    ),
+    Case(
+        "prepare-shards-folder-blocked-by-file",
+        lambda e, o: ["prepare", "--input", str(e.inputs / "good.jsonl"), "--output", str(e.inputs / "blocked.h5")],
+        ("--output", "blocked.shards", "is a file"),
+    ),
+    Case(
+        "prepare-output-exists",
+        lambda e, o: ["prepare", "--input", str(e.inputs / "good.jsonl"), "--output", str(e.tokens)],
+        ("--output", "--overwrite"),
+    ),
+    Case(
+        "prepare-workers-negative",
+        lambda e, o: [
+            "prepare",
+            "--input",
+            str(e.inputs / "good.jsonl"),
+            "--workers",
+            "-1",
+            "--output",
+            str(o / "t.h5"),
+        ],
+        ("--workers",),
     ),
 ]
 

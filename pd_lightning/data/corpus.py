@@ -174,6 +174,8 @@ def prepare(
     shards_dir = out.parent / f"{out.stem}.shards"
     tok_final = out.parent / "tokenizer"
     check_inputs(inputs, text_field)
+    if out.is_file() and not overwrite:
+        raise FileExistsError(f"--output {str(out)!r} already exists (pass --overwrite true to replace it)")
     if tokenizer is None and tok_final.exists() and not overwrite:
         raise FileExistsError(
             f"tokenizer folder {str(tok_final)!r} already exists (pass --overwrite true or --tokenizer {tok_final})"
@@ -442,6 +444,11 @@ class TokenFile:
                 legacy_lengths = {s: (f[s].shape[0] if s in f else 0) for s in SPLITS}
         except OSError as e:
             raise ValueError(f"{flag}: {str(self.path)!r} is not a readable HDF5 token file ({e})") from None
+        if "teacher_fingerprint" in self.attrs:
+            raise ValueError(
+                f"{flag}: {str(self.path)!r} is a teacher-cache shard, not a token file (give the token file written "
+                "by `pd-lightning prepare`, e.g. data/demo/tokens.h5; a cache is read by the cache data module)"
+            )
         if not self.attrs.get("complete"):
             raise ValueError(f"{flag}: token file {str(self.path)!r} is incomplete; run `pd-lightning prepare` again")
         for key in ("seq_len", "vocab_size", "tokenizer_fingerprint"):
