@@ -160,6 +160,12 @@ def test_cosine_peaks_then_ends_at_min(warmup):
     assert values[mid] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def test_steps_past_the_end_keep_the_last_value():
+    """Lightning steps the LR scheduler once more after the last step: no decay phase, or one, past the end."""
+    assert WSDLR(0.0, 0.0)(2, 2) == 1.0 and WSDLR(0.05, 0.2, min_lr_ratio=0.1)(12, 10) == pytest.approx(0.1)
+    assert WSD(0.9, 0.1, 0.0, 0.0)(5, 2) == pytest.approx(0.9) and Cosine(0.0, 0.1)(20, 10) == pytest.approx(0.1)
+
+
 def test_wsd_docstrings_first_step_values():
     """The documented first-step values: WSDBeta's defaults give alpha(0) = 1 - 1/w (0.0 at T = 100, 0.9 at
     T = 1000); WSD gives alpha(0) = alpha_min + (alpha_max - alpha_min) / w."""

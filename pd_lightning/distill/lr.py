@@ -31,7 +31,7 @@ def wsd_level(step: int, total_steps: int, warmup_fraction: float, decay_fractio
     warmup_end, decay_start = phase_edges(total_steps, warmup_fraction, decay_fraction)
     if step < warmup_end:
         return (step + 1) / warmup_end
-    if step < decay_start:
+    if step < decay_start or decay_start >= total_steps:  # (no decay phase: the plateau lasts, also past the end)
         return 1.0
     return max(0.0, (total_steps - 1 - step) / (total_steps - decay_start))
 
