@@ -5,6 +5,7 @@
     pd-lightning prepare ...                      text -> packed token file (HDF5)
     pd-lightning cache-info PATH [--json]         figures of a logits cache
     pd-lightning cache-plan --tokens 100e9 ...    expected size, shards, disk and bandwidth of a cache
+    pd-lightning cache-upgrade OLD --output NEW   a schema-1 cache -> the current format
     pd-lightning export-hf ...                    student checkpoint -> Hugging Face Llama folder
     pd-lightning eval-data --output DIR --<task> SRC   benchmark files -> <DIR>/<task>/<split>.jsonl (lm-eval)
 
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
 
             flags = ["--" + a[2:].replace("-", "_") if a.startswith("--") else a for a in argv[1:]]
             _function_cli(cache_plan_command, flags)
+        elif command == "cache-upgrade":
+            from pd_lightning.data.cache_upgrade import cache_upgrade_command
+
+            _function_cli(cache_upgrade_command, argv[1:])
         elif command == "export-hf":
             from pd_lightning.export import export_checkpoint, export_hf_argv
 

@@ -275,8 +275,8 @@ class CacheSpec:
 def schema1_message(path: Path) -> str:
     return (
         f"{path} is a schema-1 teacher cache (written by an older pd-lightning, one merged shard per rank); this "
-        f"version reads schema {SCHEMA_VERSION}: write it again with `pd-lightning predict` (same arguments, into "
-        "a new --writer.output, or with --writer.overwrite true)"
+        f"version reads schema {SCHEMA_VERSION}: convert it with `pd-lightning cache-upgrade {path} --output NEW` "
+        "or write it again with `pd-lightning predict`"
     )
 
 
