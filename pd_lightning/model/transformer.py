@@ -1,7 +1,8 @@
 """The student: a plain-PyTorch decoder-only transformer (Llama layout: RMSNorm, RoPE, SwiGLU, GQA).
 
 Numerically it follows ``transformers``' ``LlamaForCausalLM`` (fp32 RMSNorm, half-split rotary embedding,
-``repeat_kv`` head grouping), so weights move between the two unchanged (see ``hf.py``).
+``repeat_kv`` head grouping), so weights move between the two unchanged (see ``hf.py``). For decoding, ``forward``
+also takes per-row RoPE positions, a boolean attention mask and a ``KVCache`` (see ``generate.py``).
 """
 
 from __future__ import annotations
