@@ -25,7 +25,9 @@ from pd_lightning.errors import check_config_files, one_line
 from pd_lightning.paths import CHECKED, describe_os_error
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
-COMMANDS = ("fit", "validate", "test", "predict", "prepare", "cache-info", "export-hf")
+TRAIN_COMMANDS = ("fit", "validate", "test")
+FUNCTION_COMMANDS = ("prepare", "cache-info", "cache-plan", "export-hf", "eval-data")  # plain functions' CLIs
+COMMANDS = (*TRAIN_COMMANDS, "predict", *FUNCTION_COMMANDS)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -121,15 +123,21 @@ def main(argv: list[str] | None = None) -> None:
             from pd_lightning.lightning_cli import predict_cli
 
             predict_cli(argv if from_python else None)
-        else:
+        elif command in TRAIN_COMMANDS or command.startswith("-"):  # -h / --help / --version: LightningCLI's
             from pd_lightning.lightning_cli import train_cli
 
             train_cli(argv if from_python else None)
+        else:
+            what = f"unknown command {command!r}" if command else "no command given"
+            raise ValueError(f"{what}: use one of {', '.join(COMMANDS)} (pd-lightning COMMAND --help)")
     except _user_errors() as e:
         # Bad input: one clear line naming the flag or file, non-zero exit, no traceback.
-        _fail(str(e) if not isinstance(e, KeyError) or not e.args else str(e.args[0]))
+        message = str(e) if not isinstance(e, KeyError) or not e.args else str(e.args[0])
+        if "Does not validate against any of the Union subtypes" in message or 'Parser key "' in message:
+            message = one_line(message, command if command in COMMANDS else "")  # raised by jsonargparse's typing
+        _fail(message)
     except ArgumentError as e:  # jsonargparse (exit_on_error=False): its multi-line message as one line
-        _fail(one_line(e.message, command if command in COMMANDS else ""))
+        _fail(one_line(e.message, command if command in COMMANDS else "", positional=command in FUNCTION_COMMANDS))
     except OSError as e:  # an output that cannot be written (read-only, disk full, ...) met during the work
         message = describe_os_error(e)
         if message is None:

@@ -94,6 +94,17 @@ def _subclass_names(subtypes_line: str) -> list[str]:
     return sorted(set(found))
 
 
+def _reasons(lines: list[str]) -> list[str]:
+    """The lines of a jsonargparse message that say what is wrong (not the union's bookkeeping)."""
+    reasons = []
+    for s in lines:
+        s = s.strip().removeprefix("- ").strip()
+        if not s or any(s.startswith(n) for n in _NOISE) or _EXPECTED_PATH.match(s):
+            continue
+        reasons.append(s)
+    return reasons
+
+
 def _subclass_names_of_key(command: str, key: str) -> list[str]:
     """Concrete subclasses of the class type annotated for ``key`` (``model.processor``) in ``command``'s model."""
     import typing
@@ -121,8 +132,15 @@ def _subclass_names_of_key(command: str, key: str) -> list[str]:
     return []
 
 
-def one_line(message: str, command: str = "") -> str:
-    """A jsonargparse error message as one line: ``--flag: reason``."""
+def one_line(message: str, command: str = "", positional: bool = False) -> str:
+    """A jsonargparse error message as one line: ``--flag: reason``.
+
+    Args:
+        message: jsonargparse's (multi-line) message.
+        command: the pd-lightning command, for "see pd-lightning COMMAND --help" and class-name hints.
+        positional: the command's required arguments are positional (a plain function's CLI), so a missing one is
+            named ``PATH`` rather than ``--path``.
+    """
     message = str(message)
     lines = [s.rstrip() for s in message.splitlines()]
     help_hint = f" (see pd-lightning {command} --help)" if command else ""
@@ -138,20 +156,20 @@ def one_line(message: str, command: str = "") -> str:
             n.strip().split(".", 1)[-1] if command and n.strip().startswith(command + ".") else n.strip()
             for n in required.group(1).split(",")
         ]
-        return f"missing required {', '.join('--' + n for n in names)}{help_hint}"
+        shown = [n.upper() if positional and "." not in n else "--" + n for n in names]
+        return f"missing required {', '.join(shown)}{help_hint}"
     keys = re.findall(r'Parser key "([^"]+)"', message)
+    if not keys and "Does not validate against any of the Union subtypes" in message:
+        reasons = [r for r in _reasons(lines) if not r.startswith("Expected a dot import path")]
+        if reasons:  # raised while instantiating a class: its own message names the flag
+            return reasons[0]
     if not keys:
         text = " ".join(s.strip() for s in lines if s.strip())
         return text + (help_hint if text.startswith("unrecognized") or "required" in text else "")
     flag = "--" + ".".join(keys)
     subtypes = next((s for s in lines if s.strip().startswith("Subtypes:")), "")
     class_path = re.search(r"Problem with given class_path '([\w.]+)'", message)
-    reasons = []
-    for s in lines:
-        s = s.strip().lstrip("- ").strip()
-        if not s or any(s.startswith(n) for n in _NOISE) or _EXPECTED_PATH.match(s):
-            continue
-        reasons.append(s)
+    reasons = _reasons(lines)
     if not reasons:
         return f"{flag}: invalid value{help_hint}"
     literals = [

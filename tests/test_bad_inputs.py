@@ -71,6 +71,7 @@ class Env:
     bad: dict[str, Path] = field(default_factory=dict)  # broken checkpoints by kind
     configs: dict[str, Path] = field(default_factory=dict)
     marker: Path | None = None  # created only if a pickle payload ever ran
+    noval: Path | None = None  # a token file without a validation part
 
     def out(self, case_id: str) -> Path:
         return self.root / "out" / case_id
@@ -149,7 +150,7 @@ def export(e: Env, out: Path, *extra: str, ckpt: Path | None = None) -> list[str
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, prepared) -> Env:
+def env(tmp_path_factory, prepared, corpus_dir) -> Env:
     root = tmp_path_factory.mktemp("bad_inputs")
     inputs = root / "inputs"
     inputs.mkdir()
@@ -227,6 +228,12 @@ def env(tmp_path_factory, prepared) -> Env:
     (inputs / "not-empty" / "keep.txt").write_text("mine\n")
     (inputs / "empty-folder").mkdir()
     (inputs / "corpus.csv").write_text("text\nhello world\n")
+    (inputs / "small.txt").write_bytes((corpus_dir / "a.txt").read_bytes())
+    from pd_lightning.data.corpus import prepare
+
+    e.noval = root / "noval" / "tokens.h5"  # the same tokenizer, no validation part
+    prepare(input=[str(corpus_dir / "a.txt")], output=str(e.noval), seq_len=32, tokenizer=str(prepared["tokenizer"]),
+            val_fraction=0.0, workers=0)  # fmt: skip
     (inputs / "empty.jsonl").write_text("")
     (inputs / "latin1.txt").write_bytes("caf\xe9 au lait, cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50)
     prepare_inputs(inputs)
@@ -400,6 +407,11 @@ FIT_CASES = [
         ("--data.path", "shard", "cache"),
     ),
     Case(
+        "fit-data-is-a-folder",
+        lambda e, o: fit(e, o, "--data.path", str(e.cache)),
+        ("--data.path", "cache", "folder"),
+    ),
+    Case(
         "fit-batch-larger-than-data",
         lambda e, o: fit(e, o, "--data.batch_size", "100000"),
         ("--data.batch_size", "100000"),
@@ -450,6 +462,11 @@ VALIDATE_CASES = [
             *quiet(o),
         ],
         ("validate", "--data.val_tokens"),
+    ),
+    Case(
+        "validate-token-file-without-val-part",
+        lambda e, o: validate(e, o, "--data.path", str(e.noval)),
+        ("validate", "noval", "--val_fraction"),
     ),
     Case(
         "validate-root-under-file",
@@ -554,6 +571,12 @@ EXPORT_CASES = [
     ),
 ]
 
+
+def prepare_small(e: Env, o: Path, seq_len: str) -> list[str]:
+    return ["prepare", "--input", str(e.inputs / "small.txt"), "--output", str(o / "t.h5"), "--seq_len", seq_len,
+            "--vocab_size", "300", "--workers", "0"]  # fmt: skip
+
+
 # ---- pd-lightning prepare: its owner (H4, the prepare rewrite) extends this list ------------------------------------
 PREPARE_CASES = [
     Case(
@@ -588,6 +611,12 @@ PREPARE_CASES = [
         "prepare-output-under-file",
         lambda e, o: ["prepare", "--input", str(e.inputs / "latin1.txt"), "--output", str(e.afile / "t.h5")],
         ("--output", "a-file"),
+    ),
+    Case(
+        "prepare-seq-len-longer-than-corpus",
+        lambda e, o: prepare_small(e, o, "10000000"),
+        ("--seq_len", "10000000"),
+        fix=lambda e, o: prepare_small(e, o, "32"),  # the trained tokenizer left nothing that blocks this rerun
     ),
     Case(
         "prepare-bad-seq-len",
@@ -694,7 +723,9 @@ PREPARE_CASES = [
 ]
 
 GENERAL_CASES = [
-    Case("unknown-command", lambda e, o: ["fitt", "--model.lr", "1"], ("fitt",)),
+    Case("unknown-command", lambda e, o: ["fitt", "--model.lr", "1"], ("fitt", "fit", "export-hf")),
+    Case("no-command", lambda e, o: [], ("no command", "prepare")),
+    Case("cache-info-no-path", lambda e, o: ["cache-info"], ("PATH",)),
 ]
 
 CASES = FIT_CASES + VALIDATE_CASES + PREDICT_CASES + CACHE_INFO_CASES + EXPORT_CASES + PREPARE_CASES + GENERAL_CASES
@@ -703,6 +734,8 @@ CASES = FIT_CASES + VALIDATE_CASES + PREDICT_CASES + CACHE_INFO_CASES + EXPORT_C
 def test_catalogue_size_and_coverage():
     """The README states this count; every command has cases, and ids are unique."""
     assert len(CASES) >= 40
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"the catalogue: {len(CASES)} cases" in readme, "update the count the README states"
     assert len({c.id for c in CASES}) == len(CASES)
     for command in ("prepare", "fit", "validate", "predict", "cache-info", "export-hf"):
         assert any(c.id.startswith(command) for c in CASES), command
@@ -780,6 +813,8 @@ def test_bad_input(case: Case, env: Env, capsys, monkeypatch):
     assert line.startswith("pd-lightning: error: ") and len(line) > len("pd-lightning: error: ") + 10, line
     for name in case.names:
         assert name in line, f"{name!r} not in: {line}"
+    for internal in ("Does not validate", "Subtypes:", "Given value", "NoneType", "Namespace(", "<class "):
+        assert internal not in line, f"jsonargparse's internals in: {line}"
     assert "weights_only=False" not in err and "will likely succeed" not in err
     assert env.marker is None or not env.marker.exists(), "a pickle payload ran"
     assert fingerprint(env.inputs) == before, "an input was changed"
