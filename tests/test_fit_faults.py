@@ -1,8 +1,8 @@
 """`pd-lightning fit` killed for real (SIGKILL, SIGTERM) anywhere, then resumed: the same run as an uninterrupted one.
 
 Each faulty run is a subprocess with ``tests.faults.Fault`` (a real signal at an exact point); its resume runs
-through the CLI as a user would (``--ckpt_path last``). No ``limit_train_batches``: 104 sequences, batch 4, so an
-epoch is 26 steps and the 40-step runs cross into epoch 1; validation every 10 steps, checkpoints every 5 steps
+through the CLI as a user would (``--ckpt_path last``). No ``limit_train_batches``: 48 sequences, batch 4, so an
+epoch is 12 steps and the 20-step runs cross into epoch 1; validation every 10 steps, checkpoints every 5 steps
 plus ``last.ckpt``.
 """
 
@@ -21,7 +21,7 @@ from pd_lightning.cli import main
 from tests.test_train import small_token_file, tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_STEPS = 40
+MAX_STEPS = 20
 
 
 def fit_args(tokens: Path, root: Path, version: int = 0, *extra: str) -> list[str]:
@@ -62,7 +62,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tokens(prepared, tmp_path_factory) -> Path:
-    return small_token_file(prepared, tmp_path_factory.mktemp("faults") / "tokens.h5")
+    return small_token_file(prepared, tmp_path_factory.mktemp("faults") / "tokens.h5", n_train=48, n_val=8)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,8 @@ def reference(tokens, tmp_path_factory) -> dict:
     main(fit_args(tokens, root))
     train, epochs, val = logged(root, 0)
     assert sorted(train) == list(range(1, MAX_STEPS + 1))
-    assert epochs[26] == 0 and epochs[27] == 1  # the run crosses an epoch boundary
-    assert sorted(val) == [10, 20, 30, 40]
+    assert epochs[12] == 0 and epochs[13] == 1  # the run crosses an epoch boundary
+    assert sorted(val) == [10, 20]
     return {"train": train, "epochs": epochs, "val": val, "weights": weights(root / "ckpt" / "last.ckpt")}
 
 
@@ -101,9 +101,9 @@ def resume_and_compare(tokens: Path, root: Path, reference: dict, resumed_from: 
 @pytest.mark.parametrize(
     "at,step,resumed_from",
     [
-        ("train", 13, 10),  # first epoch
-        ("train", 33, 30),  # a later epoch
-        ("validation", 20, 20),  # the checkpoint of step 20 is written before its validation runs
+        ("train", 8, 5),  # first epoch
+        ("train", 17, 15),  # a later epoch
+        ("validation", 10, 10),  # the checkpoint of step 10 is written before its validation runs
         ("save", 15, 10),  # during the write of last.ckpt at step 15: last.ckpt must still be step 10's
     ],
 )
@@ -118,12 +118,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tokens, reference, tmp_path, a
 
 
 def test_sigterm_saves_and_exits_nonzero_then_resumes(tokens, reference, tmp_path):
-    run = run_with_fault(tokens, tmp_path, "sigterm", 13)
+    run = run_with_fault(tokens, tmp_path, "sigterm", 8)
     assert run.returncode == 143, (run.returncode, run.stderr[-3000:])
     message = [line for line in run.stderr.splitlines() if line.startswith("pd-lightning: stopped by SIGTERM")]
-    assert len(message) == 1 and "step 13 of 40" in message[0] and "--ckpt_path" in message[0], run.stderr[-2000:]
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 13
-    resume_and_compare(tokens, tmp_path, reference, 13)
+    assert len(message) == 1 and "step 8 of 20" in message[0] and "--ckpt_path" in message[0], run.stderr[-2000:]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 8
+    resume_and_compare(tokens, tmp_path, reference, 8)
 
 
 @pytest.mark.parametrize(
