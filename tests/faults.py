@@ -9,6 +9,7 @@ be caught: nothing of the run's own code runs after it), so its moment is exact 
 - ``save``: SIGKILL in the middle of writing ``last.ckpt`` at ``global_step == step``: whatever file the writer
   opened for it (the target itself, or a temporary file) gets half of its first large write, flushed to disk.
 - ``sigterm``: SIGTERM after the training batch at ``global_step == step`` (Lightning's handler takes it).
+- ``sigusr1``: SIGUSR1 after the training batch at ``global_step == step`` (SLURM's requeue signal).
 - ``nan``: before the training batch at ``global_step == step``, the first parameter turns NaN (a diverged run:
   the loss of that batch is NaN). Not a signal: usable in-process.
 """
@@ -50,7 +51,7 @@ class _HalfWriter:
 
 class Fault(L.Callback):
     def __init__(self, at: str, step: int) -> None:
-        assert at in ("train", "validation", "save", "sigterm", "nan"), at
+        assert at in ("train", "validation", "save", "sigterm", "sigusr1", "nan"), at
         self.at, self.step = at, step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -72,8 +73,9 @@ class Fault(L.Callback):
             next(pl_module.parameters()).data.fill_(float("nan"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and self.at in ("train", "sigterm"):
-            os.kill(os.getpid(), signal.SIGKILL if self.at == "train" else signal.SIGTERM)
+        signals = {"train": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}
+        if trainer.global_step == self.step and self.at in signals:
+            os.kill(os.getpid(), signals[self.at])
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.at == "validation" and not trainer.sanity_checking and trainer.global_step == self.step:

@@ -76,10 +76,11 @@ def reference(tokens, tmp_path_factory) -> dict:
     return {"train": train, "epochs": epochs, "val": val, "weights": weights(root / "ckpt" / "last.ckpt")}
 
 
-def run_with_fault(tokens: Path, root: Path, at: str, step: int) -> subprocess.CompletedProcess:
+def run_with_fault(tokens: Path, root: Path, at: str, step: int, env: dict | None = None):
+    """``pd-lightning fit`` in a subprocess with ``tests.faults.Fault(at, step)``; the CompletedProcess."""
     args = [*fit_args(tokens, root), "--trainer.callbacks+=tests.faults.Fault", f"--trainer.callbacks.at={at}"]
     args.append(f"--trainer.callbacks.step={step}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pd_lightning.cli", *args], env=env, capture_output=True, text=True, timeout=600
     )
@@ -124,6 +125,26 @@ def test_sigterm_saves_and_exits_nonzero_then_resumes(tokens, reference, tmp_pat
     assert len(message) == 1 and "step 8 of 20" in message[0] and "--ckpt_path" in message[0], run.stderr[-2000:]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 8
     resume_and_compare(tokens, tmp_path, reference, 8)
+
+
+def test_slurm_requeue_still_works(tokens, reference, tmp_path):
+    """Under SLURM (its environment variables; a stand-in ``scontrol`` that records its arguments), SIGUSR1 still
+    makes Lightning save ``hpc_ckpt_1.ckpt`` and requeue the job, and the run goes on to its end (exit 0)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost"}
+    slurm |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    slurm["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    run = run_with_fault(tokens, tmp_path, "sigusr1", 7, env=slurm)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert hpc["global_step"] == 7
+    final = weights(tmp_path / "ckpt" / "last.ckpt")
+    assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"])
 
 
 @pytest.mark.parametrize(
