@@ -13,7 +13,8 @@ included) ÷ the teacher forward alone, over the same tokens, in one run, at two
 
 Disk (write-once cache, measured on the small shape's write runs): ``bytes_written_ratio`` = bytes the process
 passed to write(2) during the run (``/proc/self/io`` ``wchar``) ÷ the final cache size; ``peak_disk_ratio`` = the
-largest total size of the cache folder seen during the run (sampled every 2 ms) ÷ the final size.
+largest total size of the cache folder seen during an extra, untimed write run (sampled every 2 ms) ÷ the final
+size.
 
 CPU-time ratios (``time.process_time``, all threads) are printed too: on this shared machine they are far less
 sensitive to other processes than wall time, and they count the writer thread's work, which on a GPU machine runs on
@@ -62,8 +63,10 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def run(teacher, batches, processor=None, out: Path | None = None, spec: CacheSpec | None = None) -> dict:
-    """One pass; with ``out`` also the bytes written and the peak folder size."""
+def run(
+    teacher, batches, processor=None, out: Path | None = None, spec: CacheSpec | None = None, watch_disk: bool = False
+) -> dict:
+    """One pass; with ``out`` also the bytes written and (``watch_disk``: an untimed run) the peak folder size."""
     writer = BackgroundWriter(CacheWriter(out, spec, overwrite=True)) if out is not None else None
     peak, stop = [0], threading.Event()
 
@@ -72,7 +75,7 @@ def run(teacher, batches, processor=None, out: Path | None = None, spec: CacheSp
             peak[0] = max(peak[0], folder_bytes(out))
             time.sleep(0.002)
 
-    watcher = threading.Thread(target=watch, daemon=True) if out is not None else None
+    watcher = threading.Thread(target=watch, daemon=True) if watch_disk else None
     if watcher is not None:
         watcher.start()
     w0, t0, c0 = wchar(), time.perf_counter(), time.process_time()
@@ -150,13 +153,14 @@ def main() -> None:
             a = a_run["s"]
             b = run(teacher, batches, processor, tmp / f"small{r}", spec)
             cpu_ratios.append(b["cpu"] / a_run["cpu"])
+            disk = run(teacher, batches, processor, tmp / f"disk{r}", spec, watch_disk=True)  # untimed
             c = run(teacher, batches, processor)["s"]
             fwd.append(a)
             full.append(b["s"])
             ratios.append(b["s"] / a)
             proc.append(c / a)
             written.append(b["written"])
-            peak.append(b["peak"])
+            peak.append(disk["peak"])
             size = b["size"]
             _, teacher, batches, processor, spec = real
             d_run = run(teacher, batches)
@@ -167,6 +171,7 @@ def main() -> None:
             real_ratios.append(e["s"] / d)
             real_proc.append(f / d)
             shutil.rmtree(tmp / f"small{r}", ignore_errors=True)
+            shutil.rmtree(tmp / f"disk{r}", ignore_errors=True)
             shutil.rmtree(tmp / f"real{r}", ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
