@@ -30,6 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Imported at collection, so Lightning's log handler binds to the session's stderr: imported first inside a test
+# that uses capsys, it would keep that test's stream and print '--- Logging error ---' tracebacks later.
+import lightning.pytorch  # noqa: F401
 import pytest
 import torch
 
