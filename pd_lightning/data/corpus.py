@@ -262,11 +262,14 @@ def _pack_all(units, spec: PartSpec, work, shards_dir, tag, seq_len, shard_rows,
             initargs=(spec,),
         )  # fmt: skip
         results = _worker_results(pool.map(tokenize_unit, jobs))
-    else:
-        init_worker(spec, single_threaded=False)
+    # The bar counts input bytes, or documents when the embedded corpus (of unknown size) is among the inputs.
+    by_docs = any(u.kind == BUILTIN for u in units)
+    total = None if by_docs else sum(u.size for u in units)
+    bar = tqdm(total=total, unit=" docs" if by_docs else "B", unit_scale=not by_docs, desc="tokenizing",
+               mininterval=1.0, delay=1.0)  # fmt: skip
+    if pool is None:  # in this process: the bar moves with every batch of documents
+        init_worker(spec, single_threaded=False, progress=bar.update if by_docs else None)
         results = map(tokenize_unit, jobs)
-    sizes = [u.size for u in units if u.kind != BUILTIN]
-    bar = tqdm(total=sum(sizes) or None, unit="B", unit_scale=True, desc="tokenizing", mininterval=1.0, delay=1.0)
     # Per split: the first unit whose part file is not deleted yet, and the stream offset where that unit begins.
     kept = {s: [first, _offset_before(metas, s, first)] for s in SPLITS}
     tokens = 0
@@ -279,7 +282,10 @@ def _pack_all(units, spec: PartSpec, work, shards_dir, tag, seq_len, shard_rows,
                 su, so = start[s]
                 if u >= su:
                     _feed_part(packers[s], part_paths(parts, u)[s], so if u == su else 0)
-            bar.update(metas[u]["size"] if units[u].kind != BUILTIN else 0)
+            if not by_docs:
+                bar.update(metas[u]["size"])
+            elif pool is not None or u not in pending_set:
+                bar.update(metas[u]["documents"])
             tokens += metas[u]["train_tokens"] + metas[u]["val_tokens"]
             bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
             if any(p.changed for p in packers.values()):

@@ -260,14 +260,14 @@ def unit_documents(unit: Unit, text_field: str = "text", txt_doc_chars: int = 40
     elif unit.kind == ".jsonl":
         data, begin = _read_range(unit)
         offset = begin
-        for raw in data.splitlines(keepends=True):
+        for raw in data.split(b"\n"):  # the cut is after a b"\n" too: lines are exactly the file's
             line = _decode(raw, unit.source, offset)
             try:
                 text = _record_text(line, text_field, unit.source)
             except CorpusError as e:
                 where = f"{unit.source}:{_line_number(unit.source, offset)}"
                 raise CorpusError(str(e).replace(unit.source, where, 1)) from None
-            offset += len(raw)
+            offset += len(raw) + 1
             if text is not None:
                 yield text
     elif unit.kind in (".jsonl.gz", ".jsonl.zst"):

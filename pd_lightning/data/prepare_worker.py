@@ -42,20 +42,20 @@ class PartSpec:
     batch_documents: int
 
 
-_WORKER: tuple[PartSpec, object] | None = None  # per process: the spec and its tokenizer
+_WORKER: tuple | None = None  # per process: the spec, its tokenizer, the progress callback
 
 
-def init_worker(spec: PartSpec, single_threaded: bool = True) -> None:
+def init_worker(spec: PartSpec, single_threaded: bool = True, progress=None) -> None:
     """Set this process up for ``tokenize_unit`` (the spec travels once per process, not once per unit).
 
     ``single_threaded``: one tokenizer thread per worker, so ``--workers`` is the parallelism (in a worker process
-    this is set before the Rust tokenizer is loaded)."""
+    this is set before the Rust tokenizer is loaded). ``progress(n)``: called after each batch of n documents."""
     global _WORKER
     if single_threaded:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
-    _WORKER = (spec, Tokenizer.from_str(spec.tokenizer_json))
+    _WORKER = (spec, Tokenizer.from_str(spec.tokenizer_json), progress)
 
 
 def part_paths(parts_dir: str | os.PathLike, index: int) -> dict[str, Path]:
@@ -79,7 +79,7 @@ def read_part_meta(parts_dir: str | os.PathLike, index: int) -> dict | None:
 def tokenize_unit(job: tuple[int, Unit]) -> dict:
     """Tokenize unit ``index`` into its part (after ``init_worker``); return the part's counts."""
     index, unit = job
-    spec, tok = _WORKER
+    spec, tok, progress = _WORKER
     paths = part_paths(spec.parts_dir, index)
     suffix = f".tmp{os.getpid()}"  # unique: a stale worker of a killed run may still be writing the same part
     tmp = {s: paths[s].with_name(paths[s].name + suffix) for s in SPLITS}
@@ -97,6 +97,8 @@ def tokenize_unit(job: tuple[int, Unit]) -> dict:
                 files[split].write(ids.astype("<i4", copy=False).tobytes())
                 counts[f"{split}_tokens"] += len(ids)
             counts["documents"] += len(batch)
+            if progress is not None:
+                progress(len(batch))
             batch.clear()
 
         for text in unit_documents(unit, spec.text_field, spec.txt_doc_chars):
