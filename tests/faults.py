@@ -7,7 +7,8 @@ be caught: nothing of the run's own code runs after it), so its moment is exact 
 - ``train``: SIGKILL after the training batch that makes ``global_step == step`` (before its checkpoint is saved).
 - ``validation``: SIGKILL after the first validation batch of the validation run at ``global_step == step``.
 - ``save``: SIGKILL in the middle of writing ``last.ckpt`` at ``global_step == step``: whatever file the writer
-  opened for it (the target itself, or a temporary file) gets half of its first large write, flushed to disk.
+  opened for it (the target itself, or a temporary file) gets half of its first large write (``write`` or a copy's
+  ``os.sendfile``), flushed to disk.
 - ``sigterm``: SIGTERM after the training batch at ``global_step == step`` (Lightning's handler takes it).
 - ``sigusr1``: SIGUSR1 after the training batch at ``global_step == step`` (SLURM's requeue signal).
 - ``nan``: before the training batch at ``global_step == step``, the first parameter turns NaN (a diverged run:
@@ -67,6 +68,17 @@ class Fault(L.Callback):
             return f
 
         builtins.open = open_
+        real_sendfile = os.sendfile  # shutil's copy (a move across filesystems) writes through os.sendfile
+
+        def sendfile(out_fd, in_fd, offset, count):
+            name = os.path.basename(os.readlink(f"/proc/self/fd/{out_fd}"))
+            if "last.ckpt" in name and trainer.global_step == self.step and count >= 1024:
+                real_sendfile(out_fd, in_fd, offset, min(count, os.fstat(in_fd).st_size) // 2)
+                os.fsync(out_fd)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_sendfile(out_fd, in_fd, offset, count)
+
+        os.sendfile = sendfile
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.at == "nan" and trainer.global_step == self.step:

@@ -12,6 +12,7 @@ import csv
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,13 @@ def resume_and_compare(tokens: Path, root: Path, reference: dict, resumed_from: 
     ],
 )
 def test_sigkill_then_resume_equals_uninterrupted(tokens, reference, tmp_path, at, step, resumed_from):
-    run = run_with_fault(tokens, tmp_path, at, step)
+    env = {}
+    shm = Path("/dev/shm")
+    if at == "save" and shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
+        # The temporary directory on another filesystem (tmpfs /tmp is common): a writer that stages the file there
+        # (Lightning's own, via fsspec) must copy it into place, and a kill during that copy truncates last.ckpt.
+        env["TMPDIR"] = str(Path(tempfile.mkdtemp(dir=shm)))
+    run = run_with_fault(tokens, tmp_path, at, step, env)
     assert run.returncode == -9, run.stderr[-3000:]
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # never a half-written file
     assert last["global_step"] == resumed_from
