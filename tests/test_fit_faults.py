@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,7 +117,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tokens, reference, tmp_path, a
         # The temporary directory on another filesystem (tmpfs /tmp is common): a writer that stages the file there
         # (Lightning's own, via fsspec) must copy it into place, and a kill during that copy truncates last.ckpt.
         env["TMPDIR"] = str(Path(tempfile.mkdtemp(dir=shm)))
-    run = run_with_fault(tokens, tmp_path, at, step, env)
+    try:
+        run = run_with_fault(tokens, tmp_path, at, step, env)
+    finally:
+        if "TMPDIR" in env:
+            shutil.rmtree(env["TMPDIR"], ignore_errors=True)
     assert run.returncode == -9, run.stderr[-3000:]
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # never a half-written file
     assert last["global_step"] == resumed_from
