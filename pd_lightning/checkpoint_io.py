@@ -8,6 +8,7 @@ Every command that reads a checkpoint (``fit``/``validate --ckpt_path``, ``predi
 - unpickles with ``weights_only=True`` only, so a payload that names Python callables (``os.system``, any class)
   stays refused; the refusal is reported as such, and torch's advice to retry with ``weights_only=False`` never
   reaches the user (there is no flag that turns it off: ``--weights_only false`` is refused by the CLI);
+- accepts an FSDP sharded checkpoint folder (``state_dict_type: sharded``) by checking its ``meta.pt``;
 - memory-maps the tensors (``mmap=True``), so checking a multi-GB training checkpoint before Lightning loads it
   costs the unpickling of its small index, not a second copy of its weights;
 - with ``kind``, checks it is a pd-lightning checkpoint (the student's hyperparameters and a ``state_dict``; for a
@@ -28,6 +29,9 @@ import torch
 
 # Lightning's special values of --ckpt_path that name no file.
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+# The file of an FSDP sharded checkpoint folder (``state_dict_type: sharded``) that holds everything but the
+# weights and optimizer states (Lightning's ``_METADATA_FILENAME``).
+SHARDED_META = "meta.pt"
 
 
 def _first_sentence(message: str) -> str:
@@ -75,7 +79,15 @@ def load_checkpoint(path: str | os.PathLike, flag: str, kind: str | None = None,
     if not p.exists():
         raise FileNotFoundError(f"{where}: no such file")
     if p.is_dir():
-        raise ValueError(f"{where} is a folder, not a checkpoint file (give the .ckpt file inside it)")
+        if (p / SHARDED_META).is_file():  # an FSDP sharded checkpoint: its metadata (no weights) is checked
+            meta = load_checkpoint(p / SHARDED_META, flag, kind=None, mmap=mmap)
+            if kind is not None:
+                check_student_checkpoint(meta, where, sharded=True)
+            return meta
+        raise ValueError(
+            f"{where} is a folder, not a checkpoint file (give the .ckpt file inside it, or a sharded checkpoint "
+            f"folder holding {SHARDED_META})"
+        )
     try:
         problem = _zip_problem(p)
     except OSError as e:
@@ -100,26 +112,34 @@ def load_checkpoint(path: str | os.PathLike, flag: str, kind: str | None = None,
     return ckpt
 
 
-def check_student_checkpoint(ckpt: dict, where: str, resume: bool = False) -> None:
-    """Refuse a checkpoint that pd-lightning did not write (or, for ``resume``, one without training state)."""
+def check_student_checkpoint(ckpt: dict, where: str, resume: bool = False, sharded: bool = False) -> None:
+    """Refuse a checkpoint that pd-lightning did not write (or, for ``resume``, one without training state).
+    ``sharded``: ``ckpt`` is the metadata of a sharded folder, whose weights and optimizer states lie beside it."""
     student = (ckpt.get("hyper_parameters") or {}).get("student")
-    if not isinstance(student, dict) or not isinstance(ckpt.get("state_dict"), dict):
+    if not isinstance(student, dict) or not (sharded or isinstance(ckpt.get("state_dict"), dict)):
         keys = ", ".join(sorted(map(str, ckpt))[:6]) or "nothing"
         raise ValueError(
             f"{where}: not a pd-lightning checkpoint (no student hyperparameters and state_dict; it holds {keys})"
         )
     if "pytorch-lightning_version" not in ckpt:
         raise ValueError(f"{where}: not a Lightning checkpoint (no 'pytorch-lightning_version')")
-    if resume and ("optimizer_states" not in ckpt or "loops" not in ckpt):
+    if resume and ("loops" not in ckpt or not (sharded or "optimizer_states" in ckpt)):
         raise ValueError(
             f"{where}: holds only the weights (saved with save_weights_only), so training cannot resume from it; "
             "use it with `validate`, `export-hf` or as a teacher, or resume from a full checkpoint"
         )
 
 
-def check_ckpt_path(ckpt_path: str | None, subcommand: str) -> None:
+def check_ckpt_path(ckpt_path: str | None, subcommand: str, fsdp: bool = False) -> None:
     """The check LightningCLI runs on ``--ckpt_path`` before building the trainer (nothing to do for None or
-    Lightning's keywords ``last``/``best``/``hpc``/``registry``)."""
+    Lightning's keywords ``last``/``best``/``hpc``/``registry``). ``fsdp``: the run uses an FSDP strategy, the only
+    one that reads a sharded checkpoint folder."""
     if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_KEYWORDS or "://" in str(ckpt_path):
         return
     load_checkpoint(ckpt_path, "--ckpt_path", kind="resume" if subcommand == "fit" else "student")
+    if Path(ckpt_path).is_dir() and not fsdp:
+        raise ValueError(
+            f"--ckpt_path {str(ckpt_path)!r} is a sharded (FSDP) checkpoint folder: run with the FSDP strategy "
+            f"(--config configs/trainer/fsdp.yaml) or consolidate it into one file first "
+            f"(python -m lightning.pytorch.utilities.consolidate_checkpoint {ckpt_path})"
+        )

@@ -26,7 +26,9 @@ def before_instantiate(config, subcommand: str | None) -> None:
                 "only (a checkpoint's pickled code could run anything); Lightning's checkpoints need nothing else"
             )
         config["weights_only"] = True
-    check_ckpt_path(config.get("ckpt_path"), subcommand)
+    # "fsdp", an FSDPStrategy class_path, or an instance: only FSDP reads a sharded checkpoint folder
+    fsdp = "fsdp" in str((config.get("trainer") or {}).get("strategy")).lower()
+    check_ckpt_path(config.get("ckpt_path"), subcommand, fsdp=fsdp)
 
 
 def check_trainer_outputs(trainer) -> None:

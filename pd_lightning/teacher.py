@@ -118,6 +118,11 @@ def load_teacher(
         raise FileNotFoundError(f"{flag}: {str(p)!r} does not exist")
     if p.is_file():
         return _load_checkpoint(p, DTYPES[dtype], flag)
+    if (p / "meta.pt").is_file():
+        raise ValueError(
+            f"{flag} {str(p)!r} is a sharded (FSDP) checkpoint folder: consolidate it into one file first "
+            f"(python -m lightning.pytorch.utilities.consolidate_checkpoint {str(p)})"
+        )
     if not (p / "config.json").is_file():
         raise ValueError(f"--model.teacher {str(p)!r}: not a Hugging Face model folder (no config.json)")
     return _load_hf(p, DTYPES[dtype], trust_remote_code)

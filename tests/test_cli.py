@@ -101,3 +101,32 @@ def test_probe_refuses_where_no_file_can_be_created(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--writer.output .*cannot write in .*read-only"):
         paths.check_output_dir(tmp_path / "cache", "--writer.output")
     assert not (tmp_path / "cache").exists()
+
+
+def test_sharded_checkpoint_folder(tmp_path, student_ckpt, prepared, capsys):
+    """An FSDP sharded checkpoint folder (weights beside a ``meta.pt`` of everything else, as Lightning writes it with
+    ``state_dict_type: sharded``) passes the check under FSDP only; elsewhere, and as a teacher, one line says what to
+    do; a damaged ``meta.pt`` is named."""
+    from pd_lightning.checkpoint_io import check_ckpt_path
+
+    full = torch.load(student_ckpt, weights_only=True)
+    folder = tmp_path / "step=2.ckpt"
+    folder.mkdir()
+    torch.save({k: v for k, v in full.items() if k not in ("state_dict", "optimizer_states")}, folder / "meta.pt")
+    check_ckpt_path(str(folder), "fit", fsdp=True)  # the metadata of a pd-lightning run: accepted
+    args = ["fit", "--model.student.preset", "tiny", "--data.path", str(prepared["tokens"]), "--trainer.max_steps",
+            "3", "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", str(folder)]  # fmt: skip
+    for argv, words in [
+        (args, ("--ckpt_path", "sharded", "consolidate_checkpoint")),
+        (["predict", "--model.teacher", str(folder), "--model.processor", "TopPK", "--data.path",
+          str(prepared["tokens"]), "--writer.output", str(tmp_path / "cache")], ("--model.teacher", "consolidate")),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = [s for s in capsys.readouterr().err.splitlines() if s.startswith("pd-lightning: error:")]
+        assert len(err) == 1 and all(w in err[0] for w in words), err
+    (folder / "meta.pt").write_bytes((folder / "meta.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"--ckpt_path .*meta.pt.*truncated"):
+        check_ckpt_path(str(folder), "fit", fsdp=True)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
