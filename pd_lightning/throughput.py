@@ -133,7 +133,8 @@ class TrainThroughput(L.Callback):
         io = self._io_seconds(trainer)
         seconds = max(now - self._t_last - self._excluded - (io - self._io_mark), 1e-9)
         self._t_last, self._io_mark, self._excluded = now, io, 0.0
-        pl_module.log("train/tokens_per_s", self._step_tokens * trainer.world_size / seconds, on_step=True)
+        rate = self._step_tokens * trainer.world_size / seconds
+        pl_module.log("train/tokens_per_s", rate, on_step=True, prog_bar=True)
         self._elapsed += seconds
         self._steps += 1
         self._samples += self._step_samples
