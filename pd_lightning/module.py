@@ -2,6 +2,12 @@
 
 Loss per step: L = (1 - alpha(step)) * L_lm + alpha(step) * L_kd  (``pd_lightning.distill.objective``).
 With ``loss=None`` (the default) and alpha = 0 this is plain LM pre-training.
+
+Logged: ``train/loss``, ``train/lm_loss``, ``train/kd_loss`` ... of each step; ``train/ppl`` = exp(token-weighted
+mean LM loss over the steps since the last logged one); ``val/loss`` = token-weighted mean LM loss over the whole
+validation set and ``val/ppl`` = exp(``val/loss``) (``TokenMeanLoss``). Throughput figures come from
+``pd_lightning.throughput.TrainThroughput``, which ``pd-lightning fit`` adds to the trainer. A non-finite loss, or
+a step that makes the weights non-finite, stops the run (``NonFiniteLossError``) before any checkpoint holds them.
 """
 
 from __future__ import annotations
