@@ -40,7 +40,8 @@ def strings(node) -> list[str]:
 def test_make_demo_takes_every_path_from_its_variables(tmp_path, capsys):
     data, runs = tmp_path / "mine", tmp_path / "runs" / "mine"
     commands = demo_commands(CORPUS="corpus/*.jsonl", DATA=str(data), RUNS=str(runs))
-    assert [c[0] for c in commands] == ["prepare", "fit", "predict", "cache-info", "fit", "fit"], commands
+    names = [c[0] for c in commands]
+    assert names[:4] == ["prepare", "fit", "predict", "cache-info"] and names.count("fit") >= 3, commands
     prepare = commands[0]
     assert prepare[prepare.index("--input") + 1] == "corpus/*.jsonl"  # the shell expands the glob
     assert prepare[prepare.index("--output") + 1] == f"{data}/tokens.h5"
@@ -57,10 +58,10 @@ def test_make_demo_takes_every_path_from_its_variables(tmp_path, capsys):
         assert paths, config
         for p in paths:
             assert p.startswith((str(data), str(runs))), f"{argv[0]}: {p!r} is not under DATA or RUNS"
-    teacher_fit, predict = commands[1], commands[2]
-    ckpt = predict[predict.index("--model.teacher") + 1]
-    assert ckpt == f"{runs}-teacher/teacher.ckpt"  # the teacher fit's ModelCheckpoint writes exactly this file
+    teacher_fit = commands[1]
     assert teacher_fit[teacher_fit.index("--trainer.callbacks.init_args.dirpath") + 1] == f"{runs}-teacher"
+    for predict in (c for c in commands if c[0] == "predict"):  # the teacher fit's ModelCheckpoint writes this file
+        assert predict[predict.index("--model.teacher") + 1] == f"{runs}-teacher/teacher.ckpt"
 
 
 def test_prepare_defaults_are_the_demo_settings():
