@@ -26,7 +26,7 @@ from pd_lightning.paths import CHECKED, describe_os_error
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 TRAIN_COMMANDS = ("fit", "validate", "test")
-FUNCTION_COMMANDS = ("prepare", "cache-info", "cache-plan", "export-hf", "eval-data")  # plain functions' CLIs
+FUNCTION_COMMANDS = ("prepare", "cache-info", "cache-plan", "cache-upgrade", "export-hf", "eval-data")  # plain CLIs
 COMMANDS = (*TRAIN_COMMANDS, "predict", *FUNCTION_COMMANDS)
 
 
