@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow lint format bench clean
+.PHONY: setup demo demo-seeds test test-slow lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,8 @@ SEQ_LEN ?= 256
 VOCAB ?= 4096
 FIT_ARGS ?=
 CACHE := $(DATA)/cache/top-0.95-100
+CACHE50 := $(DATA)/cache/top-0.95-50
+STUDENT_DATA = --data.init_args.val_tokens $(DATA)/tokens.h5 $(FIT_ARGS)
 
 $(DATA)/tokens.h5: | $(BIN)/.installed
 	$(BIN)/pd-lightning prepare --input $(CORPUS) --output $(DATA)/tokens.h5 --seq_len $(SEQ_LEN) --vocab_size $(VOCAB)
@@ -41,11 +43,45 @@ $(CACHE)/index.json: $(RUNS)-teacher/teacher.ckpt
 		--trainer.default_root_dir $(RUNS)-predict
 	$(BIN)/pd-lightning cache-info $(CACHE)
 
-demo: $(CACHE)/index.json
-	$(BIN)/pd-lightning fit --config configs/demo/student_kd.yaml --data.init_args.path $(CACHE) \
-		--data.init_args.val_tokens $(DATA)/tokens.h5 --trainer.default_root_dir $(RUNS)-student $(FIT_ARGS)
+$(CACHE50)/index.json: $(RUNS)-teacher/teacher.ckpt
+	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --model.processor.init_args.k 50 \
+		--model.teacher $(RUNS)-teacher/teacher.ckpt --data.path $(DATA)/tokens.h5 --writer.output $(CACHE50) \
+		--writer.overwrite true --trainer.enable_progress_bar false --trainer.default_root_dir $(RUNS)-predict
+	$(BIN)/pd-lightning cache-info $(CACHE50)
+
+# Three students of the same size, data order, token budget and learning rate; `done` marks a finished fit.
+$(RUNS)-student-lm/done: $(CACHE)/index.json
+	@echo "== student 1/3: LM loss only (the baseline)"
 	$(BIN)/pd-lightning fit --config configs/demo/student_lm.yaml --data.init_args.path $(CACHE) \
-		--data.init_args.val_tokens $(DATA)/tokens.h5 --trainer.default_root_dir $(RUNS)-student-lm $(FIT_ARGS)
+		--trainer.default_root_dir $(RUNS)-student-lm $(STUDENT_DATA)
+	touch $@
+
+$(RUNS)-vanilla-pd/done: $(CACHE)/index.json
+	@echo "== student 2/3: vanilla PD (top-0.95-100, NLL, tau 1, alpha 1)"
+	$(BIN)/pd-lightning fit --config configs/demo/student_vanilla_pd.yaml --data.init_args.path $(CACHE) \
+		--trainer.default_root_dir $(RUNS)-vanilla-pd $(STUDENT_DATA)
+	touch $@
+
+$(RUNS)-pdstar/done: $(CACHE50)/index.json
+	@echo "== student 3/3: PD* (top-0.95-50, KLD, tau 2, WSD alpha <= 0.9, WSD LR)"
+	$(BIN)/pd-lightning fit --config configs/demo/student_pdstar.yaml --data.init_args.path $(CACHE50) \
+		--trainer.default_root_dir $(RUNS)-pdstar $(STUDENT_DATA)
+	touch $@
+
+# The comparison: held-out loss/perplexity of the three with Δ% against LM-only, and their validation curves.
+demo: $(RUNS)-student-lm/done $(RUNS)-vanilla-pd/done $(RUNS)-pdstar/done
+	$(BIN)/pd-lightning report --runs lm-only=$(RUNS)-student-lm vanilla-pd=$(RUNS)-vanilla-pd pd-star=$(RUNS)-pdstar \
+		--output $(RUNS)-report
+	@echo "Artefacts: tokens + tokenizer $(DATA)/, teacher $(RUNS)-teacher/teacher.ckpt, caches $(DATA)/cache/,"
+	@echo "  students $(RUNS)-{student-lm,vanilla-pd,pdstar}/ (checkpoints, metrics.csv, config.yaml),"
+	@echo "  table $(RUNS)-report/report.md, validation curves $(RUNS)-report/curves.png"
+
+# The demo's three students over seeds 1, 2, 3 (weights and data order), side by side, with the paired Δ% table.
+demo-seeds: $(CACHE)/index.json $(CACHE50)/index.json
+	$(BIN)/pd-lightning sweep configs/demo/student_lm.yaml configs/demo/student_vanilla_pd.yaml \
+		configs/demo/student_pdstar.yaml --scale none --baseline configs/demo/student_lm.yaml --seeds 1 2 3 --jobs 2 \
+		--data_dir $(DATA) --teacher $(RUNS)-teacher/teacher.ckpt --output $(RUNS)-seeds --fit_args "$(FIT_ARGS)"
+	$(BIN)/pd-lightning report $(RUNS)-seeds
 
 test: setup
 	$(BIN)/pytest -q

@@ -8,6 +8,8 @@
     pd-lightning cache-upgrade OLD --output NEW   a schema-1 cache -> the current format
     pd-lightning export-hf ...                    student checkpoint -> Hugging Face Llama folder
     pd-lightning eval-data --output DIR --<task> SRC   benchmark files -> <DIR>/<task>/<split>.jsonl (lm-eval)
+    pd-lightning sweep CONFIGS... --output DIR    run experiment YAMLs at a small scale -> results.jsonl/.csv
+    pd-lightning report SWEEP                     the paper's figures (PNG) and a markdown table from a sweep
 
 Heavy imports (Lightning, transformers) happen inside the branch that needs them, so ``prepare`` starts fast.
 """
@@ -27,7 +29,7 @@ from pd_lightning.paths import CHECKED, describe_os_error
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 TRAIN_COMMANDS = ("fit", "validate", "test")
 FUNCTION_COMMANDS = ("prepare", "cache-info", "cache-plan", "cache-upgrade", "export-hf", "eval-data")  # plain CLIs
-COMMANDS = (*TRAIN_COMMANDS, "predict", *FUNCTION_COMMANDS)
+COMMANDS = (*TRAIN_COMMANDS, "predict", *FUNCTION_COMMANDS, "sweep", "report")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -119,6 +121,14 @@ def main(argv: list[str] | None = None) -> None:
             from pd_lightning.eval.data import eval_data
 
             _function_cli(eval_data, argv[1:])
+        elif command == "sweep":
+            from pd_lightning.sweep import main as sweep_main
+
+            sweep_main(argv[1:])
+        elif command == "report":
+            from pd_lightning.report import main as report_main
+
+            report_main(argv[1:])
         elif command == "predict":
             from pd_lightning.lightning_cli import predict_cli
 

@@ -1,0 +1,128 @@
+"""`pd-lightning sweep` at a tiny scale: a 2-config sweep (+ the LM-only baseline it adds), the teacher cache it
+builds, the results table against the runs' own metrics.csv, resume (finished runs skipped), bad input; then
+`pd-lightning report` on the table (figures and the Δ% it prints against a hand computation)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from pd_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _last_val_loss(run_dir: Path) -> float:
+    """The last val/loss Lightning's CSVLogger wrote (read independently of pd_lightning.sweep)."""
+    (metrics,) = run_dir.rglob("metrics.csv")
+    with open(metrics, newline="") as f:
+        values = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    return values[-1]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, prepared, hf_teacher):
+    data = tmp_path_factory.mktemp("sweep_data")
+    shutil.copytree(prepared["tokens"].parent, data, dirs_exist_ok=True)
+    out = tmp_path_factory.mktemp("sweep") / "alpha"
+    argv = [
+        "sweep", str(ROOT / "configs/paper/table4-alpha-0.5.yaml"), str(ROOT / "configs/paper/table4-alpha-1.0.yaml"),
+        "--scale", "tiny", "--data_dir", str(data), "--teacher", str(hf_teacher), "--output", str(out),
+    ]  # fmt: skip
+    main(argv)
+    return out, data, argv
+
+
+def test_sweep_runs_each_config_and_the_baseline(swept):
+    out, data, _ = swept
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["lm-baseline", "table4-alpha-0.5", "table4-alpha-1.0"]
+    assert (data / "cache/top-0.95-100/index.json").exists()  # built from the teacher because it was missing
+    for r in rows:
+        run_dir = out / "runs" / f"{r['name']}-s1234"
+        assert r["val_loss"] == pytest.approx(_last_val_loss(run_dir), abs=1e-6)
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-9)
+        assert r["tokens"] == 6 * 2 * 64  # max_steps x batch x seq_len of the tiny scale
+        assert r["config"]["model"]["student"]["preset"] == "tiny"
+        assert r["cache"] == "top-0.95-100" and r["cache_bytes_per_token"] > 0
+    assert [r["alpha"] for r in rows] == ["0.0", "0.5", "1.0"]
+    assert [r["loss"] for r in rows] == ["LM only", "NLL", "NLL"]
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [float(t["val_loss"]) for t in table] == pytest.approx([r["val_loss"] for r in rows])
+
+
+def test_sweep_skips_finished_runs(swept, capsys):
+    out, _, argv = swept
+    marks = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    before = (out / "results.jsonl").read_text()
+    main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == marks
+    assert (out / "results.jsonl").read_text() == before
+    assert capsys.readouterr().out.count("already done, skipped") == 3
+
+
+def test_sweep_resumes_an_interrupted_run(swept):
+    out, _, argv = swept
+    victim = out / "runs" / "table4-alpha-1.0-s1234"
+    (victim / "result.json").unlink()  # as if killed before the end: the run is redone, the others are kept
+    kept = (out / "runs" / "lm-baseline-s1234" / "result.json").stat().st_mtime_ns
+    main(argv)
+    assert (victim / "result.json").exists()
+    assert (out / "runs" / "lm-baseline-s1234" / "result.json").stat().st_mtime_ns == kept
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_report_draws_figures_and_prints_delta(swept, capsys):
+    out, _, _ = swept
+    rows = {r["name"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    main(["report", str(out)])
+    printed = capsys.readouterr().out
+    base = rows["lm-baseline"]["val_loss"]
+    for name in ("table4-alpha-0.5", "table4-alpha-1.0"):
+        delta = 100.0 * (base - rows[name]["val_loss"]) / base  # hand computation of the paired Δ%
+        line = next(x for x in printed.splitlines() if x.startswith(f"| {name} "))
+        assert f"{delta:+.2f}" in line
+    for png in ("curves.png", "delta_all.png", "alpha.png"):
+        w, h = _png_size(out / "report" / png)
+        assert w >= 600 and h >= 300
+    md = (out / "report" / "report.md").read_text()
+    assert "alpha.png" in md and "| lm-baseline |" in md
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["configs/paper/nope-*.yaml", "--output", "X"], "no YAML matches"),
+        (["configs/paper/pd-star.yaml"], "the following arguments are required: --output"),
+        (["configs/paper/pd-star.yaml", "--output", "X", "--scale", "huge"], "invalid choice: 'huge'"),
+        (["configs/paper/pd-star.yaml", "--output", "X", "--data_dir", "/nonexistent"], "tokens.h5 is missing"),
+    ],
+)
+def test_sweep_bad_input_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = [a.replace("X", str(tmp_path / "out")) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pd-lightning: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_missing_table(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path)])
+    assert e.value.code == 2 and "results.jsonl does not exist" in capsys.readouterr().err
