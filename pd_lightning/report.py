@@ -47,6 +47,14 @@ PAPER_DELTA = {
     **{f"table8-top-{pk}": round(100 * (avg - 37.7) / 37.7, 1) for pk, avg in _T8.items()},
 }  # fmt: skip
 BASELINE_NAMES = ("lm-baseline",)
+LABELS = {  # the paper's names of the configs/paper/ rows (Tables 3 and 5)
+    "lm-baseline": "LM only (cosine LR)", "vanilla-pd": "vanilla PD", "pd-star": "PD*",
+    "table5-lm-wsd-lr": "0-α + WSD-LR", "table5-nll": "NLL", "table5-kld": "KLD", "table5-mse": "MSE",
+    "table5-linear-inc": "Linear Inc α", "table5-linear-dec": "Linear Dec α", "table5-period": "Period α",
+    "table5-1-alpha-wsd-lr": "1-α + WSD-LR", "table5-wsd-alpha-cos-lr": "WSD-α + Cos-LR",
+    "table5-wsd-beta-wsd-lr": "WSD-β + WSD-LR", "table5-wsd-alpha-wsd-lr": "WSD-α + WSD-LR",
+    "table3-normkd": "NormKD", "table3-wttm": "WTTM", "table3-adakd-sd": "AdaKD-sD", "table3-adakd-h": "AdaKD-H",
+}  # fmt: skip
 FAMILIES = [  # (file, name pattern, x label, x from the match, log x, title)
     ("tau.png", r"^table2-tau-([0-9.]+)$", "temperature τ (static)", float, True, "Δ% over LM-only against τ"),
     ("alpha.png", r"^table4-alpha-([0-9.]+)$", "α (constant)", float, False, "Δ% over LM-only against α"),
@@ -150,13 +158,25 @@ def _plt():
 
 def _footnote(fig, summary) -> None:
     seeds = max(len(s["seeds"]) for s in summary)
-    tokens = summary[0].get("tokens")
+    tokens = summary[0].get("tokens") or 0
     fig.text(
-        0.01, 0.01,
-        f"ours: held-out LM loss, student {summary[0]['student']}, {tokens:,} training tokens, {seeds} seed(s); "
+        0.01, -0.01,
+        f"ours: held-out LM loss, student {summary[0]['student']}, {tokens:,} training tokens, {seeds} seed(s)\n"
         "paper: benchmark average, GLM students, 100B tokens",
-        fontsize=8, color="0.35",
+        fontsize=8, color="0.35", va="top",
     )  # fmt: skip
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _label(name: str) -> str:
+    return LABELS.get(name, name)
 
 
 def _line_figure(summary, file, pattern, xlabel, conv, logx, title, out: Path) -> Path | None:
@@ -179,18 +199,16 @@ def _line_figure(summary, file, pattern, xlabel, conv, logx, title, out: Path) -
     ax.axhline(0, color="k", lw=0.8)
     if logx:
         ax.set_xscale("log")
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    crowded = not logx and min((b - a for a, b in zip(xs, xs[1:])), default=1) < 0.06 * (xs[-1] - xs[0])
+    ax.set_xticks(xs, [f"{x:g}" for x in xs], rotation=45 if crowded else 0)
     ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel("Δ% over LM-only (higher is better)")
     ax.set_title(title)
     ax.legend()
     _footnote(fig, summary)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = out / file
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.tight_layout()
+    return _save(fig, out / file)
 
 
 def _bar_figure(summary, file, pattern, title, out: Path) -> Path | None:
@@ -205,31 +223,33 @@ def _bar_figure(summary, file, pattern, title, out: Path) -> Path | None:
             xerr=[s["delta_std"] or 0 for s in items], capsize=3, label="ours (held-out loss)")  # fmt: skip
     ax.barh([y - 0.2 for y in ys], [s["paper_delta"] or 0 for s in items], height=0.4, color="0.7",
             label="paper (benchmark average)")  # fmt: skip
-    ax.set_yticks(list(ys), [s["name"] for s in items])
+    ax.set_yticks(list(ys), [_label(s["name"]) for s in items])
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("Δ% over LM-only (higher is better)")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.5 / len(items)), ncol=2, fontsize=9)
     _footnote(fig, summary)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = out / file
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.tight_layout()
+    return _save(fig, out / file)
 
 
 def _curves_figure(summary, out: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
-    for s in summary:
+    shown = summary
+    if len(summary) > 8:  # baseline + the 4 best and 3 worst final losses: a readable legend
+        rest = sorted((s for s in summary if not is_baseline(s)), key=lambda s: s["val_loss"])
+        shown = [s for s in summary if is_baseline(s)] + rest[:4] + rest[-3:]
+        ax.set_title("Validation loss: LM-only, the 4 best and 3 worst configs (final value in brackets)", fontsize=10)
+    for s in shown:
         curves = [c for c in s["curves"] if c]
         if not curves:
             continue
         steps = [p[0] for p in curves[0]]
         n = min(len(c) for c in curves)
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-        label = f"{s['name']} ({mean[-1]:.3f})" + (f", {len(curves)} seeds" if len(curves) > 1 else "")
+        label = f"{_label(s['name'])} ({mean[-1]:.3f})" + (f", {len(curves)} seeds" if len(curves) > 1 else "")
         ax.plot(steps[:n], mean, marker="o", label=label, lw=2.2 if is_baseline(s) else 1.5)
         drawn += 1
     if drawn == 0:
@@ -237,13 +257,11 @@ def _curves_figure(summary, out: Path) -> Path | None:
         return None
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out LM loss (nats/token)")
-    ax.set_title("Validation loss during training (final value in brackets)")
+    if len(summary) <= 8:
+        ax.set_title("Validation loss during training (final value in brackets)")
     ax.legend(fontsize=9)
     fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "curves.png")
 
 
 def _cache_figure(summary, out: Path) -> Path | None:
@@ -259,13 +277,13 @@ def _cache_figure(summary, out: Path) -> Path | None:
             ax.plot(*zip(*pts), marker="o")
         ax.set_xlabel(xl)
     axes[1].set_xscale("log")
+    if vs_k:
+        axes[1].set_xticks([k for k, _ in vs_k], [str(k) for k, _ in vs_k])
+        axes[1].minorticks_off()
     axes[0].set_ylabel("cache bytes per token")
     fig.suptitle("Cache size grows with p and k (logits stored per token)")
     fig.tight_layout()
-    path = out / "cache_bytes.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "cache_bytes.png")
 
 
 def _student_figure(summary, out: Path) -> Path | None:
@@ -288,10 +306,7 @@ def _student_figure(summary, out: Path) -> Path | None:
     ax.set_title("Δ% over LM-only against student size")
     ax.legend(fontsize=9)
     fig.tight_layout()
-    path = out / "student_size.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "student_size.png")
 
 
 def report(results: str | None, output: str | None = None, runs: list[str] | None = None) -> list[Path]:
