@@ -190,7 +190,8 @@ def one_line(message: str, command: str = "", positional: bool = False) -> str:
     if m:
         names = _subclass_names(subtypes)
         example = f" (one of {', '.join(names)})" if names else ""
-        first = names[0] if names else "NAME"
+        plain = [n for n in names if n.startswith(("Static", "Constant"))]  # the plain choice makes the best example
+        first = (plain or names or ["NAME"])[0]
         return f"{flag}: choose a class first, e.g. {flag} {first}{example}, then set its arguments"
     m = re.match(r"Expected (.+?)\. Got value: (.*)", reason)
     if m:
