@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (imported at collection: its log handler must never bind to a capsys stream)
 import pytest
 import torch
 
