@@ -138,14 +138,15 @@ def test_all_seven_tasks_match_lm_eval_hf_backend(eval_ckpt, tmp_path, tok):
     assert n_gen >= 2 and n_ll >= 40
     assert len(a["samples"]["gsm8k"][0]["resps"][0][0]) > 0  # something was generated
 
-    # PIQA from first principles: argmax of the fp64 log-likelihood of " " + solution after the prompt.
+    # PIQA from first principles: argmax of the fp64 log-likelihood of " " + solution after the prompt (acc), and
+    # of it divided by the solution's length in characters (acc_norm, lm-eval's definition).
     rows = [json.loads(x) for x in (FIXTURES / "piqa" / "validation.jsonl").read_text().splitlines()]
     acc, acc_norm = [], []
     for r in rows:
         ctx = f"Question: {r['goal']}\nAnswer:"
         lls = [_naive_loglik(model, tok, ctx, " " + s, 512)[0] for s in (r["sol1"], r["sol2"])]
         acc.append(int(np.argmax(lls)) == r["label"])
-        acc_norm.append(int(np.argmax([ll / len(" " + s) for ll, s in zip(lls, (r["sol1"], r["sol2"]))])) == r["label"])
+        acc_norm.append(int(np.argmax([ll / len(s) for ll, s in zip(lls, (r["sol1"], r["sol2"]))])) == r["label"])
     assert a["results"]["piqa"]["acc"] == pytest.approx(np.mean(acc))
     assert a["results"]["piqa"]["acc_norm"] == pytest.approx(np.mean(acc_norm))
 
