@@ -53,6 +53,12 @@ def test_bad_rows_name_file_and_line(tmp_path):
     (tmp_path / "piqa" / "validation.jsonl").write_text('{"goal": "x", "sol1": "a", "sol2": "b", "label": 0}\n{oops\n')
     with pytest.raises(ValueError, match=r"validation.jsonl:2: not valid JSON"):
         check_data(tmp_path, ["piqa"])
+    # A subject becomes a file and task name: no path separators.
+    shutil.copytree(FIXTURES / "mmlu", tmp_path / "mmlu")
+    rows = (tmp_path / "mmlu" / "dev.jsonl").read_text().replace('"astronomy"', '"../astronomy"', 1)
+    (tmp_path / "mmlu" / "dev.jsonl").write_text(rows)
+    with pytest.raises(ValueError, match=r"dev.jsonl: row 6: subject '../astronomy' must be a name"):
+        check_data(tmp_path, ["mmlu"])
 
 
 def _docs_and_prompts(tmp_path, task_names, shots=None):

@@ -24,11 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+_SUBJECT = re.compile(r"[A-Za-z0-9_\-]+")
 
 KNOWN_TASKS = ("hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval", "gsm8k")
 
@@ -132,6 +135,14 @@ def check_data(
                         raise FileNotFoundError(f"{task}: expected {p} (the {s} split; needed for few-shot)")
                 per_split = {s: _check_rows(p, task, spec["fields"]) for s, p in flat.items() if p.is_file()}
                 data.flat_subjects = all("subject" in r for r in per_split[main])
+                if data.flat_subjects:
+                    for s, rows in per_split.items():
+                        for n, r in enumerate(rows, 1):
+                            if not _SUBJECT.fullmatch(str(r.get("subject", ""))):
+                                raise ValueError(
+                                    f"{flat[s]}: row {n}: subject {r.get('subject')!r} must be a name of letters, "
+                                    "digits, '_' or '-' (e.g. high_school_physics)"
+                                )
                 data.files[""] = {s: p for s, p in flat.items() if p.is_file()}
             elif folders:
                 for d in folders:
