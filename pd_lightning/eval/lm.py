@@ -296,6 +296,10 @@ class StudentLM(TemplateLM):
         return tqdm(total=total, desc=desc, disable=disable or not self.progress or self.rank != 0)
 
     # ---- log-likelihood -----------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # TemplateLM tokenises (lm-eval's _encode_pair) and calls _loglikelihood_tokens.
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
