@@ -588,6 +588,12 @@ def test_cache_info_and_plot(tmp_path: Path) -> None:
         "class_path": "pd_lightning.distill.processors.TopPK",
         "init_args": {"p": 0.9, "k": 20},
     }
+    # on a cache of many shards: totals from the index for all shards, statistics from a sample of them
+    write_cache(tmp_path / "many", TopPK(0.9, 20), num=8, shard_tokens=16)  # 8 shards
+    full, sampled = cache_info(tmp_path / "many"), cache_info(tmp_path / "many", sample_shards=3)
+    assert full["sampled_shards"] == 8 and sampled["sampled_shards"] == 3
+    assert sampled["tokens"] == full["tokens"] == tokens and sampled["entries"] == full["entries"] == info["entries"]
+    assert sampled["bytes"] == full["bytes"] and sum(sampled["entries_histogram"].values()) == 3 * 16
     png = plot_entries_histogram(info, tmp_path / "hist.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

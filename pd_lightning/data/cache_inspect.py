@@ -99,21 +99,26 @@ def verify(path: str | Path, vocab_size: int | None = None, allow_partial: bool 
     return {"shards": len(cache.files), "sequences": sequences, "tokens": tokens_total, "entries": entries_total}
 
 
-def cache_info(path: str | Path, sample_tokens: int | None = None) -> dict[str, Any]:
+def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards: int = 64) -> dict[str, Any]:
     """Size and content statistics of a cache (for ``pd-lightning cache-info``), from its index and shards.
 
     Keys: ``tokens``, ``entries``, ``bytes`` (files on disk), ``bytes_per_token``, ``bytes_per_entry`` (the
     ``entries`` dataset's storage per entry), ``bookkeeping_bytes_per_token`` (counts + per-sequence tables),
     ``stats_bytes_per_token`` (std, entropy, tail, power sums), ``token_bytes_per_token``,
     ``mean_entries_per_token``, ``entries_histogram`` (``{entries per position: positions}``), ``mean_kept_mass``
-    (from the stored tail: ``1 - tail``), ``mean_std``, ``mean_entropy``, ``sampled_tokens``, the spec
-    (``schema_version``, fingerprints, ``processor``, ``power_gammas``, ...), ``shards`` (finished),
+    (from the stored tail: ``1 - tail``), ``mean_std``, ``mean_entropy``, ``sampled_tokens``, ``sampled_shards``,
+    the spec (``schema_version``, fingerprints, ``processor``, ``power_gammas``, ...), ``shards`` (finished),
     ``num_shards`` (in the complete cache) and ``complete``. An unfinished cache gives ``complete: False``, the
     reason, and the figures of its finished shards. Non-finite statistics raise :class:`CacheCorruptError`.
 
+    ``tokens``, ``entries`` and ``bytes`` cover every finished shard (from the index and the file sizes); the
+    per-dataset storage, the histogram and the means come from at most ``sample_shards`` evenly spaced shards
+    (all of them up to that count), so the command stays fast on a cache of thousands of shards.
+
     Args:
         path: the cache folder.
-        sample_tokens: positions per shard scanned for the histogram and means (``None``: all).
+        sample_tokens: positions per sampled shard scanned for the histogram and means (``None``: all).
+        sample_shards: shards scanned for storage, histogram and means.
     """
     path = Path(path)
     layout = open_layout(path)
@@ -122,17 +127,22 @@ def cache_info(path: str | Path, sample_tokens: int | None = None) -> dict[str, 
     cache = TeacherCache(path, allow_partial=True)
     length, k = cache.seq_len, cache.max_entries
     storage = dict.fromkeys(DATASETS, 0)
-    total_bytes, tokens, entries, scanned = 0, 0, 0, 0
+    records = [layout.shards[int(j)] for j in cache.shard_ids]
+    tokens = sum(int(r["num_tokens"]) for r in records)
+    entries = sum(int(r["num_entries"]) for r in records)
+    total_bytes = sum(file.stat().st_size for file in cache.files)
+    files = cache.files
+    if len(files) > sample_shards:
+        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, max(sample_shards, 1)).round()]
+    scanned = sampled_shard_tokens = 0
     histogram = np.zeros(k + 1, dtype=np.int64)
     kept_mass = std_sum = entropy_sum = 0.0
-    for file in cache.files:
-        total_bytes += file.stat().st_size
+    for file in files:
         with h5py.File(file, "r") as f:
             offsets = read_dataset(file, f["sequence_offsets"])
             for name in DATASETS:
                 storage[name] += f[name].id.get_storage_size()
-            tokens += int(f.attrs["num_tokens"])
-            entries += int(f.attrs["num_entries"])
+            sampled_shard_tokens += int(f.attrs["num_tokens"])
             budget = int(f.attrs["num_tokens"]) if sample_tokens is None else sample_tokens
             for a, b in _blocks(offsets, length):
                 if budget <= 0:
@@ -146,6 +156,8 @@ def cache_info(path: str | Path, sample_tokens: int | None = None) -> dict[str, 
                 entropy_sum += float(stats["entropy"].sum())
                 scanned += len(counts)
                 budget -= len(counts)
+    scale = tokens / max(sampled_shard_tokens, 1)  # storage of the sampled shards -> all shards
+    storage = {name: value * scale for name, value in storage.items()}
     index_bytes = sum(p.stat().st_size for p in path.glob("index*.json"))
     spec = cache.meta
     info = {
@@ -178,6 +190,7 @@ def cache_info(path: str | Path, sample_tokens: int | None = None) -> dict[str, 
         "mean_std": std_sum / max(scanned, 1),
         "mean_entropy": entropy_sum / max(scanned, 1),
         "sampled_tokens": scanned,
+        "sampled_shards": len(files),
     }
     if not layout.complete:
         info["reason"] = (
