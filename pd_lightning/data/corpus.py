@@ -471,13 +471,15 @@ class TokenFile:
         else:
             self.lengths = legacy_lengths
         self._file: h5py.File | None = None
+        self._dsets: dict[str, h5py.Dataset] = {}
 
     def rows(self, split: str, index) -> np.ndarray:
         if self.sharded is not None:
             return self.sharded.rows(split, index)
         if self._file is None:
             self._file = h5py.File(self.path, "r")
-        return self._file[split][index]
+            self._dsets = {s: self._file[s] for s in SPLITS if s in self._file}
+        return self._dsets[split][index]
 
     def verify(self) -> None:
         """Recompute every shard's checksum (reads everything); a legacy file has none to check."""
@@ -490,7 +492,7 @@ class TokenFile:
             self.sharded.close()
         if self._file is not None:
             self._file.close()
-            self._file = None
+            self._file, self._dsets = None, {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None}
+        return {**self.__dict__, "_file": None, "_dsets": {}}
