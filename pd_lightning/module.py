@@ -22,6 +22,7 @@ from torchmetrics import Metric
 from pd_lightning.distill.losses import DistillLoss
 from pd_lightning.distill.lr import WSDLR, Cosine, LRSchedule
 from pd_lightning.distill.objective import lm_kd_loss
+from pd_lightning.distill.processors import LogitsProcessor, TopPK
 from pd_lightning.distill.schedules import WSD, AlphaScheduler, WSDBeta
 from pd_lightning.distill.target import SparseTarget
 from pd_lightning.distill.temperature import TargetTransform
@@ -99,6 +100,15 @@ class DistillationModule(L.LightningModule):
         max_steps: total optimizer steps the schedules span; None = the trainer's estimated stepping batches.
         link_wsd: when the LR schedule is WSDLR and alpha is WSD / WSDBeta, alpha takes the LR's phase edges
             (warmup_fraction, decay_fraction), so the two are never typed twice and cannot drift apart.
+        teacher: a teacher in the training step (HF folder or pd-lightning ``.ckpt``): frozen, under no_grad, no
+            optimizer state, not in the student's checkpoints; its sparse targets replace a cache's
+            (``pd_lightning.online.in_step``).
+        co_train: the shape of a teacher pre-trained from scratch together with the student in this run (LM loss,
+            same optimizer and LR schedule); the student distils from its current logits, read from the teacher's
+            own loss pass. Both are checkpointed. Excludes ``teacher``.
+        teacher_processor: truncation of the in-step / co-trained teacher's logits (default TopPK(0.95, 100)).
+        teacher_power_gammas: gammas whose ``U_gamma`` the in-step targets carry (default [0.5], as predict).
+        teacher_dtype: weights dtype of ``teacher`` (float32, bfloat16, float16).
     """
 
     def __init__(
@@ -117,6 +127,11 @@ class DistillationModule(L.LightningModule):
         activation_checkpointing: bool = False,
         max_steps: int | None = None,
         link_wsd: bool = True,
+        teacher: str | None = None,
+        co_train: StudentConfig | None = None,
+        teacher_processor: LogitsProcessor | None = None,
+        teacher_power_gammas: list[float] | None = None,
+        teacher_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -142,6 +157,28 @@ class DistillationModule(L.LightningModule):
         # last logged one (train/ppl; this rank's, like train/loss). Metric states are not in the state_dict.
         self.val_lm = TokenMeanLoss()
         self.train_lm_window = TokenMeanLoss(sync_on_compute=False)
+        self.logit_observer = None  # set during its window by pd_lightning.online.recorder.LogitRecorder
+        self._init_online_teacher(teacher, co_train, teacher_processor, teacher_power_gammas, teacher_dtype)
+
+    def _init_online_teacher(self, teacher, co_train, processor, gammas, dtype) -> None:
+        """The in-step frozen teacher (``self.frozen_teacher``) or the co-trained one (``self.teacher_model``)."""
+        from pd_lightning.online.in_step import FrozenTeacher
+
+        if teacher is not None and co_train is not None:
+            raise ValueError("--model.teacher and --model.co_train exclude each other: give one")
+        self.teacher_processor = processor if processor is not None else TopPK()
+        self.teacher_power_gammas = tuple(float(g) for g in ([0.5] if gammas is None else gammas))
+        self.frozen_teacher = None if teacher is None else FrozenTeacher(teacher, dtype)
+        self.teacher_model = None
+        if co_train is not None:
+            if co_train.vocab_size is None:
+                co_train.vocab_size = self.student_config.vocab_size
+            if co_train.vocab_size != self.student_config.vocab_size:
+                raise ValueError(
+                    f"--model.co_train.vocab_size {co_train.vocab_size} differs from the student's "
+                    f"{self.student_config.vocab_size} (the data's); leave it unset"
+                )
+            self.teacher_model = Transformer(co_train)
 
     # ---- schedules ----------------------------------------------------------------------------------------------
     @property
@@ -159,9 +196,10 @@ class DistillationModule(L.LightningModule):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
 
-    def _loss(self, batch: dict[str, Tensor], alpha: float):
+    def _loss(self, batch: dict[str, Tensor], alpha: float, observe=None, target: SparseTarget | None = None):
         hidden = self.model(batch["input_ids"], return_hidden=True)  # (B, T, C)
-        target = SparseTarget.from_batch(batch) if alpha > 0 or self.kd_loss is not None else None
+        if target is None:
+            target = SparseTarget.from_batch(batch) if alpha > 0 or self.kd_loss is not None else None
         return lm_kd_loss(
             hidden.reshape(-1, hidden.shape[-1]),
             self.model.output_weight,
@@ -172,11 +210,34 @@ class DistillationModule(L.LightningModule):
             temperature=self.temperature,
             chunk_size=self.loss_chunk_size,
             fused=self.fused_loss,
+            observe=observe,
         )
+
+    def _online_target(self, batch: dict[str, Tensor], alpha: float):
+        """``(target, teacher_out)``: the in-step teacher's sparse target (or None) and the co-trained teacher's
+        loss output (or None; its ``total`` carries the teacher's gradient)."""
+        from pd_lightning.online.in_step import transformer_targets
+
+        need = alpha > 0 or self.kd_loss is not None
+        if self.teacher_model is not None:  # every step: the teacher trains whatever alpha is
+            out, target = transformer_targets(
+                self.teacher_model, batch, self.teacher_processor, self.teacher_power_gammas, self.loss_chunk_size,
+                self.fused_loss,
+            )  # fmt: skip
+            return (target if need else None), out
+        if self.frozen_teacher is not None and need:
+            target = self.frozen_teacher.targets(batch, self.teacher_processor, self.teacher_power_gammas,
+                                                 self.loss_chunk_size)  # fmt: skip
+            return target, None
+        return None, None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         alpha = self.alpha_at(self.global_step)
-        out = self._loss(batch, alpha)
+        target, teacher_out = self._online_target(batch, alpha)
+        out = self._loss(batch, alpha, observe=self.logit_observer, target=target)
+        if teacher_out is not None:  # co-training: one backward through both (independent: the target is detached)
+            self.log("train/teacher_lm_loss", teacher_out.lm, on_step=True, on_epoch=False)
+            out.total = out.total + teacher_out.total
         self._check_finite(out, alpha)
         log = dict(on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         self.log("train/loss", out.total, prog_bar=True, **log)
@@ -253,6 +314,35 @@ class DistillationModule(L.LightningModule):
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
 
+    # ---- sharding: FSDP2 under Lightning's ModelParallelStrategy (configs/trainer/fsdp2.yaml) -------------------
+    def configure_model(self) -> None:
+        """``fully_shard`` (FSDP2) every transformer of this module when the strategy provides a device mesh
+        (Lightning's ``ModelParallelStrategy``); nothing under any other strategy (DDP, FSDPStrategy wraps itself).
+
+        Units: one per block, the untied output head on its own, then the root (embedding, final norm). The fused
+        loss never calls the head's forward, so it sees the head sharded and gathers it once per step
+        (``objective.full_head``: an all-gather, and a reduce-scatter of its gradient averaged over the ranks, as
+        FSDP does for the other weights). pd-lightning has no tensor-parallel plan: the strategy's 2-D mesh
+        ``(data_parallel, tensor_parallel)`` is used for HSDP -- shard within a ``tensor_parallel`` group (by default
+        the devices of a node), replicate across the ``data_parallel`` groups (by default the nodes); a dimension of
+        size 1 is dropped (plain FSDP). Every rank reads its own data (the data modules shard by global rank).
+        """
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if mesh.ndim == 2 and 1 in mesh.shape:
+            mesh = mesh[mesh.mesh_dim_names[0 if mesh.shape[1] == 1 else 1]]
+        for model in (self.model, getattr(self, "teacher_model", None)):
+            if model is None or isinstance(model, FSDPModule):  # configure_model may run again (fit, then test)
+                continue
+            for block in model.layers:
+                fully_shard(block, mesh=mesh)
+            if model.lm_head.weight is not model.embed.weight:
+                fully_shard(model.lm_head, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+
     # ---- optimizer ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
@@ -265,13 +355,34 @@ class DistillationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         data = self._trainer.datamodule if self._trainer is not None else None
-        if stage == "fit" and data is not None and not getattr(data, "provides_teacher_targets", False):
+        if self.frozen_teacher is not None or self.teacher_model is not None:
+            self._check_online_teacher(data)
+        elif stage == "fit" and data is not None and not getattr(data, "provides_teacher_targets", False):
             alphas = [self.alpha_at(s) for s in range(0, self.total_steps, max(1, self.total_steps // 1000))]
             if max(alphas, default=0.0) > 0:
                 raise ValueError(
                     f"--model.alpha reaches {max(alphas):.3g} > 0 but --data ({type(data).__name__}) provides no "
                     "teacher targets: train from a logits cache (pd_lightning.data.cache_datamodule.CacheDataModule)"
                 )
+
+    def _check_online_teacher(self, data) -> None:
+        """The in-step teacher must read the student's tokens: same vocabulary, same tokenizer."""
+        teacher = self.frozen_teacher
+        if teacher is None:
+            return
+        where = f"--model.teacher {teacher.path!r}"
+        if teacher.vocab_size != self.student_config.vocab_size:
+            raise ValueError(
+                f"{where} has vocabulary {teacher.vocab_size}, the student's data has "
+                f"{self.student_config.vocab_size}: use a teacher trained on the same tokenizer"
+            )
+        data_fp = getattr(data, "tokenizer_fingerprint", None)
+        teacher_fp = teacher.teacher.tokenizer_fingerprint
+        if data_fp and teacher_fp and data_fp != teacher_fp:
+            raise ValueError(
+                f"{where} uses tokenizer {teacher_fp}, --data was tokenized with {data_fp}: prepare the data with "
+                "the teacher's tokenizer (--tokenizer <the teacher's folder>)"
+            )
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def _data_identity(self) -> dict:

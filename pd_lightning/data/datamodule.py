@@ -33,7 +33,8 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = torch.from_numpy(self.tokens.rows(self.split, i).astype(np.int64))
-        return {"input_ids": row[:-1], "labels": row[1:]}
+        # sequence_index: the row's index in the split (the online logit recorder and Sampled's keys use it)
+        return {"input_ids": row[:-1], "labels": row[1:], "sequence_index": torch.tensor(i)}
 
 
 class SequenceDataModule(L.LightningDataModule):

@@ -40,6 +40,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,6 +59,8 @@ IGNORE_INDEX = -100
 CHUNK_BYTES = 48 * 2**20
 
 _DIAGNOSTIC = KLD()  # teacher_student_kl: forward KL at tau 1, no tail bucket
+# (rows, (n, V) fp32 logits) -> None; see lm_kd_loss's ``observe``
+Observer = Callable[[slice, Tensor], None]
 
 
 @dataclass
@@ -188,6 +191,7 @@ def _fused_loop(
     chunk_size: int,
     grad_hidden: bool,
     grad_weight: bool,
+    observe: Observer | None = None,
 ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
     """Chunk loop of the fused path: ``[lm, kd, mean_tau, kl]`` means and the gradients of ``total``.
 
@@ -226,6 +230,9 @@ def _fused_loop(
             torch.mm(h, w_mm.T, out=logits)
         else:
             logits.copy_(h @ w_mm.T)  # low-precision matmul (fp32 accumulation inside), as the unfused path
+        if observe is not None:  # read-only look at this chunk's logits, before the losses overwrite the buffer
+            with torch.no_grad():
+                observe(rows, logits)
         with torch.autocast(device_type, enabled=False):  # the losses in fp32 / fp64
             temps = None
             if kd is not None:
@@ -267,13 +274,45 @@ def _fused_loop(
     return means, d_hidden, None if d_weight is None else d_weight.to(weight.dtype)
 
 
+class _GatherHead(torch.autograd.Function):
+    """A sharded output head (a DTensor, e.g. FSDP2's shard of ``lm_head.weight``) -> its full ``(V, H)`` tensor.
+
+    Forward: an all-gather (``full_tensor``). Backward: the full ``(V, H)`` gradient of this rank's loss, divided by
+    the mesh size and reduce-scattered back to the head's placements -- the gradient of the mean over ranks of their
+    losses, which is what FSDP does for the weights it gathers itself (``reduce_scatter`` with averaging). DTensor's
+    own ``full_tensor`` backward would instead keep only this rank's slice of this rank's gradient (no reduction).
+    """
+
+    @staticmethod
+    def forward(ctx, weight):  # type: ignore[override]
+        ctx.mesh, ctx.placements = weight.device_mesh, weight.placements
+        return weight.full_tensor()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        from torch.distributed.tensor import DTensor, Partial
+
+        summed = [Partial("sum")] * ctx.mesh.ndim
+        grad = DTensor.from_local(grad.contiguous() / ctx.mesh.size(), ctx.mesh, summed, run_check=False)
+        return grad.redistribute(ctx.mesh, ctx.placements)
+
+
+def full_head(weight: Tensor) -> Tensor:
+    """``weight`` itself, or the full tensor of a sharded (DTensor) head with gradients flowing back to its shards
+    (``_GatherHead``). Lets ``lm_kd_loss`` run when the head is sharded at loss time (FSDP2 with the head in its own
+    ``fully_shard`` unit, whose forward the fused loss never calls)."""
+    if weight.__class__.__name__ != "DTensor":  # no torch.distributed import on the common path
+        return weight
+    return _GatherHead.apply(weight) if torch.is_grad_enabled() and weight.requires_grad else weight.full_tensor()
+
+
 class _FusedLinearLMKD(torch.autograd.Function):
     """``(hidden, weight) -> (total, lm, kd, mean_tau, kl)``; gradients computed in forward, scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, kd: _KD | None, chunk_size: int):  # type: ignore[override]
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, kd: _KD | None, chunk_size: int, observe=None):  # type: ignore[override]
         means, d_hidden, d_weight = _fused_loop(
-            hidden, weight, labels, kd, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            hidden, weight, labels, kd, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1], observe
         )
         total = means[0] if kd is None else (1.0 - kd.alpha) * means[0] + kd.alpha * means[1]
         ctx.save_for_backward(d_hidden, d_weight)
@@ -287,7 +326,7 @@ class _FusedLinearLMKD(torch.autograd.Function):
         if not bool(grad_total == 1.0):  # scaled losses (e.g. AMP, accumulation): the only allocation here
             d_hidden = None if d_hidden is None else d_hidden * grad_total.to(d_hidden.dtype)
             d_weight = None if d_weight is None else d_weight * grad_total.to(d_weight.dtype)
-        return d_hidden, d_weight, None, None, None
+        return d_hidden, d_weight, None, None, None, None
 
 
 def lm_kd_loss(
@@ -300,6 +339,7 @@ def lm_kd_loss(
     temperature: TargetTransform | None = None,
     chunk_size: int = 0,
     fused: bool = True,
+    observe: Observer | None = None,
 ) -> LossOutput:
     """``(1 - alpha) * L_lm + alpha * L_kd`` from the last hidden states and the output head (METHOD.md, Objective).
 
@@ -313,6 +353,10 @@ def lm_kd_loss(
         temperature: per-token temperatures / weights; ``None`` = static tau 1.
         chunk_size: positions per chunk on the fused path; 0 = automatic (``auto_chunk_size``).
         fused: chunked fused path (never materialises the ``(N, V)`` logits) instead of plain autograd.
+        observe: called as ``observe(rows, logits)`` under ``no_grad`` with the fp32 (fp64 for fp64 inputs) logits
+            of the positions ``rows`` (a slice of the ``N`` rows), chunk by chunk on the fused path and once for all
+            rows on the unfused one, before the losses use them; it must not modify them. This is how the online
+            logit recorder and co-training read the training-time logits from the same pass (``pd_lightning.online``).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -330,6 +374,7 @@ def lm_kd_loss(
             f"expected hidden (N, H), weight (V, H), labels (N,); got {tuple(hidden.shape)}, {tuple(weight.shape)}, "
             f"{tuple(labels.shape)}"
         )
+    weight = full_head(weight)  # a sharded head is gathered once per call; its gradient reduce-scattered back
     kd = None
     if alpha > 0:
         if target.ids.shape[0] != hidden.shape[0]:
@@ -340,9 +385,9 @@ def lm_kd_loss(
 
     if fused:
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            total, lm, *rest = _FusedLinearLMKD.apply(hidden, weight, labels, kd, chunk_size)
+            total, lm, *rest = _FusedLinearLMKD.apply(hidden, weight, labels, kd, chunk_size, observe)
         else:  # evaluation: same loop, no gradients
-            means, _, _ = _fused_loop(hidden, weight, labels, kd, chunk_size, False, False)
+            means, _, _ = _fused_loop(hidden, weight, labels, kd, chunk_size, False, False, observe)
             lm, rest = means[0], means[1:]
             total = lm if kd is None else (1.0 - alpha) * lm + alpha * rest[0]
         if kd is None:
@@ -350,6 +395,9 @@ def lm_kd_loss(
         return LossOutput(total, lm, *rest)
 
     logits = upcast(hidden @ weight.T)  # (N, V)
+    if observe is not None:
+        with torch.no_grad():
+            observe(slice(0, logits.shape[0]), logits.detach())
     logp = F.log_softmax(logits, dim=-1)  # (N, V)
     n_lm = (labels != IGNORE_INDEX).sum().clamp(min=1)
     lm = F.nll_loss(logp, labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_lm

@@ -1,0 +1,275 @@
+"""``LogitRecorder``: records a teacher's training-time logits into a teacher cache while the teacher pre-trains.
+
+Add it to ``pd-lightning fit`` of the teacher (``--trainer.callbacks+ callbacks/recorder.yaml``). During the window
+of optimizer steps ``[start_step, end_step)`` (or the last ``last_tokens`` tokens of the run) every training batch's
+logits are read **from the same loss pass** that trains the teacher -- chunk by chunk, through the ``observe`` hook
+of :func:`~pd_lightning.distill.objective.lm_kd_loss`, so the fused loss still never materialises the ``(N, V)``
+logits and no second forward runs -- and passed through a ``LogitsProcessor`` (TopPK, Sampled, Full) exactly as
+``pd-lightning predict`` does offline. The per-position statistics (std, entropy, tail mass, ``U_gamma``) are
+computed from each position's full distribution. The teacher's training is unchanged: the hook only reads the
+logits (tests: losses and weights equal with the recorder on and off).
+
+Each recorded micro-batch is spooled to ``<output>/.recording/part-*.pt`` (uncompressed sparse targets, about
+``K * 8 + 20`` bytes per position). **A sequence seen more than once in the window is recorded once: its latest
+visit wins** (the logits of the most trained teacher). When the window ends, the distinct recorded sequences, in
+ascending order of their index in the token file, become the sequences ``0 .. M-1`` of a cache written through the
+offline :class:`~pd_lightning.data.cache_writer.CacheWriter` (same format, same shards and index), the spool is
+deleted, and ``recorded_sequences.npy`` beside the cache maps cache sequence -> token-file sequence. A student then
+trains from it exactly as from an offline cache (``CacheDataModule``).
+
+The callback's state (which spool part holds which sequence) is checkpointed: a resumed teacher run drops the parts
+written after the checkpoint and records those steps again, so a kill loses nothing and records nothing twice.
+One process only (no DDP/FSDP recording yet: refused with one line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from pd_lightning.data.cache_format import DEFAULT_SHARD_TOKENS, CacheMismatchError, CacheSpec, token_source_fingerprint
+from pd_lightning.data.cache_writer import CacheWriter
+from pd_lightning.distill.processors import LogitsProcessor, TopPK, position_keys
+from pd_lightning.distill.target import SparseTarget
+from pd_lightning.online.collect import TargetCollector, _pad
+
+SPOOL = ".recording"
+SEQUENCES_FILE = "recorded_sequences.npy"
+_WRITE_SEQUENCES = 64  # sequences per CacheWriter.write when the spool becomes the cache
+
+
+def _cache_files(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name == "index.json" or p.name.startswith(("shard-", "index-")))
+
+
+class LogitRecorder(L.Callback):
+    """Writes the teacher's training-time logits of a window of its run into a teacher cache.
+
+    Args:
+        output: the cache folder (refused when it holds another cache, unless ``overwrite``).
+        processor: the truncation (default ``TopPK(0.95, 100)``), as ``pd-lightning predict --model.processor``.
+        start_step: first optimizer step recorded (default 0).
+        end_step: first optimizer step not recorded (default: the end of the run).
+        last_tokens: record the last ``last_tokens`` training tokens of the run instead (rounded up to whole
+            optimizer steps of ``batch_size x ranks x accumulation x seq_len`` tokens); excludes the step bounds.
+        power_gammas: gammas whose ``U_gamma = sum_v p_v^gamma`` is stored (default ``[0.5]``, as predict).
+        shard_tokens: positions per cache shard (as ``--writer.shard_tokens``).
+        overwrite: replace another cache found in ``output``.
+    """
+
+    def __init__(
+        self,
+        output: str,
+        processor: LogitsProcessor | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        last_tokens: int | None = None,
+        power_gammas: list[float] | None = None,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        overwrite: bool = False,
+    ) -> None:
+        if last_tokens is not None and (start_step is not None or end_step is not None):
+            raise ValueError("LogitRecorder: give either last_tokens or start_step/end_step, not both")
+        if last_tokens is not None and last_tokens < 1:
+            raise ValueError(f"LogitRecorder: last_tokens must be >= 1, got {last_tokens}")
+        if shard_tokens < 1:
+            raise ValueError(f"LogitRecorder: shard_tokens must be >= 1, got {shard_tokens}")
+        self.output, self.overwrite, self.shard_tokens = Path(output), overwrite, shard_tokens
+        self.processor = processor if processor is not None else TopPK()
+        self.start_step, self.end_step, self.last_tokens = start_step, end_step, last_tokens
+        self.power_gammas = tuple(float(g) for g in ([0.5] if power_gammas is None else power_gammas))
+        self.window: tuple[int, int] | None = None
+        self._where: dict[int, tuple[int, int]] = {}  # sequence -> (spool part, row); the latest visit wins
+        self._next_part = 0
+        self._done = False
+        self._collector: TargetCollector | None = None
+
+    @property
+    def spool(self) -> Path:
+        return self.output / SPOOL
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        where = f"LogitRecorder(output={str(self.output)!r})"
+        if trainer.world_size > 1:
+            raise ValueError(f"{where} records on one process only; run the teacher on one device to record")
+        total = trainer.max_steps if trainer.max_steps > 0 else pl_module.total_steps
+        if self.last_tokens is not None:
+            data = trainer.datamodule
+            per_step = data.batch_size * trainer.world_size * trainer.accumulate_grad_batches * data.seq_len
+            steps = math.ceil(self.last_tokens / per_step)
+            if steps > total:
+                raise ValueError(
+                    f"{where}: last_tokens={self.last_tokens} is {steps} optimizer steps of {per_step} tokens, "
+                    f"more than the run's {total} steps (--trainer.max_steps); lower last_tokens"
+                )
+            start, end = total - steps, total
+        else:
+            start = 0 if self.start_step is None else self.start_step
+            end = total if self.end_step is None else self.end_step
+        if not 0 <= start < end <= total:
+            raise ValueError(
+                f"{where}: the recording window [start_step={start}, end_step={end}) lies outside the run's optimizer "
+                f"steps [0, {total}) (--trainer.max_steps {total}); give 0 <= start_step < end_step <= {total}"
+            )
+        if self.output.exists() and not self.output.is_dir():
+            raise FileExistsError(f"{where}: {str(self.output)!r} is a file, not a folder; name a folder")
+        self.window = (start, end)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After a checkpoint restore (load_state_dict ran): our own spool parts past the checkpoint are dropped.
+        if self._done:
+            return
+        others = _cache_files(self.output)
+        if others and not self.overwrite:
+            raise CacheMismatchError(
+                f"LogitRecorder: output {str(self.output)!r} already holds a teacher cache ({others[0]} ...); "
+                "record into another folder, or set overwrite: true to replace it"
+            )
+        if self.spool.is_dir():
+            for part in self.spool.glob("part-*.pt"):
+                if int(part.stem.split("-")[1]) >= self._next_part:
+                    part.unlink()
+        if self._next_part == 0 and self.spool.is_dir():  # a fresh run: a spool left by an earlier run is stale
+            shutil.rmtree(self.spool)
+
+    # ------------------------------------------------------------------------------------------------ recording
+    def _recording(self, trainer: L.Trainer) -> bool:
+        return not self._done and self.window is not None and self.window[0] <= trainer.global_step < self.window[1]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if not self._recording(trainer):
+            return
+        if "sequence_index" not in batch:
+            raise ValueError("LogitRecorder needs batches that carry 'sequence_index' (TokenDataModule data)")
+        length = batch["input_ids"].shape[1]
+        keys = position_keys(batch["sequence_index"], length)
+        self._collector = TargetCollector(self.processor, keys, self.power_gammas)
+        pl_module.logit_observer = self._collector
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        collector, self._collector = self._collector, None
+        pl_module.logit_observer = None
+        if collector is not None:
+            self._spool(batch, collector.target())
+        if not self._done and self.window is not None and trainer.global_step >= self.window[1]:
+            self._finish(trainer, pl_module)
+
+    def _spool(self, batch: dict, target: SparseTarget) -> None:
+        tokens = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], 1).to("cpu", torch.int32)  # (B, L + 1)
+        part = {
+            "tokens": tokens,
+            "ids": target.ids.to("cpu", torch.int32),
+            "logprobs": target.logprobs.float().cpu(),
+            "std": target.std.float().cpu(),
+            "entropy": target.entropy.float().cpu(),
+            "tail": target.tail.float().cpu(),
+            "power": torch.stack([target.power_sums[g] for g in self.power_gammas], -1).float().cpu()
+            if self.power_gammas
+            else torch.zeros(target.ids.shape[0], 0),
+        }
+        self.spool.mkdir(parents=True, exist_ok=True)
+        n = self._next_part
+        path = self.spool / f"part-{n:08d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(part, tmp)
+        tmp.replace(path)
+        for row, seq in enumerate(batch["sequence_index"].tolist()):
+            self._where[int(seq)] = (n, row)  # a later visit replaces an earlier one
+        self._next_part = n + 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._done and self._where:
+            self._finish(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._collector = None
+        pl_module.logit_observer = None
+
+    # ------------------------------------------------------------------------------------------------ the cache
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The spool -> a cache of the distinct recorded sequences (ascending token-file order), then no spool."""
+        data = trainer.datamodule
+        sequences = np.array(sorted(self._where), dtype=np.int64)  # (M,)
+        length = data.seq_len
+        source = token_source_fingerprint(data.tokens.path, "train") if hasattr(data, "tokens") else "unknown"
+        picked = hashlib.sha256(sequences.tobytes()).hexdigest()[:16]
+        identity = {"student": pl_module.student_config.shape(), "window": list(self.window), "source": source}
+        teacher_fp = "online-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        spec = CacheSpec.for_processor(
+            self.processor,
+            vocab_size=pl_module.student_config.vocab_size,
+            seq_len=length,
+            num_sequences=len(sequences),
+            teacher_fingerprint=teacher_fp,
+            tokenizer_fingerprint=data.tokenizer_fingerprint,
+            source_fingerprint=f"online:{source}:{picked}",
+            shard_tokens=self.shard_tokens,
+            power_gammas=self.power_gammas,
+        )
+        writer = CacheWriter(self.output, spec, overwrite=self.overwrite)
+        parts: dict[int, dict] = {}
+        try:
+            for a in range(0, len(sequences), _WRITE_SEQUENCES):
+                chunk = sequences[a : a + _WRITE_SEQUENCES]
+                rows = [self._where[int(s)] for s in chunk]
+                for n, _ in rows:
+                    if n not in parts:
+                        parts[n] = torch.load(self.spool / f"part-{n:08d}.pt", weights_only=True, mmap=True)
+                writer.write(torch.arange(a, a + len(chunk)), *self._gather(parts, rows, length))
+            path = writer.finalize()
+        except BaseException:
+            writer.close()
+            raise
+        np.save(self.output / SEQUENCES_FILE, sequences)
+        shutil.rmtree(self.spool, ignore_errors=True)
+        self._done, self._where = True, {}
+        print(f"LogitRecorder: wrote {path} ({len(sequences)} sequences of steps {self.window[0]}-{self.window[1]})")
+
+    def _gather(self, parts: dict[int, dict], rows: list[tuple[int, int]], length: int):
+        tokens, fields = [], {k: [] for k in ("ids", "logprobs", "std", "entropy", "tail", "power")}
+        for n, r in rows:
+            p = parts[n]
+            tokens.append(p["tokens"][r])
+            pos = slice(r * length, (r + 1) * length)
+            for k in fields:
+                fields[k].append(p[k][pos])
+        width = max(x.shape[1] for x in fields["ids"])
+        power = torch.cat(fields["power"])  # (n, G)
+        target = SparseTarget(
+            ids=torch.cat([_pad(x, width, 0) for x in fields["ids"]]).long(),
+            logprobs=torch.cat([_pad(x, width, -math.inf) for x in fields["logprobs"]]),
+            std=torch.cat(fields["std"]),
+            entropy=torch.cat(fields["entropy"]),
+            tail=torch.cat(fields["tail"]),
+            power_sums={g: power[:, i] for i, g in enumerate(self.power_gammas)} or None,
+        )
+        return torch.stack(tokens).long(), target
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        seqs = sorted(self._where)
+        where = np.array([self._where[s] for s in seqs], dtype=np.int64).reshape(-1, 2)
+        return {
+            "sequences": torch.tensor(seqs, dtype=torch.int64),
+            "where": torch.from_numpy(where),
+            "next_part": self._next_part,
+            "done": self._done,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._where = {
+            int(s): (int(n), int(r)) for s, (n, r) in zip(state["sequences"].tolist(), state["where"].tolist())
+        }
+        self._next_part, self._done = int(state["next_part"]), bool(state["done"])
