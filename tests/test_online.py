@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import yaml
 
@@ -20,7 +19,7 @@ def recorder_config(path: Path, output: Path, **init_args) -> Path:
     """callbacks/recorder.yaml with this test's settings (the file itself is what users compose)."""
     cfg = yaml.safe_load((Path(__file__).parents[1] / "callbacks" / "recorder.yaml").read_text())
     rec = cfg["trainer"]["callbacks+"][0]["init_args"]
-    rec.update(output=str(output), last_tokens=None, **init_args)
+    rec.update({"output": str(output), "last_tokens": None, **init_args})
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -134,3 +133,190 @@ def test_recorder_leaves_training_unchanged_latest_visit_wins_and_a_student_trai
     ])  # fmt: skip
     losses = train_losses(student)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses.values())
+
+
+def predict_args(teacher: Path, tokens: Path, out: Path, k: int = 20) -> list[str]:
+    return [
+        "predict",
+        "--model.teacher", str(teacher),
+        "--model.processor", "pd_lightning.distill.processors.TopPK",
+        "--model.processor.p", "0.95",
+        "--model.processor.k", str(k),
+        "--data.path", str(tokens),
+        "--data.batch_size", "4",
+        "--writer.output", str(out),
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def in_step_args(tokens: Path, root: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--seed_everything", "5",
+        "--model.student.preset", "tiny",
+        "--model.loss", "pd_lightning.distill.losses.KLD",
+        "--model.alpha", "pd_lightning.distill.schedules.Constant", "--model.alpha.alpha", "0.5",
+        "--data.class_path", "pd_lightning.data.datamodule.TokenDataModule",
+        "--data.init_args.path", str(tokens),
+        "--data.init_args.batch_size", "4",
+        *quiet_trainer_args(root, steps),
+        "--trainer.limit_val_batches", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_in_step_teacher_targets_equal_cached_ones_and_train_through_the_cli(tmp_path, prepared, hf_teacher):
+    from pd_lightning.data.corpus import TokenFile
+    from pd_lightning.data.datamodule import TokenDataset
+    from pd_lightning.model.config import StudentConfig
+    from pd_lightning.module import DistillationModule
+
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
+    main(predict_args(hf_teacher, tokens, tmp_path / "cache"))
+    items = cached(tmp_path / "cache")
+    processor_args = ["--model.teacher_processor", "pd_lightning.distill.processors.TopPK",
+                      "--model.teacher_processor.p", "0.95", "--model.teacher_processor.k", "20"]  # fmt: skip
+    # The training step's own code path (DistillationModule._online_target) on the cache's first 4 sequences.
+    from pd_lightning.distill.processors import TopPK
+
+    vocab = TokenFile(tokens).vocab_size
+    module = DistillationModule(StudentConfig(preset="tiny", vocab_size=vocab), teacher=str(hf_teacher),
+                                teacher_processor=TopPK(0.95, 20))  # fmt: skip
+    data = TokenDataset(TokenFile(tokens), "train")
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "labels", "sequence_index")}
+    target, teacher_out = module._online_target(batch, alpha=0.5)
+    assert teacher_out is None and target.ids.shape[0] == 4 * 64
+    for i in range(4):
+        item, rows = items[i], slice(i * 64, (i + 1) * 64)
+        assert np.array_equal(item["input_ids"], batch["input_ids"][i].numpy())
+        valid = np.isfinite(item["teacher_logprobs"])
+        assert np.array_equal(valid, torch.isfinite(target.logprobs[rows]).numpy())  # same kept counts (top-p)
+        # same ids (a tie within 1e-5 may swap two), values within the cache's quantisation
+        lp = target.logprobs[rows].numpy()
+        same = (item["teacher_ids"] == target.ids[rows].numpy()) | ~valid
+        assert same.mean() > 0.99
+        diff = np.where(valid & same, np.abs(item["teacher_logprobs"] - np.where(valid, lp, 0)), 0)
+        assert diff.max() <= HALF_STEP + 1e-5
+        stats = {"teacher_std": target.std, "teacher_entropy": target.entropy, "teacher_tail": target.tail,
+                 "teacher_power_sum@0.5": target.power_sums[0.5]}  # fmt: skip
+        for key, value in stats.items():
+            np.testing.assert_allclose(item[key], value[rows].numpy(), rtol=1e-3, atol=3e-5, err_msg=key)
+    # Through the CLI: the student distils from the in-step teacher; the checkpoint holds no teacher weights and
+    # the optimizer state covers the student's parameters only.
+    root = tmp_path / "fit"
+    main(in_step_args(tokens, root, 3, "--model.teacher", str(hf_teacher), *processor_args))
+    import csv
+
+    with open(root / "log" / "version_0" / "metrics.csv") as f:
+        kd = [float(r["train/kd_loss"]) for r in csv.DictReader(f) if r.get("train/kd_loss")]
+    assert len(kd) == 3 and all(math.isfinite(v) and v > 0 for v in kd)
+    ckpt = torch.load(next(root.rglob("*.ckpt")), weights_only=True)
+    assert all(k.startswith(("model.",)) for k in ckpt["state_dict"]), list(ckpt["state_dict"])[:5]
+    n_params = sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"])
+    assert n_params == len(ckpt["state_dict"])
+
+
+def logged(root: Path, name: str) -> dict[int, float]:
+    import csv
+
+    with open(root / "log" / "version_0" / "metrics.csv") as f:
+        return {int(r["step"]) + 1: float(r[name]) for r in csv.DictReader(f) if r.get(name)}
+
+
+def test_co_training_trains_both_and_resumes_exactly(tmp_path, prepared):
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=12, n_val=4)  # 3 steps per epoch
+    ckpt = [
+        "--model.co_train.preset", "tiny",
+        "--model.co_train.n_layer", "3",  # a teacher of another shape than the student
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=4",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+    ]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    main(in_step_args(tokens, full, 8, *ckpt, "--trainer.callbacks.dirpath", str(full)))
+    first = full / "step=4.ckpt"
+    main([*in_step_args(tokens, resumed, 8, *ckpt, "--trainer.callbacks.dirpath", str(resumed)), "--ckpt_path",
+          str(first)])  # fmt: skip
+    # Both train: the teacher's LM loss and the student's KD loss are logged every step and the teacher learns.
+    teacher_lm = logged(full, "train/teacher_lm_loss")
+    assert len(teacher_lm) == 8 and teacher_lm[8] < teacher_lm[1] - 0.05, teacher_lm
+    assert len(logged(full, "train/kd_loss")) == 8
+    # Resume equals uninterrupted: the same losses for steps 5-8 and the same weights (student and teacher).
+    for name in ("train/loss", "train/teacher_lm_loss", "train/kd_loss"):
+        a, b = logged(full, name), logged(resumed, name)
+        assert {s: a[s] for s in range(5, 9)} == {s: b[s] for s in range(5, 9)}, name
+    a = torch.load(full / "step=8.ckpt", weights_only=True)
+    b = torch.load(resumed / "step=8.ckpt", weights_only=True)
+    assert any(k.startswith("teacher_model.") for k in a["state_dict"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    # The teacher trains: every one of its weight matrices moved between step 4 and step 8.
+    c = torch.load(first, weights_only=True)["state_dict"]
+    mats = [k for k in c if k.startswith("teacher_model.") and c[k].dim() == 2]
+    assert mats and all(not torch.equal(c[k], a["state_dict"][k]) for k in mats)
+
+
+def run(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("pd-lightning: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def test_bad_input_window_outside_the_run_and_a_folder_holding_another_cache(tmp_path, prepared, hf_teacher, capsys):
+    from pd_lightning.data.cache_format import content_checksum
+
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
+    outside = recorder_config(tmp_path / "r1.yaml", tmp_path / "rec1", start_step=4, end_step=20)
+    code, err = run([*teacher_args(tokens, tmp_path / "t1", 6), "--config", str(outside)], capsys)
+    assert code == 2 and "end_step=20" in one_line(err) and "[0, 6)" in one_line(err)
+    assert not (tmp_path / "rec1").exists() and not list((tmp_path / "t1").rglob("*.ckpt"))
+    too_many = recorder_config(tmp_path / "r2.yaml", tmp_path / "rec2", last_tokens=10**6)
+    code, err = run([*teacher_args(tokens, tmp_path / "t2", 6), "--config", str(too_many)], capsys)
+    assert code == 2 and "last_tokens=1000000" in one_line(err)
+    # A folder holding another cache: refused before any step, the cache byte for byte unchanged.
+    main(predict_args(hf_teacher, tokens, tmp_path / "other"))
+    before = content_checksum(tmp_path / "other")
+    names = sorted(p.name for p in (tmp_path / "other").iterdir())
+    into_other = recorder_config(tmp_path / "r3.yaml", tmp_path / "other")
+    code, err = run([*teacher_args(tokens, tmp_path / "t3", 6), "--config", str(into_other)], capsys)
+    assert code == 2 and "already holds a teacher cache" in one_line(err) and "overwrite" in one_line(err)
+    assert content_checksum(tmp_path / "other") == before
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == names
+    assert not list((tmp_path / "t3").rglob("*.ckpt"))
+
+
+def test_bad_input_in_step_teacher(tmp_path, prepared, hf_teacher, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
+    code, err = run(in_step_args(tokens, tmp_path / "a", 2, "--model.teacher", str(tmp_path / "missing.ckpt")), capsys)
+    assert code == 2 and "missing.ckpt" in one_line(err) and "does not exist" in one_line(err)
+    # Another vocabulary: a Llama of vocabulary 600 beside data of 512.
+    other = tmp_path / "wide"
+    LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)  # fmt: skip
+    code, err = run(in_step_args(tokens, tmp_path / "b", 2, "--model.teacher", str(other)), capsys)
+    assert code == 2 and "vocabulary 600" in one_line(err) and "512" in one_line(err)
+    assert not list((tmp_path / "b").rglob("*.ckpt"))
+    # Another tokenizer: a pd-lightning teacher checkpoint trained on data of another tokenizer.
+    main(teacher_args(tokens, tmp_path / "t", 1))
+    ckpt = torch.load(tmp_path / "t" / "step=1.ckpt", weights_only=True)
+    ckpt["pd_lightning"]["tokenizer_fingerprint"] = "another-tokenizer"
+    torch.save(ckpt, tmp_path / "other-tokenizer.ckpt")
+    code, err = run(in_step_args(tokens, tmp_path / "c", 2, "--model.teacher", str(tmp_path / "other-tokenizer.ckpt")),
+                    capsys)  # fmt: skip
+    assert code == 2 and "another-tokenizer" in one_line(err) and "tokenizer" in one_line(err)
+    assert not list((tmp_path / "c").rglob("*.ckpt"))
