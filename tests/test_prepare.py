@@ -211,3 +211,39 @@ def test_failed_prepare_leaves_nothing_that_blocks_the_rerun(tmp_path, capsys, c
     bad.write_text(good_lines)
     main(argv)
     assert TokenFile(out).lengths["train"] > 0 and (tmp_path / "data" / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("stop_after", [2, 9, 31])
+def test_interrupted_at_any_part_resumes_to_the_same_rows(tmp_path, formats, prepared, monkeypatch, stop_after):
+    """Interrupted (KeyboardInterrupt) after ``stop_after`` part files were packed, with tiny shards so that train and
+    val stand at different parts: the rerun redoes only the unfinished parts and gives the uninterrupted rows."""
+    import pd_lightning.data.corpus as corpus
+
+    kw = dict(input=[str(formats / "x.jsonl"), str(formats / "book.txt")], seq_len=16, workers=0, chunk_mb=0.005,
+              tokenizer=str(prepared["tokenizer"]), shard_tokens=17 * 40, val_fraction=0.2)  # fmt: skip
+    prepare(output=str(tmp_path / "ref" / "tokens.h5"), **kw)
+    real, calls, tokenized = corpus._feed_part, [], []
+
+    def feed(*args):
+        calls.append(1)
+        if len(calls) > stop_after:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(corpus, "_feed_part", feed)
+    out = tmp_path / "cut" / "tokens.h5"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(output=str(out), **kw)
+    assert not out.exists()
+    finished = {int(p.stem) for p in out.parent.glob("tokens.shards/.work-*/parts/*.json")}
+    monkeypatch.setattr(corpus, "_feed_part", real)
+    real_tokenize = corpus.tokenize_unit
+    monkeypatch.setattr(corpus, "tokenize_unit", lambda job: tokenized.append(job[0]) or real_tokenize(job))
+    prepare(output=str(out), **kw)
+    n_units = len(plan_units(kw["input"], int(0.005 * 2**20)))
+    assert finished and tokenized and not finished & set(tokenized)  # no finished part was tokenized again
+    assert len(finished) + len(tokenized) >= n_units
+    a, b = _all_rows(out), _all_rows(tmp_path / "ref" / "tokens.h5")
+    for s in ("train", "val"):
+        np.testing.assert_array_equal(a[s], b[s])
+    assert not list((out.parent / "tokens.shards").glob(".*"))

@@ -330,7 +330,7 @@ def _resume_points(state: dict, metas: list) -> dict | None:
     points = {}
     for s in SPLITS:
         g, cum, u = int(state[s]["g"]), 0, 0
-        while u < len(metas) and metas[u] is not None and cum + metas[u][f"{s}_tokens"] <= g and g > 0:
+        while u < len(metas) and metas[u] is not None and cum + metas[u][f"{s}_tokens"] <= g:
             cum += metas[u][f"{s}_tokens"]
             u += 1
         if cum + (metas[u][f"{s}_tokens"] if u < len(metas) and metas[u] else 0) < g:
