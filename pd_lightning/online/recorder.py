@@ -61,6 +61,8 @@ class LogitRecorder(L.Callback):
         end_step: first optimizer step not recorded (default: the end of the run).
         last_tokens: record the last ``last_tokens`` training tokens of the run instead (rounded up to whole
             optimizer steps of ``batch_size x ranks x accumulation x seq_len`` tokens); excludes the step bounds.
+        first_tokens: record the first ``first_tokens`` training tokens of the run (the paper's early "-L" window;
+            rounded up to whole optimizer steps likewise); excludes the other bounds.
         power_gammas: gammas whose ``U_gamma = sum_v p_v^gamma`` is stored (default ``[0.5]``, as predict).
         shard_tokens: positions per cache shard (as ``--writer.shard_tokens``).
         overwrite: replace another cache found in ``output``.
@@ -73,19 +75,25 @@ class LogitRecorder(L.Callback):
         start_step: int | None = None,
         end_step: int | None = None,
         last_tokens: int | None = None,
+        first_tokens: int | None = None,
         power_gammas: list[float] | None = None,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         overwrite: bool = False,
     ) -> None:
-        if last_tokens is not None and (start_step is not None or end_step is not None):
-            raise ValueError("LogitRecorder: give either last_tokens or start_step/end_step, not both")
-        if last_tokens is not None and last_tokens < 1:
-            raise ValueError(f"LogitRecorder: last_tokens must be >= 1, got {last_tokens}")
+        steps = start_step if start_step is not None else end_step
+        bounds = (("start_step/end_step", steps), ("last_tokens", last_tokens), ("first_tokens", first_tokens))
+        given = [name for name, value in bounds if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"LogitRecorder: give one of start_step/end_step, last_tokens, first_tokens; got {given}")
+        for name, value in (("last_tokens", last_tokens), ("first_tokens", first_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"LogitRecorder: {name} must be >= 1, got {value}")
         if shard_tokens < 1:
             raise ValueError(f"LogitRecorder: shard_tokens must be >= 1, got {shard_tokens}")
         self.output, self.overwrite, self.shard_tokens = Path(output), overwrite, shard_tokens
         self.processor = processor if processor is not None else TopPK()
         self.start_step, self.end_step, self.last_tokens = start_step, end_step, last_tokens
+        self.first_tokens = first_tokens
         self.power_gammas = tuple(float(g) for g in ([0.5] if power_gammas is None else power_gammas))
         self.window: tuple[int, int] | None = None
         self._where: dict[int, tuple[int, int]] = {}  # sequence -> (spool part, row); the latest visit wins
@@ -105,16 +113,18 @@ class LogitRecorder(L.Callback):
         if trainer.world_size > 1:
             raise ValueError(f"{where} records on one process only; run the teacher on one device to record")
         total = trainer.max_steps if trainer.max_steps > 0 else pl_module.total_steps
-        if self.last_tokens is not None:
+        tokens = self.last_tokens if self.last_tokens is not None else self.first_tokens
+        if tokens is not None:
+            name = "last_tokens" if self.last_tokens is not None else "first_tokens"
             data = trainer.datamodule
             per_step = data.batch_size * trainer.world_size * trainer.accumulate_grad_batches * data.seq_len
-            steps = math.ceil(self.last_tokens / per_step)
+            steps = math.ceil(tokens / per_step)
             if steps > total:
                 raise ValueError(
-                    f"{where}: last_tokens={self.last_tokens} is {steps} optimizer steps of {per_step} tokens, "
-                    f"more than the run's {total} steps (--trainer.max_steps); lower last_tokens"
+                    f"{where}: {name}={tokens} is {steps} optimizer steps of {per_step} tokens, "
+                    f"more than the run's {total} steps (--trainer.max_steps); lower {name}"
                 )
-            start, end = total - steps, total
+            start, end = (total - steps, total) if self.last_tokens is not None else (0, steps)
         else:
             start = 0 if self.start_step is None else self.start_step
             end = total if self.end_step is None else self.end_step
