@@ -247,3 +247,26 @@ def test_interrupted_at_any_part_resumes_to_the_same_rows(tmp_path, formats, pre
     for s in ("train", "val"):
         np.testing.assert_array_equal(a[s], b[s])
     assert not list((out.parent / "tokens.shards").glob(".*"))
+
+
+def test_killed_between_moving_the_tokenizer_and_writing_the_index(tmp_path, corpus_dir, monkeypatch):
+    """The last steps: the trained tokenizer is moved to tokenizer/, then the index is written. Interrupted in
+    between, the same command (no --overwrite) must still finish, with the same tokenizer and rows."""
+    import pd_lightning.data.corpus as corpus
+
+    kw = dict(input=[str(corpus_dir / "c.jsonl")], seq_len=32, vocab_size=300, workers=0)
+    prepare(output=str(tmp_path / "ref" / "tokens.h5"), **kw)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus, "write_index", interrupted)
+    out = tmp_path / "cut" / "tokens.h5"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(output=str(out), **kw)
+    assert (out.parent / "tokenizer" / "tokenizer.json").is_file() and not out.exists()
+    monkeypatch.undo()
+    prepare(output=str(out), **kw)
+    assert TokenFile(out).attrs == TokenFile(tmp_path / "ref" / "tokens.h5").attrs  # fingerprint included
+    np.testing.assert_array_equal(_all_rows(out)["train"], _all_rows(tmp_path / "ref" / "tokens.h5")["train"])
+    assert not (out.parent / "tokenizer" / "key.json").exists()

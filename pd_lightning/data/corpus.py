@@ -103,12 +103,17 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _trained_tokenizer(units, inputs, text_field, txt_doc_chars, chunk_bytes, vocab_size, work: Path):
-    """Train the BPE once per corpus (kept in ``work`` until prepare succeeds, reused by a resumed run)."""
+def _trained_tokenizer(units, inputs, text_field, txt_doc_chars, chunk_bytes, vocab_size, work: Path, final: Path):
+    """Train the BPE once per corpus: kept in ``work`` (with a ``key.json`` naming the corpus) until prepare succeeds,
+    reused by a resumed run, also when a killed run had already moved it to ``final`` but not written its index."""
     key = _key([FORMAT, _input_stats(units), text_field, txt_doc_chars, chunk_bytes, vocab_size])
-    marker = work / "key.json"
-    if marker.is_file() and json.loads(marker.read_text()) == key:
-        return load_tokenizer(work)
+    for folder in (work, final):
+        marker = folder / "key.json"
+        if marker.is_file() and json.loads(marker.read_text()) == key:
+            if folder != work:
+                shutil.rmtree(work, ignore_errors=True)
+                os.replace(folder, work)
+            return load_tokenizer(work)
     shutil.rmtree(work, ignore_errors=True)
     print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the corpus")
     tmp = work.with_name(work.name + ".tmp")
@@ -176,7 +181,8 @@ def prepare(
     check_inputs(inputs, text_field)
     if out.is_file() and not overwrite:
         raise FileExistsError(f"--output {str(out)!r} already exists (pass --overwrite true to replace it)")
-    if tokenizer is None and tok_final.exists() and not overwrite:
+    # A tokenizer/ with a key.json was moved there by a prepare killed before it wrote its index: not the user's.
+    if tokenizer is None and tok_final.exists() and not overwrite and not (tok_final / "key.json").is_file():
         raise FileExistsError(
             f"tokenizer folder {str(tok_final)!r} already exists (pass --overwrite true or --tokenizer {tok_final})"
         )
@@ -190,7 +196,9 @@ def prepare(
     try:
         units = plan_units(inputs, chunk_bytes, text_field)
         if tokenizer is None:
-            tok = _trained_tokenizer(units, inputs, text_field, txt_doc_chars, chunk_bytes, vocab_size, tok_work)
+            tok = _trained_tokenizer(
+                units, inputs, text_field, txt_doc_chars, chunk_bytes, vocab_size, tok_work, tok_final
+            )
         shard_rows = max(1, shard_tokens // (seq_len + 1))
         settings = [FORMAT, _input_stats(units), [list(vars(u).values()) for u in units], tokenizer_fingerprint(tok)]
         settings += [seq_len, val_fraction, text_field, txt_doc_chars, shard_rows]
@@ -393,8 +401,7 @@ def _finish(
         raise ValueError(f"--seq_len {seq_len}: the training part has only {total} tokens, less than one sequence")
     if tokenizer is None:
         shutil.rmtree(tok_final, ignore_errors=True)
-        (tok_work / "key.json").unlink(missing_ok=True)
-        os.replace(tok_work, tok_final)
+        os.replace(tok_work, tok_final)  # its key.json goes with it and is removed once the index is written
         tok_dir = tok_final
     else:
         tok_dir = Path(tokenizer)
@@ -411,6 +418,8 @@ def _finish(
         complete=True,
     )
     write_index(out, attrs, {s: committed[s]["shards"] for s in SPLITS}, shards_dir, seq_len)
+    if tokenizer is None:
+        (tok_final / "key.json").unlink(missing_ok=True)
     keep = {e["file"] for s in SPLITS for e in committed[s]["shards"]}
     for old in shards_dir.glob("*.h5"):  # shards of the output this one replaced
         if old.name not in keep:
