@@ -33,14 +33,21 @@ def _docstrings(path: Path) -> Iterator[str]:
                 yield doc
 
 
-def builtin_documents() -> Iterator[str]:
-    """Yield the documents of the default corpus: pydoc topics first, then stdlib docstrings."""
-    from pydoc_data.topics import topics
-
-    for key in sorted(topics):
-        yield topics[key]
+def builtin_sources() -> list[str]:
+    """The sources of the default corpus, in order: ``"topics"`` (the pydoc topics), then the stdlib ``.py`` files."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
-        if _SKIP_DIRS.intersection(path.relative_to(stdlib).parts):
-            continue
-        yield from _docstrings(path)
+    files = [p for p in sorted(stdlib.rglob("*.py")) if not _SKIP_DIRS.intersection(p.relative_to(stdlib).parts)]
+    return ["topics", *map(str, files)]
+
+
+def builtin_documents(start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Yield the documents of sources ``start:stop`` of the default corpus (all by default): pydoc topics first,
+    then stdlib docstrings. ``prepare`` tokenizes ranges of sources in parallel."""
+    for source in builtin_sources()[start:stop]:
+        if source == "topics":
+            from pydoc_data.topics import topics
+
+            for key in sorted(topics):
+                yield topics[key]
+        else:
+            yield from _docstrings(Path(source))

@@ -8,7 +8,7 @@ A *unit* is the piece of input one worker tokenizes at once. The cut depends onl
     .jsonl        byte ranges of ~``chunk_bytes``, cut just after a newline; one document per line.
     .jsonl.gz/.zst  one unit per file (compressed streams cannot be entered in the middle), read as a stream.
     .parquet      one unit per row group; one document per row of column ``text_field`` (nulls skipped).
-    builtin       one unit: the embedded corpus (``builtin_corpus.py``).
+    builtin       the embedded corpus (``builtin_corpus.py``), ``BUILTIN_FILES`` of its sources per unit.
 Reading is streaming: a unit never holds more than its own range in memory (compressed files: one line).
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN = "builtin"
+BUILTIN_FILES = 200  # sources of the embedded corpus per unit
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 _MAGIC = {".jsonl.gz": b"\x1f\x8b", ".jsonl.zst": b"\x28\xb5\x2f\xfd"}
 _TXT_BOUNDARY = re.compile(rb"(?<=\n)\r?\n")  # a unit starts right after a blank line
@@ -108,7 +109,10 @@ def plan_units(inputs: list[str], chunk_bytes: int, text_field: str = "text") ->
     units = []
     for name in inputs:
         if name == BUILTIN:
-            units.append(Unit(BUILTIN, BUILTIN, 0, 0, 1))
+            from pd_lightning.data.builtin_corpus import builtin_sources
+
+            n = len(builtin_sources())
+            units.extend(Unit(BUILTIN, BUILTIN, a, min(a + BUILTIN_FILES, n), 1) for a in range(0, n, BUILTIN_FILES))
             continue
         p = Path(name)
         kind, size = suffix_of(p), p.stat().st_size
@@ -253,7 +257,7 @@ def unit_documents(unit: Unit, text_field: str = "text", txt_doc_chars: int = 40
     if unit.kind == BUILTIN:
         from pd_lightning.data.builtin_corpus import builtin_documents
 
-        yield from builtin_documents()
+        yield from builtin_documents(unit.start, unit.stop)
     elif unit.kind == ".txt":
         data, begin = _read_range(unit)
         yield from txt_documents(_decode(data, unit.source, begin), txt_doc_chars)
