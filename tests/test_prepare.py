@@ -270,3 +270,11 @@ def test_killed_between_moving_the_tokenizer_and_writing_the_index(tmp_path, cor
     assert TokenFile(out).attrs == TokenFile(tmp_path / "ref" / "tokens.h5").attrs  # fingerprint included
     np.testing.assert_array_equal(_all_rows(out)["train"], _all_rows(tmp_path / "ref" / "tokens.h5")["train"])
     assert not (out.parent / "tokenizer" / "key.json").exists()
+
+
+def test_the_embedded_corpus_in_units_is_the_same_documents():
+    from pd_lightning.data.builtin_corpus import builtin_documents
+
+    units = plan_units(["builtin"], 1 << 20)
+    assert len(units) > 1
+    assert [d for u in units for d in unit_documents(u)] == list(builtin_documents())
