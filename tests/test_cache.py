@@ -256,6 +256,27 @@ def test_n_writers_m_readers_and_partial_reading(tmp_path: Path) -> None:
     assert content_checksum(tmp_path) == content_checksum(tmp_path / "one")
 
 
+def test_resume_with_another_number_of_writer_ranks(tmp_path: Path) -> None:
+    """Started on 3 ranks (only rank 1 finished its shards), finished on 2: same content as one writer."""
+    proc = TopPK(0.9, 12)
+    spec = make_spec(proc, 300, 16, 10, shard_tokens=2 * 16)  # 5 shards
+    data = {i: sequence_data(i, 300, 16) for i in range(10)}
+
+    def feed(writer: CacheWriter) -> None:
+        for i in range(10):
+            writer.write(torch.tensor([i]), data[i][0], proc(data[i][1]))
+
+    feed(CacheWriter(tmp_path, spec, rank=1, world_size=3))  # shards 1 and 4
+    for rank in (0, 1):
+        writer = CacheWriter(tmp_path, spec, rank=rank, world_size=2)
+        assert writer.pending_sequences.tolist() == ([0, 1, 4, 5] if rank == 0 else [6, 7])  # shards 0, 2 / 3
+        feed(writer)
+        writer.finalize()
+    assert (tmp_path / "index.json").exists() and not list(tmp_path.glob("index-*.json"))
+    write_cache(tmp_path / "one", proc, num=10, shard_tokens=2 * 16)
+    assert content_checksum(tmp_path) == content_checksum(tmp_path / "one")
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers(tmp_path: Path, context: str) -> None:
     refs = write_cache(tmp_path, TopPK(0.9, 12), num=9, world=2, shard_tokens=4 * 16)
