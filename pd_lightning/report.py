@@ -139,7 +139,8 @@ def markdown_table(summary: list[dict]) -> str:
     for s in summary:
         lines.append(
             f"| {s['name']} | {s['student'] or ''} | {len(s['seeds'])} | {s['val_loss']:.4f} | {s['val_ppl']:.1f} | "
-            f"{'baseline' if is_baseline(s) else _fmt(s['delta'], '+.2f')} | {_fmt(s['delta_std'], '.2f')} | "
+            f"{'baseline' if is_baseline(s) else _fmt(s['delta'], '+.2f')} | "
+            f"{'' if is_baseline(s) else _fmt(s['delta_std'], '.2f')} | "
             f"{_fmt(s['paper_delta'], '+.1f')} | {_fmt(s['bench_average'], '.4f')} | "
             f"{_fmt(s['cache_bytes_per_token'], '.1f')} | {s['tokens'] or ''} | {s['wall_s']:.0f} |"
         )

@@ -126,3 +126,20 @@ def test_report_missing_table(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path)])
     assert e.value.code == 2 and "results.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_report_runs_compares_fit_folders(swept, tmp_path, capsys):
+    """`report --runs` (the demo's last step) on plain fit folders: the first is the baseline."""
+    out, _, _ = swept
+    runs = {n: out / "runs" / f"{n}-s1234" for n in ("lm-baseline", "table4-alpha-1.0")}
+    main(["report", "--runs", f"lm-only={runs['lm-baseline']}", f"kd={runs['table4-alpha-1.0']}",
+          "--output", str(tmp_path / "rep")])  # fmt: skip
+    printed = capsys.readouterr().out
+    base, kd = _last_val_loss(runs["lm-baseline"]), _last_val_loss(runs["table4-alpha-1.0"])
+    line = next(x for x in printed.splitlines() if x.startswith("| kd "))
+    assert f"{kd:.4f}" in line and f"{100.0 * (base - kd) / base:+.2f}" in line
+    assert "| lm-only " in printed and "baseline" in printed
+    _png_size(tmp_path / "rep" / "curves.png")
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--runs", "lm-only", "--output", str(tmp_path / "x")])
+    assert e.value.code == 2 and "NAME=RUN_DIR" in capsys.readouterr().err
