@@ -26,8 +26,8 @@ def before_instantiate(config, subcommand: str | None) -> None:
                 "only (a checkpoint's pickled code could run anything); Lightning's checkpoints need nothing else"
             )
         config["weights_only"] = True
-    # "fsdp", an FSDPStrategy class_path, or an instance: only FSDP reads a sharded checkpoint folder
-    fsdp = "fsdp" in str((config.get("trainer") or {}).get("strategy")).lower()
+    # "fsdp", an FSDPStrategy or ModelParallelStrategy (FSDP2) class_path or instance: only they read a sharded folder
+    fsdp = any(s in str((config.get("trainer") or {}).get("strategy")).lower() for s in ("fsdp", "modelparallel"))
     check_ckpt_path(config.get("ckpt_path"), subcommand, fsdp=fsdp)
 
 
