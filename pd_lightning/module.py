@@ -389,7 +389,11 @@ class DistillationModule(L.LightningModule):
         data = self._trainer.datamodule if self._trainer is not None else None
         if data is None or not hasattr(data, "tokenizer_fingerprint"):
             return {}
-        return {"tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
+        identity = {"tokenizer_fingerprint": data.tokenizer_fingerprint, "seq_len": data.seq_len}
+        tokenizer_path = getattr(data, "tokenizer_path", None)
+        if tokenizer_path:  # lets `StudentLM.from_checkpoint` find the tokenizer without the run's config.yaml
+            identity["tokenizer_path"] = str(tokenizer_path)
+        return identity
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         window = [float(self.train_lm_window.total), float(self.train_lm_window.count)]
