@@ -124,7 +124,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "curves": [r.get("val_curve") or [] for r in rs],
             }
         )
-    return sorted(out, key=lambda s: (not is_baseline(s), s["student"] or "", s["name"]))
+    return sorted(out, key=lambda s: (not is_baseline(s), s["student"] or ""))  # else in the runs' order
 
 
 def _fmt(x, spec: str = ".4f") -> str:
@@ -132,18 +132,26 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """The table of every config: held-out loss/ppl, Δ% over LM-only (± std over seeds), the paper's Δ%."""
-    head = ("| config | student | seeds | held-out loss | ppl | Δ% vs LM-only | ± std | paper Δ% | bench avg | "
-            "cache B/token | tokens | wall s |")  # fmt: skip
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for s in summary:
-        lines.append(
-            f"| {s['name']} | {s['student'] or ''} | {len(s['seeds'])} | {s['val_loss']:.4f} | {s['val_ppl']:.1f} | "
-            f"{'baseline' if is_baseline(s) else _fmt(s['delta'], '+.2f')} | "
-            f"{'' if is_baseline(s) else _fmt(s['delta_std'], '.2f')} | "
-            f"{_fmt(s['paper_delta'], '+.1f')} | {_fmt(s['bench_average'], '.4f')} | "
-            f"{_fmt(s['cache_bytes_per_token'], '.1f')} | {s['tokens'] or ''} | {s['wall_s']:.0f} |"
-        )
+    """The table of every config: held-out loss/ppl, Δ% over LM-only (± std over seeds), the paper's Δ%, benchmark
+    average, cache bytes/token, tokens, wall time; a column empty for every config is left out."""
+    columns = [
+        ("config", lambda s: s["name"]),
+        ("student", lambda s: s["student"] or ""),
+        ("seeds", lambda s: str(len(s["seeds"]))),
+        ("held-out loss", lambda s: f"{s['val_loss']:.4f}"),
+        ("ppl", lambda s: f"{s['val_ppl']:.1f}"),
+        ("Δ% vs LM-only", lambda s: "baseline" if s["baseline"] else _fmt(s["delta"], "+.2f")),
+        ("± std", lambda s: "" if s["baseline"] else _fmt(s["delta_std"], ".2f")),
+        ("paper Δ%", lambda s: _fmt(s["paper_delta"], "+.1f")),
+        ("bench avg", lambda s: _fmt(s["bench_average"], ".4f")),
+        ("cache B/token", lambda s: _fmt(s["cache_bytes_per_token"], ".1f")),
+        ("tokens", lambda s: f"{s['tokens']:,}" if s["tokens"] else ""),
+        ("wall s", lambda s: f"{s['wall_s']:.0f}" if s["wall_s"] else ""),
+    ]
+    cells = [[fn(s) for _, fn in columns] for s in summary]
+    keep = [i for i in range(len(columns)) if any(row[i] for row in cells)]
+    lines = ["| " + " | ".join(columns[i][0] for i in keep) + " |", "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(row[i] for i in keep) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
