@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -350,3 +351,33 @@ def test_recorder_killed_mid_window_resumes_to_the_uninterrupted_cache(tmp_path,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not spool.exists()
     assert content_checksum(tmp_path / "cache-b") == content_checksum(tmp_path / "cache-a")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_observe_hook_sees_every_row_once_with_the_training_logits_and_changes_nothing(fused):
+    """``lm_kd_loss(observe=...)``: the chunks cover the N rows once, in order, and equal fp64 hidden @ W.T; the
+    loss and the gradients are bit for bit those of the same call without the hook."""
+    from pd_lightning.distill.objective import lm_kd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=gen)
+    labels[3] = -100
+    seen = []
+
+    def observe(rows, logits):
+        seen.append((rows.start, logits.clone()))
+
+    runs = []
+    for hook in (None, observe):
+        out = lm_kd_loss(hidden, weight, labels, None, 0.0, None, chunk_size=8, fused=fused, observe=hook)
+        grads = torch.autograd.grad(out.total, (hidden, weight))
+        runs.append((out.total.detach(), *grads))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert [s for s, _ in seen] == (list(range(0, 37, 8)) if fused else [0])
+    full = torch.cat([x for _, x in seen])
+    assert full.shape == (37, 50)
+    torch.testing.assert_close(
+        full.double(), hidden.detach().double() @ weight.detach().double().T, rtol=1e-5, atol=1e-5
+    )
