@@ -345,7 +345,8 @@ def lm_kd_loss(
 
     Args:
         hidden: ``(N, H)`` student hidden states after the final norm (any float dtype).
-        weight: ``(V, H)`` output head (``lm_head.weight``).
+        weight: ``(V, H)`` output head (``lm_head.weight``); a sharded DTensor head (FSDP2) is gathered once per call
+            and its gradient reduce-scattered back (``full_head``).
         labels: ``(N,)`` int64 next-token ids, ``-100`` = ignored.
         target: ``N`` rows of sparse teacher targets, or ``None`` when the data carries none.
         alpha: KD weight in [0, 1] (from the ``AlphaScheduler``).
