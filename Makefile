@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-seeds test test-slow lint format bench clean
+.PHONY: setup demo demo-seeds test test-slow lint format bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,10 @@ lint: setup
 
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# On a CUDA machine (<= 8 min on one H100/H200): GPU-marked tests + GPU throughput/MFU; DRY=1 for the CPU dry run.
+gpu-check: setup
+	benchmarks/gpu_check.sh $(if $(DRY),--dry-run,)
 
 bench: setup
 	$(BIN)/python benchmarks/loader_throughput.py
