@@ -287,8 +287,13 @@ def test_bad_input_window_outside_the_run_and_a_folder_holding_another_cache(tmp
     too_many = recorder_config(tmp_path / "r2.yaml", tmp_path / "rec2", last_tokens=10**6)
     code, err = run([*teacher_args(tokens, tmp_path / "t2", 6), "--config", str(too_many)], capsys)
     assert code == 2 and "last_tokens=1000000" in one_line(err)
-    # A folder holding another cache: refused before any step, the cache byte for byte unchanged.
+    # A teacher trained from a cache (no token-file sequence indices to record by): refused before the first step.
     main(predict_args(hf_teacher, tokens, tmp_path / "other"))
+    from_cache = ["--data.class_path", "pd_lightning.data.cache_datamodule.CacheDataModule",
+                  "--data.init_args.path", str(tmp_path / "other")]  # fmt: skip
+    code, err = run([*teacher_args(tokens, tmp_path / "t4", 6), *from_cache, "--config", str(outside)], capsys)
+    assert code == 2 and "TokenDataModule" in one_line(err) and not (tmp_path / "rec1").exists()
+    # A folder holding another cache: refused before any step, the cache byte for byte unchanged.
     before = content_checksum(tmp_path / "other")
     names = sorted(p.name for p in (tmp_path / "other").iterdir())
     into_other = recorder_config(tmp_path / "r3.yaml", tmp_path / "other")

@@ -112,6 +112,11 @@ class LogitRecorder(L.Callback):
         where = f"LogitRecorder(output={str(self.output)!r})"
         if trainer.world_size > 1:
             raise ValueError(f"{where} records on one process only; run the teacher on one device to record")
+        if not hasattr(trainer.datamodule, "tokens"):
+            raise ValueError(
+                f"{where} records a teacher pre-trained on a token file: use --data "
+                f"pd_lightning.data.datamodule.TokenDataModule (got {type(trainer.datamodule).__name__})"
+            )
         total = trainer.max_steps if trainer.max_steps > 0 else pl_module.total_steps
         tokens = self.last_tokens if self.last_tokens is not None else self.first_tokens
         if tokens is not None:
