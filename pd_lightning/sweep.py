@@ -23,6 +23,7 @@ import argparse
 import csv
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -301,7 +302,7 @@ def run_one(config: Path, seed: int, args, scale_file: Path, tokens: Path, env: 
         "k": int(m.group(2)),
         "cache_bytes_per_token": cache_bytes_per_token(cache),
         "val_loss": curve[-1][1],
-        "val_ppl": float(__import__("math").exp(curve[-1][1])),
+        "val_ppl": math.exp(curve[-1][1]),
         "val_curve": curve,
         "tokens": int(trainer["max_steps"]) * int(data["batch_size"]) * seq_len
         * int(trainer.get("accumulate_grad_batches") or 1) * int(trainer.get("devices") or 1),
