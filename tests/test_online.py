@@ -168,22 +168,18 @@ def in_step_args(tokens: Path, root: Path, steps: int, *extra: str) -> list[str]
     ]  # fmt: skip
 
 
-def test_in_step_teacher_targets_equal_cached_ones_and_train_through_the_cli(tmp_path, prepared, hf_teacher):
+def assert_in_step_equals_cache(teacher: Path, tokens: Path, cache_dir: Path) -> None:
+    """The training step's own code path (DistillationModule._online_target) on the cache's first 4 sequences equals
+    the cached targets within the cache's precision."""
     from pd_lightning.data.corpus import TokenFile
     from pd_lightning.data.datamodule import TokenDataset
+    from pd_lightning.distill.processors import TopPK
     from pd_lightning.model.config import StudentConfig
     from pd_lightning.module import DistillationModule
 
-    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
-    main(predict_args(hf_teacher, tokens, tmp_path / "cache"))
-    items = cached(tmp_path / "cache")
-    processor_args = ["--model.teacher_processor", "pd_lightning.distill.processors.TopPK",
-                      "--model.teacher_processor.p", "0.95", "--model.teacher_processor.k", "20"]  # fmt: skip
-    # The training step's own code path (DistillationModule._online_target) on the cache's first 4 sequences.
-    from pd_lightning.distill.processors import TopPK
-
+    items = cached(cache_dir)
     vocab = TokenFile(tokens).vocab_size
-    module = DistillationModule(StudentConfig(preset="tiny", vocab_size=vocab), teacher=str(hf_teacher),
+    module = DistillationModule(StudentConfig(preset="tiny", vocab_size=vocab), teacher=str(teacher),
                                 teacher_processor=TopPK(0.95, 20))  # fmt: skip
     data = TokenDataset(TokenFile(tokens), "train")
     batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "labels", "sequence_index")}
@@ -204,6 +200,15 @@ def test_in_step_teacher_targets_equal_cached_ones_and_train_through_the_cli(tmp
                  "teacher_power_sum@0.5": target.power_sums[0.5]}  # fmt: skip
         for key, value in stats.items():
             np.testing.assert_allclose(item[key], value[rows].numpy(), rtol=1e-3, atol=3e-5, err_msg=key)
+
+
+def test_in_step_teacher_targets_equal_cached_ones_and_train_through_the_cli(tmp_path, prepared, hf_teacher):
+
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
+    main(predict_args(hf_teacher, tokens, tmp_path / "cache"))
+    assert_in_step_equals_cache(hf_teacher, tokens, tmp_path / "cache")
+    processor_args = ["--model.teacher_processor", "pd_lightning.distill.processors.TopPK",
+                      "--model.teacher_processor.p", "0.95", "--model.teacher_processor.k", "20"]  # fmt: skip
     # Through the CLI: the student distils from the in-step teacher; the checkpoint holds no teacher weights and
     # the optimizer state covers the student's parameters only.
     root = tmp_path / "fit"
@@ -386,3 +391,11 @@ def test_observe_hook_sees_every_row_once_with_the_training_logits_and_changes_n
     torch.testing.assert_close(
         full.double(), hidden.detach().double() @ weight.detach().double().T, rtol=1e-5, atol=1e-5
     )
+
+
+def test_in_step_pd_lightning_checkpoint_teacher_equals_its_predict_cache(tmp_path, prepared):
+    """A pd-lightning .ckpt teacher (the chunked path: its (N, V) logits never exist) against `predict` with it."""
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
+    main(teacher_args(tokens, tmp_path / "t", 2))
+    main(predict_args(tmp_path / "t" / "step=2.ckpt", tokens, tmp_path / "cache"))
+    assert_in_step_equals_cache(tmp_path / "t" / "step=2.ckpt", tokens, tmp_path / "cache")
