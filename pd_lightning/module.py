@@ -105,7 +105,8 @@ class DistillationModule(L.LightningModule):
             (``pd_lightning.online.in_step``).
         co_train: the shape of a teacher pre-trained from scratch together with the student in this run (LM loss,
             same optimizer and LR schedule); the student distils from its current logits, read from the teacher's
-            own loss pass. Both are checkpointed. Excludes ``teacher``.
+            own loss pass. Both are checkpointed. Its ``vocab_size`` is the student's (the data's). Excludes
+            ``teacher``.
         teacher_processor: truncation of the in-step / co-trained teacher's logits (default TopPK(0.95, 100)).
         teacher_power_gammas: gammas whose ``U_gamma`` the in-step targets carry (default [0.5], as predict).
         teacher_dtype: weights dtype of ``teacher`` (float32, bfloat16, float16).
@@ -171,13 +172,8 @@ class DistillationModule(L.LightningModule):
         self.frozen_teacher = None if teacher is None else FrozenTeacher(teacher, dtype)
         self.teacher_model = None
         if co_train is not None:
-            if co_train.vocab_size is None:
-                co_train.vocab_size = self.student_config.vocab_size
-            if co_train.vocab_size != self.student_config.vocab_size:
-                raise ValueError(
-                    f"--model.co_train.vocab_size {co_train.vocab_size} differs from the student's "
-                    f"{self.student_config.vocab_size} (the data's); leave it unset"
-                )
+            # It reads the student's tokens: its vocabulary is the student's (the data's), whatever a preset says.
+            co_train.vocab_size = self.student_config.vocab_size
             self.teacher_model = Transformer(co_train)
 
     # ---- schedules ----------------------------------------------------------------------------------------------

@@ -399,3 +399,30 @@ def test_in_step_pd_lightning_checkpoint_teacher_equals_its_predict_cache(tmp_pa
     main(teacher_args(tokens, tmp_path / "t", 2))
     main(predict_args(tmp_path / "t" / "step=2.ckpt", tokens, tmp_path / "cache"))
     assert_in_step_equals_cache(tmp_path / "t" / "step=2.ckpt", tokens, tmp_path / "cache")
+
+
+def test_co_trained_teacher_target_is_its_current_logits_and_its_loss_its_lm_loss():
+    """``_online_target`` under co-training: the target is TopPK of the teacher's current logits (fp64 reference) and
+    the returned loss is the teacher's LM cross-entropy, with gradient into the teacher only."""
+    from pd_lightning.distill.processors import TopPK
+    from pd_lightning.model.config import StudentConfig
+    from pd_lightning.module import DistillationModule
+
+    torch.manual_seed(0)
+    module = DistillationModule(StudentConfig(preset="tiny", vocab_size=64), co_train=StudentConfig(preset="tiny"),
+                                teacher_processor=TopPK(1.0, 4), loss_chunk_size=16)  # fmt: skip
+    ids = torch.randint(0, 64, (2, 33))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "sequence_index": torch.arange(2)}
+    target, out = module._online_target(batch, alpha=0.5)
+    teacher = module.teacher_model
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher.double()(batch["input_ids"]).reshape(-1, 64), -1)
+    teacher.float()
+    top, _ = logp.topk(4, -1)
+    torch.testing.assert_close(target.logprobs.double(), top, rtol=0, atol=1e-5)
+    torch.testing.assert_close(target.logprobs.double(), logp.gather(1, target.ids), rtol=0, atol=1e-5)
+    lm = -logp.gather(1, batch["labels"].reshape(-1, 1)).mean()
+    torch.testing.assert_close(out.total.double(), lm, rtol=1e-5, atol=1e-5)
+    out.total.backward()
+    assert all(p.grad is not None for p in teacher.parameters())
+    assert all(p.grad is None for p in module.model.parameters())
