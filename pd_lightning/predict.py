@@ -29,13 +29,20 @@ from pd_lightning.teacher import Teacher, load_teacher
 
 
 class _Rows(Dataset):
-    def __init__(self, tokens: TokenFile, split: str, indices: np.ndarray) -> None:
-        self.tokens, self.split, self.indices = tokens, split, indices
+    """The rows ``indices`` of a split, then ``padding`` rows of zeros with ``sequence_index`` -1 (lockstep)."""
+
+    def __init__(self, tokens: TokenFile, split: str, indices: np.ndarray, padding: int = 0) -> None:
+        self.tokens, self.split, self.indices, self.padding = tokens, split, indices, padding
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) + self.padding
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
+        if i >= len(self.indices):
+            return {
+                "sequence_index": torch.tensor(-1),
+                "tokens": torch.zeros(self.tokens.seq_len + 1, dtype=torch.int64),
+            }
         index = int(self.indices[i])
         row = self.tokens.rows(self.split, index).astype(np.int64)
         return {"sequence_index": torch.tensor(index), "tokens": torch.from_numpy(row)}
@@ -62,6 +69,7 @@ class TokenSequences(L.LightningDataModule):
             raise ValueError(f"--data.split {split!r}: the token file {path!r} holds no {split} sequences")
         self.path, self.split, self.batch_size, self.num_workers = path, split, batch_size, num_workers
         self.pending: np.ndarray | None = None  # set by CacheWriterCallback.setup
+        self.padding = 0  # lockstep padding rows of a sharded teacher (set by CacheWriterCallback.setup)
 
     @property
     def num_sequences(self) -> int:
@@ -71,7 +79,7 @@ class TokenSequences(L.LightningDataModule):
         if self.pending is None:
             raise ValueError("pd-lightning predict needs the cache writer (--writer.output)")
         return DataLoader(
-            _Rows(self.tokens, self.split, self.pending),
+            _Rows(self.tokens, self.split, self.pending, self.padding),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -107,11 +115,37 @@ class TeacherLogits(L.LightningModule):
         self.model = self.teacher.model  # registered, so Lightning moves it to the device
         self.model.requires_grad_(False)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict:
+    def configure_model(self) -> None:
+        """A teacher sharded across the ranks under Lightning's ``ModelParallelStrategy``
+        (``--config configs/trainer/fsdp2.yaml``): FSDP2 ``fully_shard`` of each decoder layer, then the root, so a
+        teacher too large for one device is held 1/N per rank; each rank still predicts its own sequences, gathering
+        one layer at a time. The strategy's 2-D mesh is used as in ``DistillationModule.configure_model`` (sharded
+        within a node, replicated across nodes). Nothing under any other strategy.
+        """
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return
+        if mesh.ndim == 2 and 1 in mesh.shape:
+            mesh = mesh[mesh.mesh_dim_names[0 if mesh.shape[1] == 1 else 1]]
+        inner = getattr(self.model, "model", self.model)  # HF: LlamaForCausalLM.model.layers; ours: .layers
+        for layer in getattr(inner, "layers", []):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict | None:
         tokens = batch["tokens"]  # (B, L + 1)
         seq_index = batch["sequence_index"]  # (B,)
         L_ = tokens.shape[1] - 1
         logits = self.model(tokens[:, :-1])  # (B, L, V)
+        real = seq_index >= 0  # padding rows of a sharded teacher's lockstep (CacheWriterCallback) have index -1
+        if not bool(real.all()):
+            if not bool(real.any()):
+                return None
+            tokens, seq_index, logits = tokens[real], seq_index[real], logits[real.to(logits.device)]
         try:
             target = self.processor(logits, position_keys(seq_index, L_), gammas=self.power_gammas)
         except ValueError as e:
@@ -125,6 +159,25 @@ class TeacherLogits(L.LightningModule):
             ) from None
         # The target stays on the device: the writer thread compacts it there (only kept entries cross to host).
         return {"sequence_index": seq_index.cpu(), "tokens": tokens.cpu(), "target": target}
+
+
+def _lockstep_padding(trainer: L.Trainer, pending: int, batch_size: int) -> int:
+    """Rows of padding this rank's loader appends so that every rank runs as many teacher forwards as the busiest.
+
+    Only with a sharded teacher (``ModelParallelStrategy``): each of its forwards all-gathers the layers on every
+    rank, so a rank that ran out of sequences must keep calling it. Padding rows have ``sequence_index`` -1; the
+    forward runs on them and ``predict_step`` drops them. 0 under any other strategy.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if trainer.world_size == 1 or not isinstance(trainer.strategy, ModelParallelStrategy):
+        return 0
+    import torch.distributed as dist
+
+    batches = -(-pending // batch_size)
+    most = torch.tensor(batches, device=trainer.strategy.root_device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return 0 if batches == int(most) else int(most) * batch_size - pending
 
 
 class CacheWriterCallback(L.Callback):
@@ -185,6 +238,7 @@ class CacheWriterCallback(L.Callback):
             self.output, spec, rank=trainer.global_rank, world_size=trainer.world_size, overwrite=self.overwrite
         )
         data.pending = writer.pending_sequences
+        data.padding = _lockstep_padding(trainer, len(data.pending), data.batch_size)
         ranges = [spec.shard_range(int(j)) for j in spec.rank_shards(trainer.global_rank, trainer.world_size)]
         mine = sum(b - a for a, b in ranges)
         if writer.complete:
@@ -195,7 +249,8 @@ class CacheWriterCallback(L.Callback):
         self.writer = BackgroundWriter(writer, max_pending=self.max_pending)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: dict, batch, batch_idx: int, dataloader_idx=0) -> None:
-        self.writer.write(outputs["sequence_index"], outputs["tokens"], outputs["target"])
+        if outputs is not None:  # None: a batch of lockstep padding only
+            self.writer.write(outputs["sequence_index"], outputs["tokens"], outputs["target"])
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.writer is not None:

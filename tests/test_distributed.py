@@ -189,3 +189,20 @@ def test_fsdp_bf16_steps_and_sharded_resume_on_gpu(cache, prepared, tmp_path):
     for step in after:
         print(f"FSDP resume step {step}: {after[step]} vs {train[step]}")
         assert float(after[step]) == pytest.approx(float(train[step]), rel=1e-3)
+
+
+def test_predict_with_a_teacher_sharded_across_two_ranks_equals_one_process(cache, hf_teacher, prepared, tmp_path):
+    """``pd-lightning predict`` under FSDP2 (``fsdp2.yaml``, 2 CPU ranks, gloo): the HF teacher's weights are sharded
+    across the ranks, each rank predicts its own shards (7 and 6 of the 13: the rank with fewer batches pads with
+    lockstep forwards, which write nothing), and the cache's content equals the 1-process cache's."""
+    from pd_lightning.data.cache_format import content_checksum
+
+    out = tmp_path / "cache"
+    flags = ["--config", str(ROOT / "configs/trainer/fsdp2.yaml"), "--trainer.accelerator", "cpu"]
+    args = predict_args(hf_teacher, prepared["tokens"], out, *flags, "--trainer.devices", "2")
+    run = subprocess.run(
+        [sys.executable, "-m", "pd_lightning.cli", *args], env=env1(), capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert (out / "index.json").exists()
+    assert content_checksum(out) == content_checksum(cache)
