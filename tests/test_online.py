@@ -333,9 +333,11 @@ def test_bad_input_in_step_teacher(tmp_path, prepared, hf_teacher, capsys):
     assert not list((tmp_path / "c").rglob("*.ckpt"))
 
 
-def test_recorder_killed_mid_window_resumes_to_the_uninterrupted_cache(tmp_path, prepared):
+@pytest.mark.parametrize("kill_step", [5, 6])
+def test_recorder_killed_mid_window_resumes_to_the_uninterrupted_cache(tmp_path, prepared, kill_step):
     """SIGKILL after step 5 of a 6-step window (before its checkpoint); resuming from the step-4 checkpoint drops the
-    spool parts recorded after it and records those steps again: the cache equals the uninterrupted run's."""
+    spool parts recorded after it and records those steps again: the cache equals the uninterrupted run's. Killed
+    after step 6 (the recording finished, its checkpoint not saved), the resumed run keeps the finished cache."""
     import os
     import subprocess
     import sys
@@ -349,16 +351,24 @@ def test_recorder_killed_mid_window_resumes_to_the_uninterrupted_cache(tmp_path,
     main([*teacher_args(tokens, tmp_path / "a", 6), "--config", str(whole)])
     killed = recorder_config(tmp_path / "b.yaml", tmp_path / "cache-b", start_step=0, end_step=6)
     args = [*teacher_args(tokens, tmp_path / "b", 6), *every2, "--config", str(killed)]
-    fault = ["--trainer.callbacks+=tests.faults.Fault", "--trainer.callbacks.at=train", "--trainer.callbacks.step=5"]
+    fault = [
+        "--trainer.callbacks+=tests.faults.Fault",
+        "--trainer.callbacks.at=train",
+        f"--trainer.callbacks.step={kill_step}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "pd_lightning.cli"]
     proc = subprocess.run([*cmd, *args, *fault], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     spool = tmp_path / "cache-b" / ".recording"
-    assert len(list(spool.glob("part-*.pt"))) >= 4 and not (tmp_path / "cache-b" / "index.json").exists()
+    if kill_step == 5:
+        assert len(list(spool.glob("part-*.pt"))) >= 4 and not (tmp_path / "cache-b" / "index.json").exists()
+    else:
+        assert not spool.exists() and (tmp_path / "cache-b" / "index.json").exists()
     proc = subprocess.run([*cmd, *args, "--ckpt_path", str(tmp_path / "b" / "step=4.ckpt")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("not recording again" in proc.stdout) == (kill_step == 6)
     assert not spool.exists()
     assert content_checksum(tmp_path / "cache-b") == content_checksum(tmp_path / "cache-a")
 

@@ -147,6 +147,10 @@ class LogitRecorder(L.Callback):
         if self._done:
             return
         others = _cache_files(self.output)
+        if others and not self.overwrite and self._own_finished_cache(trainer, pl_module):
+            self._done = True  # this run's recording finished after the checkpoint it resumes from: keep it
+            print(f"LogitRecorder: {self.output} already holds this run's finished recording; not recording again")
+            return
         if others and not self.overwrite:
             raise CacheMismatchError(
                 f"LogitRecorder: output {str(self.output)!r} already holds a teacher cache ({others[0]} ...); "
@@ -213,15 +217,30 @@ class LogitRecorder(L.Callback):
         pl_module.logit_observer = None
 
     # ------------------------------------------------------------------------------------------------ the cache
+    def _identity(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[str, str]:
+        """(token source fingerprint, the cache's teacher fingerprint): the run's teacher shape, window and data."""
+        data = trainer.datamodule
+        source = token_source_fingerprint(data.tokens.path, "train")
+        identity = {"student": pl_module.student_config.shape(), "window": list(self.window), "source": source}
+        return source, "online-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _own_finished_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        from pd_lightning.data.cache_format import CacheError, read_layout
+
+        try:
+            layout = read_layout(self.output, check_files=False)
+        except CacheError:
+            return False
+        ours = self._identity(trainer, pl_module)[1]
+        return layout is not None and layout.complete and layout.spec.teacher_fingerprint == ours
+
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The spool -> a cache of the distinct recorded sequences (ascending token-file order), then no spool."""
         data = trainer.datamodule
         sequences = np.array(sorted(self._where), dtype=np.int64)  # (M,)
         length = data.seq_len
-        source = token_source_fingerprint(data.tokens.path, "train") if hasattr(data, "tokens") else "unknown"
+        source, teacher_fp = self._identity(trainer, pl_module)
         picked = hashlib.sha256(sequences.tobytes()).hexdigest()[:16]
-        identity = {"student": pl_module.student_config.shape(), "window": list(self.window), "source": source}
-        teacher_fp = "online-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         spec = CacheSpec.for_processor(
             self.processor,
             vocab_size=pl_module.student_config.vocab_size,
