@@ -149,3 +149,40 @@ def test_task_folder_command(tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "out").glob("*.yaml"))
     assert names == ["_ceval_group.yaml", "ceval_high_school_physics.yaml", "ceval_pd_custom_subject.yaml", "piqa.yaml"]
     assert "--include_path" in capsys.readouterr().out
+
+
+def test_too_few_fewshot_rows_are_refused_before_lm_eval(tmp_path):
+    """lm-eval itself fails late with "Sample larger than population" / an AssertionError; the check names the file,
+    the shots and the rows it has."""
+    for task in ("c3", "gsm8k", "mmlu", "ceval"):
+        shutil.copytree(FIXTURES / task, tmp_path / task)
+    c3 = tmp_path / "c3" / "validation.jsonl"
+    c3.write_text("".join(c3.read_text().splitlines(keepends=True)[:3]))  # 3 rows: 5-shot needs 6 (the row is left out)
+    with pytest.raises(
+        ValueError, match=r"c3: 5-shot .* other rows of .*c3/validation.jsonl, which needs 6 rows.*has 3"
+    ):
+        check_data(tmp_path, ["c3"])
+    check_data(tmp_path, ["c3"], num_fewshot={"c3": 2})  # 2 shots from the 2 other rows
+    with pytest.raises(ValueError, match=r"c3: 3-shot"):
+        check_data(tmp_path, ["c3"], num_fewshot={"c3": 3})
+    train = tmp_path / "gsm8k" / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(ValueError, match=r"gsm8k: 8-shot needs 8 rows in .*gsm8k/train.jsonl, it has 3"):
+        check_data(tmp_path, ["gsm8k"])
+    check_data(tmp_path, ["gsm8k"], num_fewshot={"gsm8k": 3})
+    dev = tmp_path / "mmlu" / "dev.jsonl"  # flat file, rows carry their subject
+    rows = [json.loads(x) for x in dev.read_text().splitlines()]
+    subject = rows[0]["subject"]
+    kept = [r for r in rows if r["subject"] != subject] + [r for r in rows if r["subject"] == subject][:2]
+    dev.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    with pytest.raises(
+        ValueError, match=rf"mmlu: 5-shot needs 5 dev rows per subject, .*dev.jsonl \(subject {subject}\) has 2"
+    ):
+        check_data(tmp_path, ["mmlu"])
+    check_data(tmp_path, ["mmlu"], num_fewshot={"mmlu": 2})
+    (subject_dev,) = sorted((tmp_path / "ceval").glob("*/dev.jsonl"))[:1]
+    subject_dev.write_text(subject_dev.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(ValueError, match=rf"ceval: 5-shot needs 5 dev rows per subject, {subject_dev} has 1"):
+        check_data(tmp_path, ["ceval"])
+    with pytest.raises(ValueError, match=r"num_fewshot for piqa must be >= 0, got -1"):
+        check_data(FIXTURES, ["piqa"], num_fewshot={"piqa": -1})

@@ -11,19 +11,31 @@ from pathlib import Path
 import pytest
 
 from pd_lightning.cli import main
-from pd_lightning.eval.report import markdown_table, text_table, with_deltas
+from pd_lightning.eval.report import markdown_table, text_table, with_deltas, write_results
 from tests.test_train import tiny_fit_args
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 TASKS = ["hellaswag", "winogrande", "piqa", "mmlu", "c3", "ceval", "gsm8k"]
 
 
-def test_delta_pct_against_a_hand_made_baseline():
+def test_delta_pct_against_a_hand_made_baseline(tmp_path):
     summary = with_deltas({"piqa": 60.0, "mmlu": 30.0}, 45.0, {"piqa": 50.0, "mmlu": 40.0, "c3": 1.0})
     # Hand-computed: (60-50)/50 = +20 %, (30-40)/40 = -25 %; averages 45 vs (50+40)/2 = 45 -> 0 %.
     assert summary["delta_pct"] == {"piqa": 20.0, "mmlu": -25.0, "average": 0.0}
     assert summary["baseline_average"] == 45.0 and "c3" not in summary["baseline"]
-    assert math.isnan(with_deltas({"piqa": 1.0}, 1.0, {"piqa": 0.0})["delta_pct"]["piqa"])
+    # A zero baseline: the relative change is undefined -> None (strict JSON) and "n/a" in the tables, not "+nan".
+    zero = with_deltas({"piqa": 1.0, "mmlu": 30.0}, 15.5, {"piqa": 0.0, "mmlu": 40.0})
+    assert zero["delta_pct"]["piqa"] is None and zero["delta_pct"]["mmlu"] == -25.0
+    assert text_table(zero).splitlines()[3].split() == ["Δ%", "n/a", "-25.00", "-22.50"]
+    assert markdown_table(zero).splitlines()[-1] == "| Δ% | n/a | -25.00 | -22.50 |"
+    zero["results"] = {"piqa": {"acc,none": 1.0, "acc_stderr,none": math.nan}}  # lm-eval's stderr of 1 document
+
+    def strict(name):
+        raise ValueError(f"{name} is not JSON")
+
+    json_path, _ = write_results(zero, tmp_path / "r.json")
+    written = json.loads(json_path.read_text(), parse_constant=strict)
+    assert written["delta_pct"]["piqa"] is None and written["results"]["piqa"]["acc_stderr,none"] is None
     table = text_table(summary).splitlines()
     assert table[0].split() == ["piqa", "mmlu", "average"]
     assert table[3].split() == ["Δ%", "+20.00", "-25.00", "+0.00"]
@@ -110,6 +122,14 @@ def test_validate_refuses_bad_input(tmp_path, prepared, tiny_ckpt, capsys, hf_te
     assert "validation.jsonl" in err and ":2" in err and "sol2" in err
     shutil.copytree(FIXTURES / "piqa", data / "piqa", dirs_exist_ok=True)
     assert "baseline" in run("--eval.baseline", str(tmp_path / "nope.json"))
+    # Shots and limits that lm-eval would fail on late (after the validation loop) or silently truncate.
+    assert run("--eval.num_fewshot", "-1").endswith("--eval.num_fewshot must be >= 0, got -1")
+    assert "--eval.limit must be a number of documents" in run("--eval.limit", "2.5")
+    assert "--eval.limit" in run("--eval.limit", "0")
+    lines = (data / "gsm8k" / "train.jsonl").read_text().splitlines(keepends=True)
+    (data / "gsm8k" / "train.jsonl").write_text("".join(lines[:3]))
+    assert "gsm8k: 8-shot needs 8 rows in" in run(tasks=("gsm8k",))
+    shutil.copytree(FIXTURES / "gsm8k", data / "gsm8k", dirs_exist_ok=True)
     # A tokenizer other than the checkpoint's: the tiny HF teacher folder holds the same tokenizer, so train another.
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -92,8 +92,9 @@ class LMEvalCallback(L.Callback):
             raise ValueError(f"LMEvalCallback tasks: unknown task {unknown[0]!r} (known: {', '.join(KNOWN_TASKS)})")
         if every_n_steps < 0:
             raise ValueError(f"LMEvalCallback every_n_steps must be >= 0, got {every_n_steps}")
-        if limit is not None and limit <= 0:
-            raise ValueError(f"LMEvalCallback limit must be positive, got {limit}")
+        from pd_lightning.eval.validate import check_limit_and_shots
+
+        check_limit_and_shots(limit, num_fewshot, "LMEvalCallback limit", "LMEvalCallback num_fewshot")
         self.data_dir, self.every_n_steps, self.on_checkpoint = data_dir, every_n_steps, on_checkpoint
         self.limit, self.num_fewshot, self.seed = limit, num_fewshot, seed
         self.batch_size, self.max_length, self.max_gen_toks = batch_size, max_length, max_gen_toks

@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 
 
-def delta_pct(score: float, base: float) -> float:
-    """Relative change in percent: 100 * (score - base) / base (NaN when the baseline is 0)."""
-    return 100.0 * (score - base) / base if base else math.nan
+def delta_pct(score: float, base: float) -> float | None:
+    """Relative change in percent: 100 * (score - base) / base (None, "n/a" in the tables, when the baseline is 0:
+    the relative change is undefined, and NaN is not valid JSON)."""
+    return 100.0 * (score - base) / base if base else None
 
 
 def load_baseline(path: str | os.PathLike, tasks: list[str] | tuple[str, ...]) -> dict[str, float]:
@@ -56,7 +57,8 @@ def _rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     if "delta_pct" in summary:
         base = summary["baseline"]
         rows.append(["baseline", *(f"{base[t]:.2f}" for t in tasks), f"{summary['baseline_average']:.2f}"])
-        rows.append(["Δ%", *(f"{summary['delta_pct'][t]:+.2f}" for t in [*tasks, "average"])])
+        deltas = [summary["delta_pct"][t] for t in [*tasks, "average"]]
+        rows.append(["Δ%", *("n/a" if d is None else f"{d:+.2f}" for d in deltas)])
     return header, rows
 
 
@@ -74,12 +76,24 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
+def _json_safe(value):
+    """NaN / inf (e.g. an lm-eval stderr of one document) -> None, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_results(summary: dict, path: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``path`` (JSON) and the markdown table beside it (``.md``), each through a temporary file + rename."""
     json_path = Path(path)
     md_path = json_path.with_suffix(".md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    texts = {json_path: json.dumps(summary, indent=2, default=str) + "\n", md_path: markdown_table(summary)}
+    text = json.dumps(_json_safe(summary), indent=2, default=str, allow_nan=False) + "\n"
+    texts = {json_path: text, md_path: markdown_table(summary)}
     for target, text in texts.items():
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         tmp.write_text(text, encoding="utf-8")

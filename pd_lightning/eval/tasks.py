@@ -98,6 +98,47 @@ def _check_rows(path: Path, task: str, fields: Sequence[str]) -> list[dict]:
     return rows
 
 
+def _count_by(rows: list[dict], key: str | None) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        k = str(r.get(key, "")) if key else ""
+        counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def _shots_hint(task: str) -> str:
+    return f"add rows, or lower num_fewshot for {task} (validate: --eval.num_fewshot)"
+
+
+def _check_subject_pool(task: str, n: int, available: int, where: str) -> None:
+    """MMLU / C-Eval take the first ``n`` dev rows of the same subject (lm-eval's ``first_n`` sampler)."""
+    if n > available:
+        raise ValueError(
+            f"{task}: {n}-shot needs {n} dev rows per subject, {where} has {available}; {_shots_hint(task)}"
+        )
+
+
+def _check_fewshot_pool(
+    task: str, n: int, counts: dict[str, int], files: dict[str, Path], main: str, few: str | None
+) -> None:
+    """The few-shot examples are drawn from the ``few`` split when its file is there, else from the scored split
+    without the scored row itself (so that split needs ``n + 1`` rows)."""
+    if n == 0:
+        return
+    if few and few in counts:
+        if counts[few] < n:
+            raise ValueError(
+                f"{task}: {n}-shot needs {n} rows in {files[few]}, it has {counts[few]}; {_shots_hint(task)}"
+            )
+        return
+    if counts[main] < n + 1:
+        alt = f" (or a {files[few]} with {n})" if few else ""
+        raise ValueError(
+            f"{task}: {n}-shot draws its examples from the other rows of {files[main]}, which needs {n + 1} rows{alt}, "
+            f"it has {counts[main]}; {_shots_hint(task)}"
+        )
+
+
 def check_data(
     data_dir: str | os.PathLike, tasks: Sequence[str] | str, num_fewshot: dict[str, int] | None = None
 ) -> dict[str, TaskData]:
@@ -113,6 +154,9 @@ def check_data(
             f"eval data folder {str(root)!r} does not exist (write it with `pd-lightning eval-data`)"
         )
     shots = {**DEFAULT_FEWSHOT, **(num_fewshot or {})}
+    for task, n in shots.items():
+        if int(n) < 0:
+            raise ValueError(f"num_fewshot for {task} must be >= 0, got {n}")
     found = {}
     for task in names:
         spec = task_spec(task)
@@ -144,6 +188,11 @@ def check_data(
                                     "digits, '_' or '-' (e.g. high_school_physics)"
                                 )
                 data.files[""] = {s: p for s, p in flat.items() if p.is_file()}
+                if few in per_split:
+                    by_subject = _count_by(per_split[few], "subject" if data.flat_subjects else None)
+                    for subject in _count_by(per_split[main], "subject" if data.flat_subjects else None):
+                        where = f"{flat[few]} (subject {subject})" if subject else str(flat[few])
+                        _check_subject_pool(task, int(shots.get(task, 0)), by_subject.get(subject, 0), where)
             elif folders:
                 for d in folders:
                     files = {s: d / Path(p).name for s, p in splits.items()}
@@ -151,7 +200,9 @@ def check_data(
                         if s not in optional and not p.is_file():
                             raise FileNotFoundError(f"{task}: expected {p} (the {s} split of subject {d.name})")
                         if p.is_file():
-                            _check_rows(p, task, spec["fields"])
+                            rows = _check_rows(p, task, spec["fields"])
+                            if s == few:
+                                _check_subject_pool(task, int(shots.get(task, 0)), len(rows), str(p))
                     data.files[d.name] = {s: p for s, p in files.items() if p.is_file()}
             else:
                 raise FileNotFoundError(
@@ -159,12 +210,15 @@ def check_data(
                 )
         else:
             files = {s: root / p for s, p in splits.items()}
+            counts = {}
             for s, p in files.items():
                 if s not in optional and not p.is_file():
                     raise FileNotFoundError(f"{task}: expected {p} (the {s} split)")
                 if p.is_file():
-                    _check_rows(p, task, spec["fields"])
+                    counts[s] = len(_check_rows(p, task, spec["fields"]))
             data.files[""] = {s: p for s, p in files.items() if p.is_file()}
+            main = next(s for s in splits if s != few)
+            _check_fewshot_pool(task, int(shots.get(task, 0)), counts, files, main, few)
         found[task] = data
     return found
 

@@ -53,6 +53,16 @@ def _checkpoint_record(ckpt_path: str) -> dict:
     return dict(ckpt.get("pd_lightning") or {}) if isinstance(ckpt, dict) else {}
 
 
+def check_limit_and_shots(limit: float | None, num_fewshot: int | None, limit_flag: str, shots_flag: str) -> None:
+    """A limit is a document count (a whole number >= 1) or a fraction in (0, 1); shots are >= 0."""
+    if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
+        raise ValueError(
+            f"{limit_flag} must be a number of documents (a whole number >= 1) or a fraction in (0, 1), got {limit}"
+        )
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"{shots_flag} must be >= 0, got {num_fewshot}")
+
+
 def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
     """Refuse bad input before the run; returns what ``score`` needs (tokenizer, baseline scores, output path)."""
     from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -67,8 +77,7 @@ def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
         raise ValueError("--eval.tasks scores a checkpoint: pass --ckpt_path <file.ckpt>")
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist")
-    if opts.limit is not None and opts.limit <= 0:
-        raise ValueError(f"--eval.limit must be positive, got {opts.limit}")
+    check_limit_and_shots(opts.limit, opts.num_fewshot, "--eval.limit", "--eval.num_fewshot")
     check_data(
         opts.data_dir, opts.tasks, None if opts.num_fewshot is None else dict.fromkeys(opts.tasks, opts.num_fewshot)
     )
