@@ -11,7 +11,8 @@
    same target), all three timed in the same repetition. Goal <= 1.05 (nothing wasted beyond the two passes).
 
 Variants run interleaved (``--reps`` >= 7 repetitions after one warm-up each); medians, the min/max of the paired
-ratios and the torch thread count are printed; the last line is ``RESULT ratio=... in_step_ratio=... cpu_ratio=... cpu_in_step_ratio=...`` (wall ratios first).
+ratios and the torch thread count are printed; the last line is
+``RESULT ratio=... in_step_ratio=... cpu_ratio=... cpu_in_step_ratio=...`` (wall-clock ratios first).
 """
 
 from __future__ import annotations
