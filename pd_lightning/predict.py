@@ -7,6 +7,9 @@ Pieces (all LightningCLI plug-ins):
   thread so the teacher never waits on disk; each finished shard is renamed into place and indexed, so a kill loses
   at most the shard being written and a rerun continues from the finished ones (see ``cache_writer.py``).
 
+A teacher too large for one device is sharded across the ranks under ``ModelParallelStrategy``
+(``TeacherLogits.configure_model``, FSDP2); each rank still predicts its own shards, in lockstep.
+
 Each rank's data loader holds exactly the sequences of that rank's unfinished shards, so the trainer must not
 shard them again: ``use_distributed_sampler`` is off in ``PredictCLI``'s defaults and refused when set.
 """

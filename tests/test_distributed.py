@@ -30,6 +30,7 @@ STEPS = 6
 # 2 ranks vs 1 process: same data and initial weights, float32 sums in another order (all-reduce / reduce-scatter).
 # Measured here (DDP and FSDP2 alike): |rel diff| <= 8e-8 on val/loss after 2, 4, 6 AdamW steps.
 REL_TOL = 1e-5
+TIMEOUT = 600  # seconds per subprocess: a collective that one rank never joins fails the test instead of hanging
 
 
 def env1() -> dict[str, str]:
@@ -38,7 +39,12 @@ def env1() -> dict[str, str]:
 
 def run_fit(args: list[str]) -> subprocess.CompletedProcess:
     run = subprocess.run(
-        [sys.executable, "-m", "pd_lightning.cli", *args], env=env1(), capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "pd_lightning.cli", *args],
+        env=env1(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=TIMEOUT,
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     return run
@@ -119,7 +125,7 @@ def test_sharded_head_loss_and_gradients_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run = subprocess.run(
         [*cmd, str(ROOT / "tests/workers/sharded_head.py"), str(out)],
-        env=env1(), capture_output=True, text=True, cwd=ROOT,
+        env=env1(), capture_output=True, text=True, cwd=ROOT, timeout=TIMEOUT,
     )  # fmt: skip
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     results = torch.load(out, weights_only=True)
@@ -201,7 +207,12 @@ def test_predict_with_a_teacher_sharded_across_two_ranks_equals_one_process(cach
     flags = ["--config", str(ROOT / "configs/trainer/fsdp2.yaml"), "--trainer.accelerator", "cpu"]
     args = predict_args(hf_teacher, prepared["tokens"], out, *flags, "--trainer.devices", "2")
     run = subprocess.run(
-        [sys.executable, "-m", "pd_lightning.cli", *args], env=env1(), capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "pd_lightning.cli", *args],
+        env=env1(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=TIMEOUT,
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert (out / "index.json").exists()
