@@ -205,3 +205,28 @@ def test_lm_eval_command_line(eval_ckpt, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].endswith("gone.ckpt' does not exist")
     assert not (tmp_path / "out2").exists()
+
+
+def test_lm_eval_command_line_num_fewshot_and_tokenizerless_folder(eval_ckpt, tmp_path):
+    """lm-eval ignores --num_fewshot for a task whose YAML says 0 shots: the wrapper writes the count into the task
+    YAMLs, so `--num_fewshot 1` really gives piqa one shot. A model folder without a tokenizer is refused at once."""
+    exe = Path(sys.executable).parent / "pd-lightning-lm-eval"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(exe), "--model", "pd-lightning", "--model_args", f"checkpoint={eval_ckpt},max_length=256",
+           "--tasks", "piqa", "--data_dir", str(FIXTURES), "--limit", "2", "--device", "cpu", "--num_fewshot", "1",
+           "--output_path", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(results.read_text())["n-shot"]["piqa"] == 1
+
+    folder = tmp_path / "exported"  # what `export-hf` writes without --tokenizer: weights and config only
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    bad = subprocess.run([str(exe), "--model", "hf", "--model_args", f"pretrained={folder}", "--tasks", "piqa",
+                          "--data_dir", str(FIXTURES)], capture_output=True, text=True, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        f"pd-lightning-lm-eval: error: --model_args pretrained={str(folder)!r} holds no tokenizer; export it with "
+        "`pd-lightning export-hf … --tokenizer <folder>` or add tokenizer=<folder> to --model_args"
+    ]

@@ -46,11 +46,19 @@ def _fail(message: str) -> None:
 
 
 def _check_model_paths(args: list[str]) -> None:
-    """Refuse a missing checkpoint / model folder / tokenizer before lm-eval starts (it indexes its tasks first)."""
-    if _option(args, "--model") not in ("pd-lightning", "pd_lightning"):
-        return
+    """Refuse a missing checkpoint / model folder / tokenizer before lm-eval starts (it indexes its tasks first),
+    and a local model folder without tokenizer files (``export-hf`` without ``--tokenizer``) for any model."""
     model_args = _option(args, "--model_args") or ""
     pairs = dict(item.split("=", 1) for item in model_args.split(",") if "=" in item)
+    folder = Path(pairs.get("pretrained", ""))
+    if "pretrained" in pairs and "tokenizer" not in pairs and (folder / "config.json").is_file():
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            _fail(
+                f"--model_args pretrained={pairs['pretrained']!r} holds no tokenizer; export it with "
+                "`pd-lightning export-hf … --tokenizer <folder>` or add tokenizer=<folder> to --model_args"
+            )
+    if _option(args, "--model") not in ("pd-lightning", "pd_lightning"):
+        return
     for key in ("checkpoint", "pretrained", "tokenizer"):
         if key in pairs and not Path(pairs[key]).exists():
             _fail(f"--model_args {key}={pairs[key]!r} does not exist")
@@ -64,8 +72,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if data_dir is not None:
             from pd_lightning.eval.tasks import KNOWN_TASKS, write_task_dir
 
+            tasks = _option(args, "--tasks") or ",".join(KNOWN_TASKS)
+            shots = _option(args, "--num_fewshot")
             try:
-                write_task_dir(data_dir, tmp, _option(args, "--tasks") or ",".join(KNOWN_TASKS))
+                # lm-eval ignores --num_fewshot for a task whose YAML says 0 shots, so the YAMLs get the count too
+                # (and the data check then asks for the few-shot files that count needs, not the defaults').
+                if shots is not None and not shots.lstrip("-").isdigit():
+                    raise ValueError(f"--num_fewshot must be a whole number, got {shots!r}")
+                per_task = None if shots is None else dict.fromkeys(tasks.split(","), int(shots))
+                write_task_dir(data_dir, tmp, tasks, num_fewshot=per_task)
             except (FileNotFoundError, ValueError) as e:
                 _fail(str(e))
             included = _pop_option(args, "--include_path")
