@@ -117,7 +117,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "delta": statistics.fmean(deltas) if deltas else None,
                 "delta_std": statistics.stdev(deltas) if len(deltas) > 1 else None,
                 "bench_average": statistics.fmean(bench) if bench else None,
-                "cache_bytes_per_token": first.get("cache_bytes_per_token"),
+                "cache_bytes_per_token": None if first.get("loss") == "LM only" else first.get("cache_bytes_per_token"),
                 "tokens": first.get("tokens"),
                 "wall_s": statistics.fmean(r.get("wall_s", 0.0) for r in rs),
                 "paper_delta": PAPER_DELTA.get(name),
