@@ -70,7 +70,8 @@ def student_bench(args, device: torch.device, dtype: torch.dtype) -> dict:
     )
     batch = {k: v.to(device) for k, v in batch.items()}
     torch.manual_seed(0)
-    module = DistillationModule(cfg, lr=1e-4, loss=KLD(), alpha=Constant(0.5), max_steps=10**6).to(device)
+    with device:  # built and initialised on the device (a 1B+ model initialises slowly on the host)
+        module = DistillationModule(cfg, lr=1e-4, loss=KLD(), alpha=Constant(0.5), max_steps=10**6)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda")
     flops = student_flops_per_batch(module, (args.batch, args.seq))
     from lightning.fabric.utilities.throughput import get_available_flops
@@ -132,7 +133,8 @@ def teacher_bench(args, device: torch.device, dtype: torch.dtype) -> dict:
         num_key_value_heads=args.teacher_kv, max_position_embeddings=max(2048, args.seq),
     )  # fmt: skip
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    with device:
+        teacher = LlamaForCausalLM(cfg).to(dtype=dtype).eval()
     gen = torch.Generator().manual_seed(1)
     seqs = args.teacher_sequences
     tokens = torch.randint(0, args.vocab, (seqs, args.seq + 1), generator=gen)
