@@ -161,7 +161,11 @@ def test_sharded_requests_equal_one_process(tmp_path, prepared):
 
 def test_callback_refuses_bad_input_before_training(tmp_path, tokens, capsys):
     cases = [({"tasks": ["piqa", "nope"]}, "unknown task 'nope'"),
-             ({"data_dir": str(tmp_path / "missing")}, str(tmp_path / "missing"))]  # fmt: skip
+             ({"data_dir": str(tmp_path / "missing")}, str(tmp_path / "missing")),
+             ({"num_fewshot": -1}, "LMEvalCallback num_fewshot must be >= 0, got -1"),
+             ({"num_fewshot": {"arc": 1}}, "LMEvalCallback num_fewshot: unknown task 'arc'"),
+             ({"num_fewshot": {"gsm8k": 99}}, "gsm8k: 99-shot needs 99 rows in"),
+             ({"limit": 2.5}, "LMEvalCallback limit must be a number of documents")]  # fmt: skip
     for i, (init_args, expected) in enumerate(cases):
         cfg = callback_config(tmp_path / f"cb{i}.yaml", every_n_steps=1, **init_args)
         with pytest.raises(SystemExit) as e:

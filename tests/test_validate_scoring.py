@@ -129,6 +129,15 @@ def test_validate_refuses_bad_input(tmp_path, prepared, tiny_ckpt, capsys, hf_te
     lines = (data / "gsm8k" / "train.jsonl").read_text().splitlines(keepends=True)
     (data / "gsm8k" / "train.jsonl").write_text("".join(lines[:3]))
     assert "gsm8k: 8-shot needs 8 rows in" in run(tasks=("gsm8k",))
+    assert "--eval.num_fewshot: unknown task 'arc'" in run("--eval.num_fewshot", "{arc: 2}")
+    assert not out.exists()
+    # Shots per task: the 3 train rows are enough for 3-shot GSM8k; the other tasks keep the paper's defaults.
+    main(_validate_args(prepared, root, tiny_ckpt, *_eval_args(data, out, "gsm8k", "piqa"),
+                        "--eval.num_fewshot", "{gsm8k: 3}"))  # fmt: skip
+    assert json.loads(out.read_text())["config"]["num_fewshot"] == {"gsm8k": 3, "piqa": 0}
+    out.unlink()
+    out.with_suffix(".md").unlink()
+    capsys.readouterr()
     shutil.copytree(FIXTURES / "gsm8k", data / "gsm8k", dirs_exist_ok=True)
     # A tokenizer other than the checkpoint's: the tiny HF teacher folder holds the same tokenizer, so train another.
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -62,7 +62,8 @@ class LMEvalCallback(L.Callback):
         every_n_steps: score every this many optimizer steps (0 = never on a step count).
         on_checkpoint: score whenever a checkpoint is saved.
         limit: documents per task (an int), a fraction of each task (0 < limit < 1), or None for all.
-        num_fewshot: override every task's few-shot count (None = the paper's: 0 / 5 / 8).
+        num_fewshot: few-shot count for every task (an int) or per task (``{c3: 2, mmlu: 0}``; the others keep the
+            paper's: 0 / 5 / 8); None = the paper's.
         batch_size: rows per forward of the evaluation.
         max_length: longest evaluation input in tokens (None = the training sequence length).
         max_gen_toks: cap on generated tokens (GSM8k).
@@ -77,7 +78,7 @@ class LMEvalCallback(L.Callback):
         every_n_steps: int = 0,
         on_checkpoint: bool = False,
         limit: int | float | None = None,
-        num_fewshot: int | None = None,
+        num_fewshot: int | dict[str, int] | None = None,
         batch_size: int = 8,
         max_length: int | None = None,
         max_gen_toks: int = 256,
@@ -107,8 +108,9 @@ class LMEvalCallback(L.Callback):
             return
         from pd_lightning.data.tokenizer import load_tokenizer
         from pd_lightning.eval.tasks import check_data
+        from pd_lightning.eval.validate import shots_per_task
 
-        shots = None if self.num_fewshot is None else dict.fromkeys(self.tasks, self.num_fewshot)
+        shots = shots_per_task(self.num_fewshot, self.tasks)
         check_data(self.data_dir, self.tasks, shots)  # a missing file fails before training, not at the first score
         flag = "LMEvalCallback tokenizer"
         self._tok = load_tokenizer(resolve_tokenizer(self.tokenizer, trainer.datamodule, flag), flag=flag)
@@ -136,6 +138,7 @@ class LMEvalCallback(L.Callback):
         from pd_lightning.eval.distributed import ShardedLM, single_process_view
         from pd_lightning.eval.lm import StudentLM
         from pd_lightning.eval.runner import evaluate
+        from pd_lightning.eval.validate import shots_per_task
 
         if self._tok is None:
             self.setup(trainer, pl_module, "fit")
@@ -145,7 +148,7 @@ class LMEvalCallback(L.Callback):
             kw["max_length"] = self.max_length
         elif getattr(trainer.datamodule, "seq_len", None):
             kw["max_length"] = int(trainer.datamodule.seq_len)
-        shots = None if self.num_fewshot is None else dict.fromkeys(self.tasks, self.num_fewshot)
+        shots = shots_per_task(self.num_fewshot, self.tasks)
         with preserved_training_state(pl_module), single_process_view():
             lm = StudentLM.from_module(pl_module, self._tok, **kw)
             result = evaluate(ShardedLM(lm), self.tasks, self.data_dir, num_fewshot=shots,

@@ -107,7 +107,7 @@ def _count_by(rows: list[dict], key: str | None) -> dict[str, int]:
 
 
 def _shots_hint(task: str) -> str:
-    return f"add rows, or lower num_fewshot for {task} (validate: --eval.num_fewshot)"
+    return f"add rows, or lower num_fewshot for {task} (validate: --eval.num_fewshot '{{{task}: N}}')"
 
 
 def _check_subject_pool(task: str, n: int, available: int, where: str) -> None:

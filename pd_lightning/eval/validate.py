@@ -25,7 +25,8 @@ class BenchmarkOptions:
         baseline: a results JSON of an earlier ``validate`` (e.g. the LM-only student): adds Δ% per task and average.
         output: results JSON to write (a ``.md`` table beside it); default ``<default_root_dir>/bench-<ckpt>.json``.
         limit: documents per task (an int), a fraction (0 < limit < 1), or None for all.
-        num_fewshot: override every task's few-shot count (None = the paper's: 0 / 5 / 8).
+        num_fewshot: few-shot count for every task (an int) or per task (``{c3: 2, mmlu: 0}``; the others keep the
+            paper's: 0 / 5 / 8); None = the paper's.
         batch_size: rows per forward.
         max_gen_toks: cap on generated tokens (GSM8k).
         tokenizer: tokenizer folder (default: the data's); refused if it is not the checkpoint's.
@@ -37,7 +38,7 @@ class BenchmarkOptions:
     baseline: str | None = None
     output: str | None = None
     limit: float | None = None
-    num_fewshot: int | None = None
+    num_fewshot: int | dict[str, int] | None = None
     batch_size: int = 8
     max_gen_toks: int = 256
     tokenizer: str | None = None
@@ -53,14 +54,33 @@ def _checkpoint_record(ckpt_path: str) -> dict:
     return dict(ckpt.get("pd_lightning") or {}) if isinstance(ckpt, dict) else {}
 
 
-def check_limit_and_shots(limit: float | None, num_fewshot: int | None, limit_flag: str, shots_flag: str) -> None:
-    """A limit is a document count (a whole number >= 1) or a fraction in (0, 1); shots are >= 0."""
+def check_limit_and_shots(
+    limit: float | None, num_fewshot: int | dict[str, int] | None, limit_flag: str, shots_flag: str
+) -> None:
+    """A limit is a document count (a whole number >= 1) or a fraction in (0, 1); shots are >= 0, and a per-task
+    mapping names known tasks only."""
+    from pd_lightning.eval.tasks import KNOWN_TASKS
+
     if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
         raise ValueError(
             f"{limit_flag} must be a number of documents (a whole number >= 1) or a fraction in (0, 1), got {limit}"
         )
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"{shots_flag} must be >= 0, got {num_fewshot}")
+    per_task = num_fewshot if isinstance(num_fewshot, dict) else {"": num_fewshot}
+    for task, n in per_task.items():
+        if task and task not in KNOWN_TASKS:
+            raise ValueError(f"{shots_flag}: unknown task {task!r} (known: {', '.join(KNOWN_TASKS)})")
+        if n is not None and n < 0:
+            raise ValueError(f"{shots_flag} must be >= 0, got {n}" + (f" for {task}" if task else ""))
+
+
+def shots_per_task(num_fewshot: int | dict[str, int] | None, tasks: list[str]) -> dict[str, int] | None:
+    """``num_fewshot`` as ``{task: shots}``: one int for every task, a mapping for the tasks it names (the others
+    keep the paper's default), None for the defaults."""
+    if num_fewshot is None:
+        return None
+    if isinstance(num_fewshot, dict):
+        return {t: int(n) for t, n in num_fewshot.items() if t in tasks}
+    return dict.fromkeys(tasks, int(num_fewshot))
 
 
 def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
@@ -78,9 +98,7 @@ def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist")
     check_limit_and_shots(opts.limit, opts.num_fewshot, "--eval.limit", "--eval.num_fewshot")
-    check_data(
-        opts.data_dir, opts.tasks, None if opts.num_fewshot is None else dict.fromkeys(opts.tasks, opts.num_fewshot)
-    )
+    check_data(opts.data_dir, opts.tasks, shots_per_task(opts.num_fewshot, opts.tasks))
     baseline = load_baseline(opts.baseline, opts.tasks) if opts.baseline else None
     tok = load_tokenizer(resolve_tokenizer(opts.tokenizer, datamodule, "--eval.tokenizer"), flag="--eval.tokenizer")
     trained_with = _checkpoint_record(ckpt_path).get("tokenizer_fingerprint")
@@ -108,7 +126,7 @@ def score(trainer, module, opts: BenchmarkOptions, prepared: dict, ckpt_path: st
     seq_len = getattr(trainer.datamodule, "seq_len", None)
     if seq_len:
         kw["max_length"] = int(seq_len)
-    shots = None if opts.num_fewshot is None else dict.fromkeys(opts.tasks, opts.num_fewshot)
+    shots = shots_per_task(opts.num_fewshot, opts.tasks)
     with preserved_training_state(module), single_process_view():
         lm = StudentLM.from_module(module, prepared["tokenizer"], **kw)
         result = evaluate(ShardedLM(lm), opts.tasks, opts.data_dir, num_fewshot=shots,
