@@ -229,3 +229,17 @@ def test_fsdp2_with_activation_checkpointing_matches_one_process(cache, prepared
     _, val = metrics(tmp_path)
     for step, loss in one_process.items():
         assert val[step] == pytest.approx(loss, rel=REL_TOL), (step, val[step], loss)
+
+
+@pytest.mark.slow
+def test_fsdp2_hsdp_on_a_two_by_two_mesh_matches_one_process(cache, prepared, one_process, tmp_path):
+    """4 ranks on a (data_parallel 2, tensor_parallel 2) mesh: HSDP (replicated over the first dimension, sharded over
+    the second; the head's gradient reduced over both) with batch 2 per rank = 1 process with batch 8 (measured
+    <= 8e-8 relative)."""
+    flags = ["--config", str(ROOT / "configs/trainer/fsdp2.yaml"), "--trainer.accelerator", "cpu"]
+    flags += ["--trainer.devices", "4", "--trainer.strategy.init_args.data_parallel_size", "2"]
+    flags += ["--trainer.strategy.init_args.tensor_parallel_size", "2"]
+    run_fit(fit(cache, prepared, tmp_path, 2, *flags))
+    _, val = metrics(tmp_path)
+    for step, loss in one_process.items():
+        assert val[step] == pytest.approx(loss, rel=REL_TOL), (step, val[step], loss)
