@@ -135,9 +135,17 @@ def test_validate_refuses_bad_input(tmp_path, prepared, tiny_ckpt, capsys, hf_te
     main(_validate_args(prepared, root, tiny_ckpt, *_eval_args(data, out, "gsm8k", "piqa"),
                         "--eval.num_fewshot", "{gsm8k: 3}"))  # fmt: skip
     assert json.loads(out.read_text())["config"]["num_fewshot"] == {"gsm8k": 3, "piqa": 0}
-    out.unlink()
+    # That result as the baseline of a run with other shots: scored, with one warning line per differing setting.
+    base = out.replace(tmp_path / "base_cfg.json")
     out.with_suffix(".md").unlink()
     capsys.readouterr()
+    main(_validate_args(prepared, root, tiny_ckpt, *_eval_args(data, out, "gsm8k", "piqa"),
+                        "--eval.num_fewshot", "{gsm8k: 2}", "--eval.baseline", str(base)))  # fmt: skip
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pd-lightning: warning:")]
+    assert warnings == [f"pd-lightning: warning: --eval.baseline {str(base)!r} scored gsm8k 3-shot, this run 2-shot; "
+                        "its Δ% compares different settings"]  # fmt: skip
+    out.unlink()
+    out.with_suffix(".md").unlink()
     shutil.copytree(FIXTURES / "gsm8k", data / "gsm8k", dirs_exist_ok=True)
     # A tokenizer other than the checkpoint's: the tiny HF teacher folder holds the same tokenizer, so train another.
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

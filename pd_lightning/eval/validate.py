@@ -8,6 +8,7 @@ shared across ranks), a printed table, a results JSON and a markdown table besid
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,33 @@ def shots_per_task(num_fewshot: int | dict[str, int] | None, tasks: list[str]) -
     return dict.fromkeys(tasks, int(num_fewshot))
 
 
+def baseline_setting_differences(opts: BenchmarkOptions) -> list[str]:
+    """What the baseline results JSON (of an earlier ``validate``) was scored with that this run is not: shots per
+    task and the document limit. Δ% across different settings compares different measurements; a plain
+    ``{task: score}`` baseline records no settings and is taken as it is."""
+    import json
+
+    from pd_lightning.eval.tasks import DEFAULT_FEWSHOT
+
+    config = json.loads(Path(opts.baseline).read_text(encoding="utf-8")).get("config")
+    if not isinstance(config, dict):
+        return []
+    shots = {**DEFAULT_FEWSHOT, **(shots_per_task(opts.num_fewshot, opts.tasks) or {})}
+    theirs = config.get("num_fewshot") or {}
+    name = f"--eval.baseline {opts.baseline!r}"
+    out = [
+        f"{name} scored {t} {theirs[t]}-shot, this run {shots[t]}-shot; its Δ% compares different settings"
+        for t in opts.tasks
+        if t in theirs and theirs[t] != shots[t]
+    ]
+    if "limit" in config and config["limit"] != opts.limit:
+        out.append(
+            f"{name} was scored with limit {config['limit']}, this run with {opts.limit}; "
+            "its Δ% compares different documents"
+        )
+    return out
+
+
 def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
     """Refuse bad input before the run; returns what ``score`` needs (tokenizer, baseline scores, output path)."""
     from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -100,6 +128,9 @@ def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
     check_limit_and_shots(opts.limit, opts.num_fewshot, "--eval.limit", "--eval.num_fewshot")
     check_data(opts.data_dir, opts.tasks, shots_per_task(opts.num_fewshot, opts.tasks))
     baseline = load_baseline(opts.baseline, opts.tasks) if opts.baseline else None
+    if opts.baseline:
+        for line in baseline_setting_differences(opts):
+            print(f"pd-lightning: warning: {line}", file=sys.stderr)
     tok = load_tokenizer(resolve_tokenizer(opts.tokenizer, datamodule, "--eval.tokenizer"), flag="--eval.tokenizer")
     trained_with = _checkpoint_record(ckpt_path).get("tokenizer_fingerprint")
     if trained_with and tokenizer_fingerprint(tok) != trained_with:
