@@ -419,7 +419,7 @@ def eval_data(
         # The files written are what the task definitions read: checked by the same code as --eval.data_dir.
         from pd_lightning.eval.tasks import check_data
 
-        check_data(staging, list(converted))
+        check_data(staging, list(converted), check_shots=False)  # the shots are chosen when scoring
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out.iterdir()):

@@ -140,12 +140,16 @@ def _check_fewshot_pool(
 
 
 def check_data(
-    data_dir: str | os.PathLike, tasks: Sequence[str] | str, num_fewshot: dict[str, int] | None = None
+    data_dir: str | os.PathLike,
+    tasks: Sequence[str] | str,
+    num_fewshot: dict[str, int] | None = None,
+    check_shots: bool = True,
 ) -> dict[str, TaskData]:
     """Check that ``data_dir`` holds every file the tasks need and that every row has its benchmark's fields.
 
     Raises FileNotFoundError naming the task and the expected path, ValueError naming the file and line of a bad
-    row, ValueError listing the known tasks for an unknown name. Returns the files found, per task.
+    row, ValueError listing the known tasks for an unknown name, and (``check_shots``) ValueError when a few-shot
+    pool holds fewer rows than the shots need. Returns the files found, per task.
     """
     names = resolve_tasks(tasks)
     root = Path(data_dir)
@@ -188,7 +192,7 @@ def check_data(
                                     "digits, '_' or '-' (e.g. high_school_physics)"
                                 )
                 data.files[""] = {s: p for s, p in flat.items() if p.is_file()}
-                if few in per_split:
+                if few in per_split and check_shots:
                     by_subject = _count_by(per_split[few], "subject" if data.flat_subjects else None)
                     for subject in _count_by(per_split[main], "subject" if data.flat_subjects else None):
                         where = f"{flat[few]} (subject {subject})" if subject else str(flat[few])
@@ -201,7 +205,7 @@ def check_data(
                             raise FileNotFoundError(f"{task}: expected {p} (the {s} split of subject {d.name})")
                         if p.is_file():
                             rows = _check_rows(p, task, spec["fields"])
-                            if s == few:
+                            if s == few and check_shots:
                                 _check_subject_pool(task, int(shots.get(task, 0)), len(rows), str(p))
                     data.files[d.name] = {s: p for s, p in files.items() if p.is_file()}
             else:
@@ -218,7 +222,8 @@ def check_data(
                     counts[s] = len(_check_rows(p, task, spec["fields"]))
             data.files[""] = {s: p for s, p in files.items() if p.is_file()}
             main = next(s for s in splits if s != few)
-            _check_fewshot_pool(task, int(shots.get(task, 0)), counts, files, main, few)
+            if check_shots:
+                _check_fewshot_pool(task, int(shots.get(task, 0)), counts, files, main, few)
         found[task] = data
     return found
 
