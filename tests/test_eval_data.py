@@ -115,6 +115,11 @@ def test_original_release_files(tmp_path, release, capsys):
     assert _read(out / "gsm8k" / "test.jsonl")[0]["answer"].endswith("#### 5")
     printed = capsys.readouterr().out
     assert "mmlu: test 2, dev 2 (2 subjects)" in printed
+    # Written all the same, with a note that the paper's 5 / 8 shots need more rows than these tiny releases hold.
+    notes = [line.strip() for line in printed.splitlines() if line.strip().startswith("note:")]
+    tail = "it has 2; add rows, or lower num_fewshot for gsm8k when scoring (validate: --eval.num_fewshot '{gsm8k: N}')"
+    assert any(n.startswith("note: gsm8k: 8-shot needs 8 rows in") and n.endswith(tail) for n in notes), notes
+    assert any(n.startswith("note: mmlu: 5-shot needs 5 dev rows per subject") for n in notes), notes
     assert not list(out.glob(".*"))  # no temporary folder left behind
 
 

@@ -440,4 +440,8 @@ def eval_data(
         subjects = len({k.split("/")[0] for k in files}) if task in PER_SUBJECT else 0
         detail = ", ".join(f"{s} {n}" for s, n in counts.items()) + (f" ({subjects} subjects)" if subjects else "")
         print(f"{task:>10}: {detail} -> {out / task}")
+        try:  # enough rows for the paper's shots? Only a note: the shots are chosen when scoring.
+            check_data(out, [task])
+        except ValueError as e:
+            print(f"      note: {str(e).replace(' (validate:', ' when scoring (validate:')}")
     return summary
