@@ -130,6 +130,11 @@ def test_validate_refuses_bad_input(tmp_path, prepared, tiny_ckpt, capsys, hf_te
     (data / "gsm8k" / "train.jsonl").write_text("".join(lines[:3]))
     assert "gsm8k: 8-shot needs 8 rows in" in run(tasks=("gsm8k",))
     assert "--eval.num_fewshot: unknown task 'arc'" in run("--eval.num_fewshot", "{arc: 2}")
+    # --eval options without --eval.tasks were silently ignored (no scores, no file): refused instead.
+    err = _fails(
+        capsys, _validate_args(prepared, root, tiny_ckpt, "--eval.baseline", "b.json", "--eval.output", str(out))
+    )
+    assert err.startswith("pd-lightning: error: --eval.baseline, --eval.output given without --eval.tasks;")
     assert not out.exists()
     # Shots per task: the 3 train rows are enough for 3-shot GSM8k; the other tasks keep the paper's defaults.
     main(_validate_args(prepared, root, tiny_ckpt, *_eval_args(data, out, "gsm8k", "piqa"),

@@ -45,6 +45,17 @@ class BenchmarkOptions:
     tokenizer: str | None = None
     seed: int = 1234
 
+    def __post_init__(self) -> None:
+        # --eval.* without --eval.tasks would be ignored silently: the user surely meant to score something.
+        given = [f"--eval.{k}" for k in ("baseline", "output", "limit", "num_fewshot", "tokenizer")
+                 if getattr(self, k) is not None]  # fmt: skip
+        given += ["--eval.data_dir"] if self.data_dir != "data/eval" else []
+        if not self.tasks and given:
+            raise ValueError(
+                f"{', '.join(given)} given without --eval.tasks; add e.g. --eval.tasks '[hellaswag,piqa]' to score "
+                "the checkpoint on the benchmarks, or drop the --eval options for the held-out loss only"
+            )
+
 
 def _checkpoint_record(ckpt_path: str) -> dict:
     """The ``pd_lightning`` record of a checkpoint (tokenizer fingerprint, seq_len), read without its tensors."""
