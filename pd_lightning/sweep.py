@@ -131,6 +131,8 @@ def cache_name(config: Path) -> str:
 def scale_yaml(scale: Scale, tokens: str) -> dict:
     """The base config of every run at this scale (the row's YAML is layered on it)."""
     every = max(1, scale.max_steps // scale.evals)
+    divisors = [d for d in range(every, max(1, every // 2) - 1, -1) if scale.max_steps % d == 0]
+    every = divisors[0] if divisors else every  # so the last validation falls on the last step when it can
     return {
         "model": {"student": {"preset": scale.student}, "lr": scale.lr},
         "data": {
