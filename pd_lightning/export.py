@@ -53,7 +53,8 @@ def export_checkpoint(
         ckpt: the pd-lightning ``.ckpt`` file (required; also the first positional argument).
         output: the folder to write, refused if it exists and is not empty (required; also the second).
         tokenizer: tokenizer folder to save alongside (e.g. data/demo/tokenizer); it must be the one the student
-            was trained with (its fingerprint is compared with the checkpoint's).
+            was trained with (its fingerprint is compared with the checkpoint's). Default: the tokenizer folder the
+            checkpoint records (checkpoints written since it was recorded), if it still exists.
         dtype: float32, bfloat16 or float16.
     """
     from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -71,6 +72,17 @@ def export_checkpoint(
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--output {output!r} exists and is not empty; give a new folder or empty it")
     student = load_teacher(ckpt, flag="--ckpt")  # weights_only=True, one-line errors for a bad checkpoint
+    if tokenizer is None and student.tokenizer_path:
+        from pathlib import Path
+
+        if Path(student.tokenizer_path).is_dir():
+            tokenizer = student.tokenizer_path  # the one the checkpoint records; its fingerprint is checked below
+            print(f"export-hf: saving the tokenizer the checkpoint records, {tokenizer} (--tokenizer to choose)")
+        else:
+            print(
+                f"export-hf: warning: the checkpoint's tokenizer {student.tokenizer_path} no longer exists; the folder "
+                "gets no tokenizer (give --tokenizer)"
+            )
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, flag="--tokenizer")
         if student.tokenizer_fingerprint and tokenizer_fingerprint(tok) != student.tokenizer_fingerprint:

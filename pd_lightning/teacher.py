@@ -24,6 +24,7 @@ class Teacher:
     vocab_size: int
     fingerprint: str
     tokenizer_fingerprint: str | None
+    tokenizer_path: str | None = None  # recorded by pd-lightning checkpoints (the token file's tokenizer folder)
 
     def __call__(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
@@ -96,7 +97,11 @@ def _load_checkpoint(path: Path, dtype: torch.dtype, flag: str) -> Teacher:
         raise ValueError(f"{where}: its weights do not fit its student config ({first[:200]})") from None
     extra = ckpt.get("pd_lightning", {})
     return Teacher(
-        model.to(dtype).eval(), cfg.vocab_size, _file_fingerprint([path]), extra.get("tokenizer_fingerprint")
+        model.to(dtype).eval(),
+        cfg.vocab_size,
+        _file_fingerprint([path]),
+        extra.get("tokenizer_fingerprint"),
+        extra.get("tokenizer_path"),
     )
 
 

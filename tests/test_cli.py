@@ -54,6 +54,19 @@ def test_export_hf_flag_and_positional_forms(tmp_path, student_ckpt, prepared, c
     assert diff <= 1e-4, diff
 
 
+def test_export_hf_saves_the_recorded_tokenizer_by_default(tmp_path, student_ckpt, prepared, capsys):
+    """Without --tokenizer the export saves the tokenizer the checkpoint records (the one it was trained with)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "hf"
+    main(["export-hf", "--ckpt", str(student_ckpt), "--output", str(out)])
+    assert "saving the tokenizer the checkpoint records" in capsys.readouterr().out
+    assert (out / "tokenizer.json").is_file()
+    text = "def f(x):\n    return x + 1"
+    expected = AutoTokenizer.from_pretrained(str(prepared["tokenizer"]))(text).input_ids
+    assert AutoTokenizer.from_pretrained(str(out))(text).input_ids == expected
+
+
 def test_export_hf_refuses_another_tokenizer(tmp_path, student_ckpt, corpus_dir, capsys):
     """The tokenizer saved beside the weights must be the one the student was trained with (fingerprints)."""
     from pd_lightning.data.corpus import prepare
