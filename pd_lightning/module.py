@@ -338,6 +338,8 @@ class DistillationModule(L.LightningModule):
             if model.lm_head.weight is not model.embed.weight:
                 fully_shard(model.lm_head, mesh=mesh)
             fully_shard(model, mesh=mesh)
+        if getattr(self, "frozen_teacher", None) is not None:  # frozen, outside the checkpoint: sharded the same way
+            self.frozen_teacher.shard(mesh)
 
     # ---- optimizer ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -15,7 +15,7 @@ from pd_lightning.distill.processors import LogitsProcessor, position_keys
 from pd_lightning.distill.target import SparseTarget
 from pd_lightning.model.transformer import Transformer
 from pd_lightning.online.collect import TargetCollector
-from pd_lightning.teacher import Teacher, load_teacher
+from pd_lightning.teacher import Teacher, _HFLogits, load_teacher
 
 
 def batch_keys(batch: dict[str, Tensor]) -> Tensor | None:
@@ -51,7 +51,8 @@ class FrozenTeacher:
 
     Deliberately not an ``nn.Module`` attribute of the student's LightningModule: its weights stay out of the
     optimizer, the gradient clipping, the finiteness check and the student's checkpoints (it is reloaded from its
-    path on resume). It follows the student's device on first use.
+    path on resume). It follows the student's device on first use, or is sharded with the student under FSDP2
+    (:meth:`shard`).
     """
 
     def __init__(self, path: str, dtype: str = "float32", trust_remote_code: bool = False) -> None:
@@ -63,6 +64,42 @@ class FrozenTeacher:
     def vocab_size(self) -> int:
         return self.teacher.vocab_size
 
+    def shard(self, mesh) -> tuple[int, int]:
+        """``fully_shard`` (FSDP2) the frozen teacher over ``mesh``, as the student: one unit per decoder layer, an
+        untied output head on its own, the root last. Each rank then stores its shard of every weight (rows split
+        over the mesh's sharding dimension, as the student's); every teacher forward all-gathers one unit at a time
+        and frees it after (:meth:`targets` frees the root's too), so the full teacher never sits on a rank between
+        steps. Frozen: no gradient, hence no reduce-scatter, and no optimizer state. Every rank must call
+        :meth:`targets` the same number of times (the training step does: ``alpha`` is the same on every rank).
+
+        HF teachers: the layers of ``model.model.layers`` (Llama-like) are units; a model without that list is one
+        unit (sharded at rest, gathered whole in its forward). Returns ``(elements on this rank, elements in all)``
+        and prints them, one line per rank. Idempotent (``configure_model`` may run again).
+        """
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        model = self.teacher.model
+        if not isinstance(model, FSDPModule):
+            inner = model.model if isinstance(model, _HFLogits) else model
+            if isinstance(inner, Transformer):
+                layers, head, embed = inner.layers, inner.lm_head, inner.embed
+            else:
+                layers = getattr(getattr(inner, "model", None), "layers", None) or []
+                head, embed = inner.get_output_embeddings(), inner.get_input_embeddings()
+            for layer in layers:
+                fully_shard(layer, mesh=mesh)
+            if head is not None and head.weight is not embed.weight:
+                fully_shard(head, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        local = sum(p.to_local().numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        print(
+            f"pd-lightning: rank {mesh.get_rank()}: in-step teacher {self.path}: {local} of {total} parameters "
+            f"on this rank (FSDP2)",
+            flush=True,
+        )
+        return local, total
+
     @torch.no_grad()
     def targets(
         self, batch: dict[str, Tensor], processor: LogitsProcessor, gammas: tuple[float, ...], chunk_size: int = 0
@@ -73,6 +110,10 @@ class FrozenTeacher:
         if next(model.parameters()).device != device:
             model.to(device)
         if isinstance(model, Transformer):  # chunked: the (N, V) logits never exist
-            return transformer_targets(model, batch, processor, gammas, chunk_size)[1]
-        logits = model(batch["input_ids"])  # (B, T, V); HF models return full logits anyway
-        return processor(logits, batch_keys(batch), gammas=gammas)
+            target = transformer_targets(model, batch, processor, gammas, chunk_size)[1]
+        else:
+            logits = model(batch["input_ids"])  # (B, T, V); HF models return full logits anyway
+            target = processor(logits, batch_keys(batch), gammas=gammas)
+        if hasattr(model, "reshard"):  # FSDP2: the root unit stays gathered after its forward; free it (no backward)
+            model.reshard()
+        return target
