@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import shutil
+import statistics
 import struct
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def test_report_runs_compares_fit_folders(swept, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", "--runs", "lm-only", "--output", str(tmp_path / "x")])
     assert e.value.code == 2 and "NAME=RUN_DIR" in capsys.readouterr().err
+
+
+def test_sweep_scores_benchmarks_with_validate(swept, tmp_path):
+    """--eval_tasks: each finished run is scored by `pd-lightning validate --eval.*`; the row carries its scores."""
+    _, data, _ = swept
+    out = tmp_path / "bench"
+    main(["sweep", str(ROOT / "configs/paper/table4-alpha-1.0.yaml"), "--baseline", "none", "--scale", "tiny",
+          "--data_dir", str(data), "--output", str(out), "--eval_tasks", "piqa", "hellaswag",
+          "--eval_data", str(ROOT / "tests/fixtures/eval"), "--eval_limit", "2"])  # fmt: skip
+    (row,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    bench = json.loads((out / "runs/table4-alpha-1.0-s1234/bench.json").read_text())
+    assert set(row["bench"]["scores"]) == {"piqa", "hellaswag"}
+    assert row["bench_average"] == pytest.approx(bench["average"])
+    assert row["bench_average"] == pytest.approx(statistics.fmean(bench["scores"].values()))
+    with open(out / "results.csv", newline="") as f:
+        assert float(next(csv.DictReader(f))["bench_average"]) == pytest.approx(bench["average"])
