@@ -1,6 +1,6 @@
 """``LMEvalCallback`` (``--config callbacks/lm_eval.yaml``): benchmark scores reach the logger during training, the
-run's losses are those of a run without it, a resumed run does not score a step twice, and a 2-process DDP run logs
-the scores a one-process scoring of the same weights gives."""
+run's losses are those of a run without it, a resumed run does not score a step twice, and 2-process DDP and FSDP2
+runs log the scores a one-process scoring of the same weights gives."""
 
 from __future__ import annotations
 
@@ -108,6 +108,41 @@ def test_ddp_scores_equal_one_process_scores(tmp_path, prepared, monkeypatch, ca
     vargs[0] = "validate"
     main([*vargs, "--ckpt_path", str(ckpt), "--eval.tasks", json.dumps(tasks), "--eval.data_dir", str(FIXTURES),
           "--eval.limit", "3", "--eval.max_gen_toks", "8", "--eval.output", str(out)])  # fmt: skip
+    one = json.loads(out.read_text())
+    assert {t: logged[f"bench/{t}"] for t in tasks} == pytest.approx(one["scores"], abs=1e-6)
+    assert logged["bench/average"] == pytest.approx(one["average"], abs=1e-6)
+
+
+def test_fsdp2_scores_equal_one_process_scores(tmp_path, prepared, monkeypatch):
+    """FSDP2 (``configs/trainer/fsdp2.yaml``, 2 gloo ranks, parameters sharded as DTensors): each rank scores a padded
+    share in lockstep (every rank in every forward, generation included); the logged scores equal ``validate`` of the
+    same weights in one process (a full-state ``.ckpt``: ``save_distributed_checkpoint false``).
+
+    piqa + c3 at limit 2 make 11 log-likelihood requests: rank 0 scores 6, rank 1 scores 5 plus a copy of its last
+    (merged with it), so with batch 1 the ranks' real forwards differ (6 vs 5); without the lockstep dummy forward the
+    run fails (measured: gloo "Connection reset by peer"). gsm8k scores 0 in both (a 2-step tiny model), so it shows
+    that generation runs under FSDP2, not that its text matches (``test_sharded_requests_equal_one_process`` does)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    tasks = ["piqa", "c3", "gsm8k"]
+    cfg = callback_config(tmp_path / "cb.yaml", every_n_steps=2, tasks=tasks, limit=2, batch_size=1)
+    root = tmp_path / "fsdp2"
+    args = tiny_fit_args(prepared["tokens"], root, 2, "--config", str(cfg),
+                         "--config", str(ROOT / "configs" / "trainer" / "fsdp2.yaml"), "--trainer.accelerator", "cpu",
+                         "--trainer.strategy.init_args.save_distributed_checkpoint", "false",
+                         "--trainer.devices", "2", "--trainer.limit_val_batches", "0")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    # A collective one rank never joins would hang: the timeout fails the test instead.
+    run = subprocess.run([sys.executable, "-m", "pd_lightning.cli", *args], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    logged = bench_rows(root)[2]
+    ckpt = next(root.rglob("*.ckpt"))
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["global_step"] == 2
+    out = tmp_path / "one.json"
+    vargs = tiny_fit_args(prepared["tokens"], tmp_path / "v", 2, "--trainer.limit_val_batches", "1")
+    vargs[0] = "validate"
+    main([*vargs, "--ckpt_path", str(ckpt), "--eval.tasks", json.dumps(tasks), "--eval.data_dir", str(FIXTURES),
+          "--eval.limit", "2", "--eval.max_gen_toks", "8", "--eval.output", str(out)])  # fmt: skip
     one = json.loads(out.read_text())
     assert {t: logged[f"bench/{t}"] for t in tasks} == pytest.approx(one["scores"], abs=1e-6)
     assert logged["bench/average"] == pytest.approx(one["average"], abs=1e-6)

@@ -6,10 +6,10 @@ average go to every Lightning logger as ``bench/<task>`` and ``bench/average`` a
 ``trainer.callback_metrics`` (so ``ModelCheckpoint(monitor="bench/average")`` works).
 
 Evaluation does not change training: the module's (and each submodule's) train/eval mode and the Python, NumPy,
-torch CPU and CUDA random states are restored afterwards (lm-eval reseeds all of them). Under DDP every rank scores a
-share of the requests and the answers are gathered (``pd_lightning.eval.distributed``), so the scores equal a
-one-process run's. The steps already scored are part of the callback's checkpoint state: a resumed run does not
-score them again.
+torch CPU and CUDA random states are restored afterwards (lm-eval reseeds all of them). Under DDP and FSDP2 every rank
+scores a share of the requests and the answers are gathered (``pd_lightning.eval.distributed``; with sharded
+parameters the ranks run their forwards in lockstep), so the scores equal a one-process run's. The steps already
+scored are part of the callback's checkpoint state: a resumed run does not score them again.
 """
 
 from __future__ import annotations
