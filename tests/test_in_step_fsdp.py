@@ -52,8 +52,10 @@ def val_losses(root: Path) -> dict[int, float]:
         return {int(r["step"]) + 1: float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
 
 
-def test_two_process_fsdp2_fit_with_a_sharded_in_step_teacher_matches_one_process(tmp_path, prepared):
-    """The teacher (a pd-lightning ``.ckpt``) is sharded over the 2 ranks (each prints the parameter elements it
+@pytest.mark.parametrize("kind", ["ckpt", "hf"])
+def test_two_process_fsdp2_fit_with_a_sharded_in_step_teacher_matches_one_process(kind, tmp_path, prepared, request):
+    """The teacher (a pd-lightning ``.ckpt``, or an HF Llama folder: one unit per ``model.model.layers`` entry, untied
+    ``lm_head``, root) is sharded over the 2 ranks (each prints the parameter elements it
     stores: about half, summing to the teacher's size), the validation losses match the 1-process run (teacher
     whole) within ``REL_TOL``, and the student's sharded checkpoint holds no teacher weights."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -61,8 +63,11 @@ def test_two_process_fsdp2_fit_with_a_sharded_in_step_teacher_matches_one_proces
     from pd_lightning.teacher import load_teacher
 
     tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=32, n_val=4)
-    main(teacher_args(tokens, tmp_path / "t", 1))
-    teacher = tmp_path / "t" / "step=1.ckpt"
+    if kind == "ckpt":
+        main(teacher_args(tokens, tmp_path / "t", 1))
+        teacher = tmp_path / "t" / "step=1.ckpt"
+    else:
+        teacher = request.getfixturevalue("hf_teacher")
     size = sum(p.numel() for p in load_teacher(str(teacher), "float32", False, flag="t").model.parameters())
 
     main(fit_args(tokens, teacher, tmp_path / "one", 8))

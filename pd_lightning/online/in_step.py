@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from pd_lightning.distill.objective import lm_kd_loss
 from pd_lightning.distill.processors import LogitsProcessor, position_keys
@@ -76,7 +77,7 @@ class FrozenTeacher:
         unit (sharded at rest, gathered whole in its forward). Returns ``(elements on this rank, elements in all)``
         and prints them, one line per rank. Idempotent (``configure_model`` may run again).
         """
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         model = self.teacher.model
         if not isinstance(model, FSDPModule):
@@ -114,6 +115,6 @@ class FrozenTeacher:
         else:
             logits = model(batch["input_ids"])  # (B, T, V); HF models return full logits anyway
             target = processor(logits, batch_keys(batch), gammas=gammas)
-        if hasattr(model, "reshard"):  # FSDP2: the root unit stays gathered after its forward; free it (no backward)
+        if isinstance(model, FSDPModule):  # FSDP2 keeps the root unit gathered after its forward; free it (no backward)
             model.reshard()
         return target
