@@ -86,7 +86,7 @@ demo-seeds: $(CACHE)/index.json $(CACHE50)/index.json
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/demo_seeds.py $(RUNS)-seeds --data $(DATA)/tokens.h5
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-slow: setup
 	$(BIN)/pytest -q -m slow
