@@ -99,3 +99,23 @@ def test_two_process_fsdp2_fit_with_a_sharded_in_step_teacher_matches_one_proces
     keys = [k for k in FileSystemReader(ckpt).read_metadata().state_dict_metadata if k.startswith("state_dict.")]
     reference = torch.load(next((tmp_path / "one").rglob("*.ckpt")), weights_only=True)["state_dict"]
     assert sorted(k.removeprefix("state_dict.") for k in keys) == sorted(reference)
+
+
+def test_sharded_teacher_targets_equal_the_whole_teachers_and_it_is_resharded_after_each_forward(hf_teacher, tmp_path):
+    """``FrozenTeacher.shard`` on 2 ranks (torchrun, gloo; an HF Llama: 2 layer units, the head, the root): each
+    rank's targets equal the whole teacher's on the same batch (same ids; log-probs within 1e-6 asserted, 0.0
+    measured: the same float32 matmuls on the gathered weights), and after each ``targets`` call every unit, the root
+    included, holds only its shard again (FSDP2 alone leaves the root gathered after its forward: ``targets``
+    reshards it)."""
+    out = tmp_path / "out.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run(
+        [*cmd, str(ROOT / "tests/workers/sharded_teacher.py"), str(hf_teacher), str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    results = torch.load(out, weights_only=True)
+    assert sorted(results) == [0, 1]
+    for r in results.values():
+        assert r["fsdp_params"] > 0 and r["sharded_after"] and r["same_ids"], r
+        assert r["max_abs_diff"] <= 1e-6, r
