@@ -108,6 +108,8 @@ bench: setup
 	$(BIN)/python benchmarks/kd_overhead.py
 	$(BIN)/python benchmarks/loss_memory.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/eval_throughput.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/prepare_scaling.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/recorder_overhead.py --hidden 2048 --layers 1 --reps 7
 
 clean:
 	rm -rf runs lightning_logs data/demo data/bench
