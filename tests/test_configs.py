@@ -79,21 +79,39 @@ PLUGINS = ("lr_schedule", "loss", "temperature", "alpha")
 # Two bases that set every plug-in differently, with non-default values in every field a row could inherit.
 BASES = {
     "wsd": {
-        "lr_schedule": {"class_path": "pd_lightning.distill.lr.WSDLR", "init_args": {"warmup_fraction": 0.05, "decay_fraction": 0.2, "min_lr_ratio": 0.3}},  # noqa: E501
+        "lr_schedule": {
+            "class_path": "pd_lightning.distill.lr.WSDLR",
+            "init_args": {"warmup_fraction": 0.05, "decay_fraction": 0.2, "min_lr_ratio": 0.3},
+        },  # noqa: E501
         "loss": {"class_path": "pd_lightning.distill.losses.KLD", "init_args": {"tail_bucket": True, "hinton": True}},
         "temperature": {"class_path": "pd_lightning.distill.temperature.StaticTemperature", "init_args": {"tau": 7.0}},
-        "alpha": {"class_path": "pd_lightning.distill.schedules.WSD", "init_args": {"alpha_max": 0.3, "alpha_min": 0.2, "warmup_fraction": 0.05, "decay_fraction": 0.2}},  # noqa: E501
+        "alpha": {
+            "class_path": "pd_lightning.distill.schedules.WSD",
+            "init_args": {"alpha_max": 0.3, "alpha_min": 0.2, "warmup_fraction": 0.05, "decay_fraction": 0.2},
+        },  # noqa: E501
     },
     "cosine": {
-        "lr_schedule": {"class_path": "pd_lightning.distill.lr.Cosine", "init_args": {"warmup_fraction": 0.3, "min_lr_ratio": 0.5}},  # noqa: E501
+        "lr_schedule": {
+            "class_path": "pd_lightning.distill.lr.Cosine",
+            "init_args": {"warmup_fraction": 0.3, "min_lr_ratio": 0.5},
+        },  # noqa: E501
         "loss": {"class_path": "pd_lightning.distill.losses.NLL", "init_args": {"tail_bucket": True}},
         "temperature": {"class_path": "pd_lightning.distill.temperature.NormKD", "init_args": {"t_norm": 3.0}},
-        "alpha": {"class_path": "pd_lightning.distill.schedules.Periodic", "init_args": {"low": 0.1, "high": 0.2, "period_steps": 3}},  # noqa: E501
+        "alpha": {
+            "class_path": "pd_lightning.distill.schedules.Periodic",
+            "init_args": {"low": 0.1, "high": 0.2, "period_steps": 3},
+        },  # noqa: E501
     },
 }
 PAPER_ROWS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 # Parsing a row twice takes ~1 s here: the default run resolves a few rows of each kind, `make test-slow` all.
-FAST_ROWS = {"lm-baseline.yaml", "pd-star.yaml", "table5-wsd-alpha-cos-lr.yaml", "table3-wttm.yaml", "table5-period.yaml"}  # noqa: E501
+FAST_ROWS = {
+    "lm-baseline.yaml",
+    "pd-star.yaml",
+    "table5-wsd-alpha-cos-lr.yaml",
+    "table3-wttm.yaml",
+    "table5-period.yaml",
+}  # noqa: E501
 
 
 def _constructor_fields(class_path: str) -> set[str]:
