@@ -50,3 +50,25 @@ def test_from_a_sample_cache(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["cache-plan", "--vocab", "300"])
     assert e.value.code == 2 and "--tokens" in capsys.readouterr().err
+
+
+def test_sample_of_another_processor_is_refused(tmp_path, capsys) -> None:
+    """A sample written with other p/k than the plan's would give its entries/token to the wrong processor."""
+    proc = TopPK(0.9, 20)
+    spec = CacheSpec.for_processor(proc, vocab_size=300, seq_len=16, num_sequences=2, teacher_fingerprint="t",
+                                   tokenizer_fingerprint="k", source_fingerprint="s")  # fmt: skip
+    writer = CacheWriter(tmp_path, spec)
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        writer.write(torch.tensor([i]), torch.zeros(1, 17, dtype=torch.long), proc(torch.randn(16, 300, generator=g)))
+    writer.finalize()
+    for flags in (["--k", "50"], ["--p", "0.95", "--k", "20"]):
+        with pytest.raises(SystemExit) as e:
+            main(["cache-plan", "--tokens", "1e9", "--vocab", "300", *flags, "--from-cache", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and str(tmp_path) in err and "top-0.9-20" in err, err
+    got = plan(capsys, "--tokens", "1e9", "--vocab", "300", "--from-cache", str(tmp_path))  # p, k from the sample
+    assert got["processor"] == "top-0.9-20"
+    with pytest.raises(SystemExit) as e:
+        main(["cache-plan", "--tokens", "1e9", "--vocab", "300", "--p", "1.5"])
+    assert e.value.code == 2 and "--p" in capsys.readouterr().err

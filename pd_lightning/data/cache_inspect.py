@@ -234,8 +234,8 @@ def plot_entries_histogram(info: dict[str, Any], png_path: str | Path) -> Path:
 def cache_plan(
     tokens: float,
     vocab: int,
-    p: float = 0.95,
-    k: int = 100,
+    p: float | None = None,
+    k: int | None = None,
     from_cache: str | None = None,
     teacher_tokens_per_s: float = 20_000.0,
     gpus: int = 8,
@@ -254,9 +254,9 @@ def cache_plan(
     Args:
         tokens: tokens to cache (e.g. ``100e9``).
         vocab: the teacher's vocabulary size.
-        p: top-p of the truncation (informational unless a sample is given).
-        k: top-k of the truncation.
-        from_cache: a cache written with the same processor on a sample of the corpus.
+        p: top-p of the truncation (informational unless a sample is given); default the sample's, else 0.95.
+        k: top-k of the truncation; default the sample's, else 100.
+        from_cache: a cache written with the same processor on a sample of the corpus (other p/k are refused).
         teacher_tokens_per_s: teacher forward throughput per GPU (assumed 20,000: a ~9B teacher's forward pass at
             ~40% MFU of an H100 in bf16; measure yours with a short `pd-lightning predict`).
         gpus: writer ranks (GPUs).
@@ -264,10 +264,23 @@ def cache_plan(
         shard_tokens: ``--writer.shard_tokens``.
         power_gammas: number of stored WTTM gammas (``--model.power_gammas``; default one, 0.5).
     """
+    sample = cache_info(from_cache) if from_cache is not None else None
+    if sample is not None:
+        args = (sample.get("processor") or {}).get("init_args", {})
+        have_p, have_k = args.get("p", 1.0), args.get("k") or sample["max_entries"]
+        if (p is not None and p != have_p) or (k is not None and k != have_k):
+            raise ValueError(
+                f"cache-plan: --from-cache {from_cache} holds top-{have_p}-{have_k}, not the planned "
+                f"top-{have_p if p is None else p}-{have_k if k is None else k}; give a sample of the same processor "
+                "or leave --p/--k out to plan the sample's"
+            )
+        p, k = have_p, have_k
+    p, k = 0.95 if p is None else p, 100 if k is None else k
+    if not 0 < p <= 1:
+        raise ValueError(f"cache-plan: --p {p} must be in (0, 1]")
     if tokens <= 0 or vocab < 1 or k < 1 or gpus < 1 or teacher_tokens_per_s <= 0 or seq_len < 1:
         raise ValueError("cache-plan: --tokens, --vocab, --k, --gpus, --teacher_tokens_per_s, --seq_len must be > 0")
-    if from_cache is not None:
-        sample = cache_info(from_cache)
+    if sample is not None:
         entries_per_token = float(sample["mean_entries_per_token"])
         source = f"measured in {from_cache} ({sample['tokens']} tokens)"
     else:
@@ -304,8 +317,8 @@ def cache_plan(
 def cache_plan_command(
     tokens: float | None = None,
     vocab: int | None = None,
-    p: float = 0.95,
-    k: int = 100,
+    p: float | None = None,
+    k: int | None = None,
     from_cache: str | None = None,
     teacher_tokens_per_s: float = 20_000.0,
     gpus: int = 8,
@@ -319,9 +332,9 @@ def cache_plan_command(
     Args:
         tokens: tokens to cache (e.g. 100e9).
         vocab: the teacher's vocabulary size (GLM-4-9B: 151552).
-        p: top-p of the truncation.
-        k: top-k of the truncation.
-        from_cache: a sample cache written with the same processor (measured entries per token).
+        p: top-p of the truncation (default: the sample's, else 0.95).
+        k: top-k of the truncation (default: the sample's, else 100).
+        from_cache: a sample cache written with the same processor (measured entries per token; other p/k refused).
         teacher_tokens_per_s: teacher throughput per GPU (default an assumption, see the docs).
         gpus: writer ranks.
         seq_len: sequence length.
