@@ -179,7 +179,10 @@ def _record_text(line: str, text_field: str, where: str) -> str | None:
     if not isinstance(record, dict) or text_field not in record:
         raise CorpusError(f"{where}: no {text_field!r} field (set --text_field)")
     value = record[text_field]
-    return None if value is None else str(value)
+    if value is not None and not isinstance(value, str):
+        kind = {list: "array", dict: "object", bool: "boolean"}.get(type(value), "number")
+        raise CorpusError(f"{where}: field {text_field!r} is a JSON {kind}, not a string (set --text_field)")
+    return value
 
 
 def txt_documents(text: str, txt_doc_chars: int) -> Iterator[str]:
