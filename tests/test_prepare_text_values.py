@@ -23,3 +23,17 @@ def test_non_string_text_field_is_refused(tmp_path, capsys, value) -> None:
     err = capsys.readouterr().err
     assert e.value.code == 2 and "c.jsonl:121" in err and "'text'" in err and "string" in err, err
     assert not (out / "tokens.h5").exists()
+
+
+def test_non_string_parquet_column_is_refused(tmp_path, capsys) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [[f"part {i}", "of a document"] for i in range(300)]}), corpus)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--input", str(corpus), "--vocab_size", "300", "--seq_len", "16", "--workers", "0",
+              "--output", str(out / "tokens.h5")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "c.parquet" in err and "'text'" in err and "not strings" in err, err
+    assert not (out / "tokens.h5").exists()

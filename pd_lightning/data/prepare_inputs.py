@@ -101,6 +101,9 @@ def _parquet_file(path: Path, text_field: str):
         raise CorpusError(
             f"{str(path)!r}: no column {text_field!r} (columns: {pf.schema_arrow.names}; set --text_field)"
         )
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CorpusError(f"{str(path)!r}: column {text_field!r} holds {kind}, not strings (set --text_field)")
     return pf
 
 
