@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 # Measured here: |rel diff| of val/loss (steps 2 and 4) <= 1e-7 between 2 sharded ranks and 1 process.
 REL_TOL = 1e-5
-LINE = re.compile(r"rank (\d+): in-step teacher .*: (\d+) of (\d+) parameters on this rank \(FSDP2\)")
+LINE = re.compile(r"rank (\d+): in-step teacher .*?: (\d+) of (\d+) parameters on this rank \(FSDP2\)")
 
 
 def fit_args(tokens: Path, teacher: Path, root: Path, batch: int, *extra: str) -> list[str]:

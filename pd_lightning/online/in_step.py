@@ -7,6 +7,8 @@ cached ones within the cache's value precision (``tests/test_online.py``).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
@@ -94,11 +96,12 @@ class FrozenTeacher:
             fully_shard(model, mesh=mesh)
         local = sum(p.to_local().numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
-        print(
+        # One write per line (ranks share the launcher's stdout; print's separate "\n" write could interleave).
+        sys.stdout.write(
             f"pd-lightning: rank {mesh.get_rank()}: in-step teacher {self.path}: {local} of {total} parameters "
-            f"on this rank (FSDP2)",
-            flush=True,
+            "on this rank (FSDP2)\n"
         )
+        sys.stdout.flush()
         return local, total
 
     @torch.no_grad()
