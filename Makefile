@@ -68,12 +68,34 @@ $(RUNS)-pdstar/done: $(CACHE50)/index.json
 		--trainer.default_root_dir $(RUNS)-pdstar $(STUDENT_DATA)
 	touch $@
 
-# The comparison: held-out loss/perplexity of the three with Δ% against LM-only, and their validation curves.
-demo: $(RUNS)-student-lm/done $(RUNS)-vanilla-pd/done $(RUNS)-pdstar/done
+# Each student's lm-eval scores on the seven benchmarks (`pd-lightning validate --eval.*` on its final checkpoint).
+# EVAL_DATA defaults to the test fixtures (2-6 hand-written rows per task: this shows the scoring path working, the
+# scores themselves say nothing at that size); point it at `pd-lightning eval-data`'s folder for the real benchmarks.
+EVAL_DATA ?= tests/fixtures/eval
+EVAL_TASKS ?= [hellaswag,winogrande,piqa,mmlu,c3,ceval,gsm8k]
+define BENCH
+	HF_DATASETS_DISABLE_PROGRESS_BARS=1 $(BIN)/pd-lightning validate --config $(1) --data.init_args.path $(2) \
+		$(STUDENT_DATA) --trainer.logger false --trainer.default_root_dir $(3) --eval.tasks '$(EVAL_TASKS)' \
+		--eval.data_dir $(EVAL_DATA) --eval.output $(3)/bench.json \
+		--ckpt_path "$$(ls -t $(3)/lightning_logs/*/checkpoints/*.ckpt | head -n 1)"
+endef
+
+$(RUNS)-student-lm/bench.json: $(RUNS)-student-lm/done
+	$(call BENCH,configs/demo/student_lm.yaml,$(CACHE),$(RUNS)-student-lm)
+
+$(RUNS)-vanilla-pd/bench.json: $(RUNS)-vanilla-pd/done
+	$(call BENCH,configs/demo/student_vanilla_pd.yaml,$(CACHE),$(RUNS)-vanilla-pd)
+
+$(RUNS)-pdstar/bench.json: $(RUNS)-pdstar/done
+	$(call BENCH,configs/demo/student_pdstar.yaml,$(CACHE50),$(RUNS)-pdstar)
+
+# The comparison: held-out loss/perplexity of the three with Δ% against LM-only, their lm-eval scores, and their
+# validation curves.
+demo: $(RUNS)-student-lm/bench.json $(RUNS)-vanilla-pd/bench.json $(RUNS)-pdstar/bench.json
 	$(BIN)/pd-lightning report --runs lm-only=$(RUNS)-student-lm vanilla-pd=$(RUNS)-vanilla-pd pd-star=$(RUNS)-pdstar \
 		--output $(RUNS)-report
 	@echo "Artefacts: tokens + tokenizer $(DATA)/, teacher $(RUNS)-teacher/teacher.ckpt, caches $(DATA)/cache/,"
-	@echo "  students $(RUNS)-{student-lm,vanilla-pd,pdstar}/ (checkpoints, metrics.csv, config.yaml),"
+	@echo "  students $(RUNS)-{student-lm,vanilla-pd,pdstar}/ (checkpoints, metrics.csv, config.yaml, bench.json),"
 	@echo "  table $(RUNS)-report/report.md, validation curves $(RUNS)-report/curves.png"
 
 # The demo's three students over seeds 1234, 1, 2 (weights and data order), two at a time; the paired Δ% table

@@ -4,18 +4,22 @@
 
 The first run is the baseline (Δ% = ``100 · (L_first − L) / L_first``). Each folder is a fit's
 ``--trainer.default_root_dir``: its newest ``metrics.csv`` (CSVLogger) gives the validation curve, whose last point
-is the held-out loss; its ``config.yaml`` gives the seed, the student and the plug-ins. The rows have the shape of
+is the held-out loss; its ``config.yaml`` gives the seed, the student and the plug-ins; a ``bench.json`` in it
+(``pd-lightning validate --eval.output``) gives the benchmark average. The rows have the shape of
 ``pd-lightning sweep``'s ``results.jsonl``, so the same table and figures apply.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import yaml
 
 from pd_lightning.sweep import CACHE_RE, cache_bytes_per_token, describe, val_curve
+
+BENCH_FILE = "bench.json"  # a run's benchmark scores (pd-lightning validate --eval.output <run>/bench.json)
 
 
 def row_from_run(name: str, run_dir: str | Path, baseline: bool = False) -> dict:
@@ -40,6 +44,7 @@ def row_from_run(name: str, run_dir: str | Path, baseline: bool = False) -> dict
             seq_len = int(f.attrs.get("seq_len", 0))
     if seq_len and trainer.get("max_steps"):
         tokens = int(trainer["max_steps"]) * int(data["batch_size"]) * seq_len
+    bench = _bench(run_dir, name)
     return {
         "name": name,
         "seed": config.get("seed_everything"),
@@ -53,10 +58,27 @@ def row_from_run(name: str, run_dir: str | Path, baseline: bool = False) -> dict
         "val_ppl": math.exp(curve[-1][1]),
         "val_curve": curve,
         "tokens": tokens,
+        "bench_average": bench.get("average"),
+        "bench_scores": bench.get("scores"),
         "wall_s": 0.0,
         "config_file": str(configs[-1]),
         "baseline": baseline,
     }
+
+
+def _bench(run_dir: Path, name: str) -> dict:
+    """The run's benchmark scores, ``<run>/bench.json`` as ``pd-lightning validate --eval.output`` writes it (the
+    demo scores each student on the lm-eval fixtures); {} when the run has none."""
+    path = run_dir / BENCH_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"report: --runs {name}={run_dir}: {path} is not a results JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("average"), int | float):
+        raise ValueError(f"report: --runs {name}={run_dir}: {path} has no benchmark 'average' (pd-lightning validate)")
+    return data
 
 
 def rows_from_runs(specs: list[str]) -> list[dict]:

@@ -196,6 +196,11 @@ def one_line(message: str, command: str = "", positional: bool = False) -> str:
     m = re.match(r"Expected (.+?)\. Got value: (.*)", reason)
     if m:
         return f"{flag}: expected {_short_type(m.group(1))}, got {m.group(2)!r}"
+    m = re.match(r"Expected a <class '(int|float|bool|str)'>", reason)
+    if m:
+        kind = {"int": "a whole number", "float": "a number (e.g. 100e9)", "bool": "true or false", "str": "text"}
+        given = re.search(r"Given value: (.*)", message)
+        return f"{flag}: expected {kind[m.group(1)]}" + (f", got {given.group(1).strip()!r}" if given else "")
     m = re.match(r"Option '(\w+)' is not accepted", reason)
     if m:
         cls = class_path.group(1).rsplit(".", 1)[-1] if class_path else "this class"

@@ -143,7 +143,7 @@ def markdown_table(summary: list[dict]) -> str:
         ("Δ% vs LM-only", lambda s: "baseline" if s["baseline"] else _fmt(s["delta"], "+.2f")),
         ("± std", lambda s: "" if s["baseline"] else _fmt(s["delta_std"], ".2f")),
         ("paper Δ%", lambda s: _fmt(s["paper_delta"], "+.1f")),
-        ("bench avg", lambda s: _fmt(s["bench_average"], ".4f")),
+        ("bench avg %", lambda s: _fmt(s["bench_average"], ".2f")),
         ("cache B/token", lambda s: _fmt(s["cache_bytes_per_token"], ".1f")),
         ("tokens", lambda s: f"{s['tokens']:,}" if s["tokens"] else ""),
         ("wall s", lambda s: f"{s['wall_s']:.0f}" if s["wall_s"] else ""),

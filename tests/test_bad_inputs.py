@@ -538,6 +538,17 @@ CACHE_INFO_CASES = [
         ("--plot", "a-file"),
     ),
     Case("cache-info-unknown-flag", lambda e, o: ["cache-info", str(e.cache), "--jsn", "true"], ("--jsn",)),
+    Case(
+        "cache-plan-tokens-not-a-number",
+        lambda e, o: ["cache-plan", "--tokens", "abc", "--vocab", "1000"],
+        ("--tokens", "expected a number", "'abc'"),
+        fix=lambda e, o: ["cache-plan", "--tokens", "1e6", "--vocab", "1000"],
+    ),
+    Case(
+        "cache-plan-vocab-not-whole",
+        lambda e, o: ["cache-plan", "--tokens", "1e6", "--vocab", "1.5"],
+        ("--vocab", "expected a whole number", "'1.5'"),
+    ),
 ]
 
 EXPORT_CASES = [

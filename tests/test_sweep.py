@@ -145,6 +145,19 @@ def test_report_runs_compares_fit_folders(swept, tmp_path, capsys):
         main(["report", "--runs", "lm-only", "--output", str(tmp_path / "x")])
     assert e.value.code == 2 and "NAME=RUN_DIR" in capsys.readouterr().err
 
+    # A run folder holding `validate --eval.output <run>/bench.json` (the demo's lm-eval step): its average is shown.
+    kd_copy = tmp_path / "kd"
+    shutil.copytree(runs["table4-alpha-1.0"], kd_copy)
+    (kd_copy / "bench.json").write_text(json.dumps({"scores": {"piqa": 50.0, "hellaswag": 25.0}, "average": 37.5}))
+    main(["report", "--runs", f"lm-only={runs['lm-baseline']}", f"kd={kd_copy}", "--output", str(tmp_path / "rep2")])
+    printed = capsys.readouterr().out
+    assert "bench avg" in printed.splitlines()[0]
+    assert "| 37.50 |" in next(x for x in printed.splitlines() if x.startswith("| kd "))
+    (kd_copy / "bench.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--runs", f"lm-only={runs['lm-baseline']}", f"kd={kd_copy}", "--output", str(tmp_path / "x")])
+    assert e.value.code == 2 and "bench.json is not a results JSON" in capsys.readouterr().err
+
 
 def test_sweep_scores_benchmarks_with_validate(swept, tmp_path):
     """--eval_tasks: each finished run is scored by `pd-lightning validate --eval.*`; the row carries its scores."""

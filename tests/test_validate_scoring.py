@@ -71,6 +71,7 @@ def test_validate_scores_all_seven_tasks(tmp_path, prepared, tiny_ckpt, capsys, 
     assert header.split() == [*TASKS, "average"]
     result = json.loads(out.read_text())
     assert set(result["scores"]) == set(TASKS) and "val/loss" in result
+    assert result["step"] == 2  # the checkpoint's optimizer step (validate's own trainer counts none)
     assert all(0.0 <= result["scores"][t] <= 100.0 for t in TASKS)
     assert result["average"] == pytest.approx(sum(result["scores"].values()) / 7)
     assert out.with_suffix(".md").read_text().startswith("| model | hellaswag |")

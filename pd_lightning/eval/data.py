@@ -35,7 +35,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pd_lightning.eval.tasks import KNOWN_TASKS
+from pd_lightning.eval.tasks import KNOWN_TASKS, read_jsonl
 
 # Hub schema of each task: the fields every written row has.
 FIELDS = {
@@ -80,20 +80,8 @@ def _find(root: Path, name: str, task: str, required: bool = True) -> Path | Non
 
 
 def _read_jsonl(path: Path) -> Rows:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            row["__line__"] = lineno
-            rows.append(row)
-    return rows
+    """The objects of a JSON Lines file, each with its line number as ``__line__`` (for the error messages)."""
+    return [{**row, "__line__": n} for n, row in read_jsonl(path, "benchmark")]
 
 
 def _read_labels(path: Path, n: int, allowed: tuple[str, ...]) -> list[str]:

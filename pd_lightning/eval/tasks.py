@@ -75,7 +75,9 @@ class TaskData:
     flat_subjects: bool = False  # one flat file whose rows carry a ``subject`` field
 
 
-def _check_rows(path: Path, task: str, fields: Sequence[str]) -> list[dict]:
+def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSON Lines file; a line that is not a JSON object is
+    refused as ``<path>:<line>: …`` (``what`` names the row kind in the message). Shared with ``eval-data``."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -86,13 +88,20 @@ def _check_rows(path: Path, task: str, fields: Sequence[str]) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: a {task} row must be a JSON object")
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise ValueError(
-                    f"{path}:{n}: {task} row lacks field(s) {', '.join(missing)} (expected {', '.join(fields)})"
-                )
-            rows.append(row)
+                raise ValueError(f"{path}:{n}: a {what} row must be a JSON object")
+            rows.append((n, row))
+    return rows
+
+
+def _check_rows(path: Path, task: str, fields: Sequence[str]) -> list[dict]:
+    rows = []
+    for n, row in read_jsonl(path, task):
+        missing = [k for k in fields if k not in row]
+        if missing:
+            raise ValueError(
+                f"{path}:{n}: {task} row lacks field(s) {', '.join(missing)} (expected {', '.join(fields)})"
+            )
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: holds no {task} rows")
     return rows
