@@ -18,8 +18,11 @@ class ValidationReport(L.Callback):
         if "val/loss" not in metrics:
             return
         loss = float(metrics["val/loss"])
-        self.history.append((trainer.global_step, loss))
         ppl = float(metrics.get("val/ppl", float("nan")))
+        if trainer.state.fn != "fit":  # `validate` of a checkpoint: its own step counter is 0, no curve to extend
+            print(f"validate  val/loss {loss:.4f}  val/ppl {ppl:.2f}", flush=True)
+            return
+        self.history.append((trainer.global_step, loss))
         trend = ""
         if len(self.history) > 1:
             trend = f"  (first {self.history[0][1]:.4f}, change {loss - self.history[0][1]:+.4f})"

@@ -67,6 +67,7 @@ def test_validate_scores_all_seven_tasks(tmp_path, prepared, tiny_ckpt, capsys, 
     main(_validate_args(prepared, tmp_path / "v", tiny_ckpt, *_eval_args(FIXTURES, out)))
     printed = capsys.readouterr().out
     assert "val/loss" in printed  # the held-out loss as before
+    assert "validate  val/loss" in printed and "step      0" not in printed  # not the fit's "step N" line at step 0
     header = next(line for line in printed.splitlines() if "hellaswag" in line and "average" in line)
     assert header.split() == [*TASKS, "average"]
     result = json.loads(out.read_text())
