@@ -44,6 +44,7 @@ PAPER_DELTA = {
     "table5-lm-wsd-lr": 1.2, "table5-nll": 1.6, "table5-kld": 2.6, "table5-mse": -7.6, "table5-linear-inc": 1.1,
     "table5-linear-dec": 4.1, "table5-period": 0.9, "table5-1-alpha-wsd-lr": 5.0, "table5-wsd-alpha-cos-lr": 2.3,
     "table5-wsd-beta-wsd-lr": 1.1, "table5-wsd-alpha-wsd-lr": 8.0, "vanilla-pd": 1.6, "pd-star": 8.0,
+    "student_vanilla_pd": 1.6, "student_pdstar": 8.0,  # the demo's configs (make demo-seeds)
     **{f"table8-top-{pk}": round(100 * (avg - 37.7) / 37.7, 1) for pk, avg in _T8.items()},
 }  # fmt: skip
 BASELINE_NAMES = ("lm-baseline",)
@@ -54,6 +55,7 @@ LABELS = {  # the paper's names of the configs/paper/ rows (Tables 3 and 5)
     "table5-1-alpha-wsd-lr": "1-α + WSD-LR", "table5-wsd-alpha-cos-lr": "WSD-α + Cos-LR",
     "table5-wsd-beta-wsd-lr": "WSD-β + WSD-LR", "table5-wsd-alpha-wsd-lr": "WSD-α + WSD-LR",
     "table3-normkd": "NormKD", "table3-wttm": "WTTM", "table3-adakd-sd": "AdaKD-sD", "table3-adakd-h": "AdaKD-H",
+    "student_lm": "LM only", "student_vanilla_pd": "vanilla PD", "student_pdstar": "PD*",
 }  # fmt: skip
 FAMILIES = [  # (file, name pattern, x label, x from the match, log x, title)
     ("tau.png", r"^table2-tau-([0-9.]+)$", "temperature τ (static)", float, True, "Δ% over LM-only against τ"),
@@ -221,17 +223,19 @@ def _line_figure(summary, file, pattern, xlabel, conv, logx, title, out: Path) -
 
 
 def _bar_figure(summary, file, pattern, title, out: Path) -> Path | None:
-    items = [s for s in summary if re.match(pattern, s["name"]) and s["delta"] is not None]
+    items = [s for s in summary if re.match(pattern, s["name"]) and s["delta"] is not None and not s["baseline"]]
     if len(items) < 2:
         return None
     items.sort(key=lambda s: s["delta"])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(items) + 1.8))
     ys = range(len(items))
-    ax.barh([y + 0.2 for y in ys], [s["delta"] for s in items], height=0.4,
+    paper = any(s["paper_delta"] is not None for s in items)
+    ax.barh([y + 0.2 if paper else y for y in ys], [s["delta"] for s in items], height=0.4 if paper else 0.6,
             xerr=[s["delta_std"] or 0 for s in items], capsize=3, label="ours (held-out loss)")  # fmt: skip
-    ax.barh([y - 0.2 for y in ys], [s["paper_delta"] or 0 for s in items], height=0.4, color="0.7",
-            label="paper (benchmark average)")  # fmt: skip
+    if paper:  # the paper's bar only where the paper reports the config
+        ax.barh([y - 0.2 for y in ys], [s["paper_delta"] or 0 for s in items], height=0.4, color="0.7",
+                label="paper (benchmark average)")  # fmt: skip
     ax.set_yticks(list(ys), [_label(s["name"]) for s in items])
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("Δ% over LM-only (higher is better)")
@@ -280,16 +284,16 @@ def _cache_figure(summary, out: Path) -> Path | None:
     if len(vs_p) < 2 and len(vs_k) < 2:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    for ax, pts, xl in ((axes[0], vs_p, "p in top-p-100"), (axes[1], vs_k, "k in top-0.95-k")):
-        if len(pts) >= 2:
-            ax.plot(*zip(*pts), marker="o")
+    panels = [(pts, xl) for pts, xl in ((vs_p, "p in top-p-100"), (vs_k, "k in top-0.95-k")) if len(pts) >= 2]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 0.5, 4.2), sharey=True, squeeze=False)
+    for ax, (pts, xl) in zip(axes[0], panels):  # a panel only for a family with two or more caches
+        ax.plot(*zip(*pts), marker="o")
         ax.set_xlabel(xl)
-    axes[1].set_xscale("log")
-    if vs_k:
-        axes[1].set_xticks([k for k, _ in vs_k], [str(k) for k, _ in vs_k])
-        axes[1].minorticks_off()
-    axes[0].set_ylabel("cache bytes per token")
+        if xl.startswith("k"):
+            ax.set_xscale("log")
+            ax.set_xticks([k for k, _ in pts], [str(k) for k, _ in pts])
+            ax.minorticks_off()
+    axes[0][0].set_ylabel("cache bytes per token")
     fig.suptitle("Cache size grows with p and k (logits stored per token)")
     fig.tight_layout()
     return _save(fig, out / "cache_bytes.png")
