@@ -74,7 +74,7 @@ $(RUNS)-pdstar/done: $(CACHE50)/index.json
 EVAL_DATA ?= tests/fixtures/eval
 EVAL_TASKS ?= [hellaswag,winogrande,piqa,mmlu,c3,ceval,gsm8k]
 define BENCH
-	HF_DATASETS_DISABLE_PROGRESS_BARS=1 $(BIN)/pd-lightning validate --config $(1) --data.init_args.path $(2) \
+	$(BIN)/pd-lightning validate --config $(1) --data.init_args.path $(2) \
 		$(STUDENT_DATA) --trainer.logger false --trainer.default_root_dir $(3) --eval.tasks '$(EVAL_TASKS)' \
 		--eval.data_dir $(EVAL_DATA) --eval.output $(3)/bench.json \
 		--ckpt_path "$$(ls -t $(3)/lightning_logs/*/checkpoints/*.ckpt | head -n 1)"

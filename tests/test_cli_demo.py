@@ -58,6 +58,10 @@ def test_make_demo_takes_every_path_from_its_variables(tmp_path, capsys):
         assert paths, config
         for p in paths:
             assert p.startswith((str(data), str(runs))), f"{argv[0]}: {p!r} is not under DATA or RUNS"
+    validates = [c for c in commands if c[0] == "validate"]  # each student's lm-eval scores, written in its run
+    assert len(validates) == 3
+    for v in validates:
+        assert v[v.index("--eval.output") + 1].startswith(f"{runs}-") and f"{runs}-" in v[v.index("--ckpt_path") + 1]
     teacher_fit = commands[1]
     assert teacher_fit[teacher_fit.index("--trainer.callbacks.init_args.dirpath") + 1] == f"{runs}-teacher"
     for predict in (c for c in commands if c[0] == "predict"):  # the teacher fit's ModelCheckpoint writes this file

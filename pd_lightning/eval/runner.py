@@ -46,6 +46,21 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No ``datasets`` progress bars while lm-eval loads the local JSONL files (a "Generating … split" bar per split
+    and task: noise in a training log); the previous setting is restored."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def _metrics(raw: dict) -> dict:
     """lm-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x, "acc_stderr": s}``;
     metrics under a named filter keep it (``exact_match,strict-match``)."""
@@ -97,7 +112,7 @@ def evaluate(
         written = write_task_dir(data_dir, tmp, names, shots)
         manager = TaskManager(include_path=tmp, include_defaults=False)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        with preserved_rng():
+        with preserved_rng(), quiet_datasets():
             out = simple_evaluate(
                 model=lm,
                 tasks=names,
