@@ -219,7 +219,7 @@ def test_multi_shard_any_reader_layout(tmp_path: Path) -> None:
         assert_matches(cache[i], *refs[i])
 
 
-def test_n_writers_m_readers_and_partial_reading(tmp_path: Path) -> None:
+def test_n_writers_m_readers_and_partial_reading(tmp_path: Path, capsys) -> None:
     """3 writer ranks, one of them unfinished: refused by default, readable with allow_partial over the finished
     shards; the rank-aware sampler of 1, 2 and 3 reader ranks gives every finished sequence exactly once."""
     from pd_lightning.data.cache_datamodule import CacheDataModule
@@ -235,7 +235,10 @@ def test_n_writers_m_readers_and_partial_reading(tmp_path: Path) -> None:
         writer.finalize()
     with pytest.raises(CacheIncompleteError, match=r"10 of 14 sequences.*--data.allow_partial true"):
         CacheDataModule(path=str(tmp_path))
+    capsys.readouterr()
     dm = CacheDataModule(path=str(tmp_path), allow_partial=True, batch_size=1, shuffle=True)
+    notice = capsys.readouterr().err  # training on a subset is said, once
+    assert notice.count("pd-lightning: warning: --data.allow_partial: training on 10 of 14 sequences") == 1
     finished = [i for i in range(14) if i not in (2, 3, 8, 9)]
     assert len(dm.cache) == 10 and dm.cache.sequences.tolist() == finished
     tokens = {tuple(dm.cache[p]["input_ids"].tolist()): p for p in range(len(dm.cache))}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch.utils.data import Dataset
 
 from pd_lightning.data.cache_reader import TeacherCache
@@ -30,6 +32,8 @@ class CacheDataModule(SequenceDataModule):
     def __init__(self, path: str, val_tokens: str | None = None, allow_partial: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.cache = TeacherCache(path, allow_partial=allow_partial)
+        if not self.cache.complete:
+            _warn_partial(path, len(self.cache), self.cache.num_sequences)
         self.val_file = None
         if val_tokens is not None:
             self.val_file = TokenFile(val_tokens, flag="--data.val_tokens")
@@ -56,3 +60,17 @@ class CacheDataModule(SequenceDataModule):
 
     def val_dataset(self) -> Dataset | None:
         return None if self.val_file is None else TokenDataset(self.val_file, "val", self.val_sequences)
+
+
+def _warn_partial(path: str, finished: int, total: int) -> None:
+    """One notice (rank 0) that ``--data.allow_partial`` trains on a subset: an epoch is the finished part only."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(
+            f"pd-lightning: warning: --data.allow_partial: training on {finished} of {total} sequences "
+            f"({100.0 * finished / max(total, 1):.1f}%), the finished shards of the unfinished cache {path}; an epoch "
+            "is that part only",
+            file=sys.stderr,
+            flush=True,
+        )
