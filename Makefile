@@ -33,17 +33,24 @@ STUDENT_DATA = --data.init_args.val_tokens $(DATA)/tokens.h5 $(FIT_ARGS)
 $(DATA)/tokens.h5: | $(BIN)/.installed
 	$(BIN)/pd-lightning prepare --input $(CORPUS) --output $(DATA)/tokens.h5 --seq_len $(SEQ_LEN) --vocab_size $(VOCAB)
 
-$(RUNS)-teacher/teacher.ckpt: $(DATA)/tokens.h5
+# The teacher checkpoints at every validation (teacher.ckpt + last.ckpt) and on SIGTERM (last.ckpt); `done` marks the
+# finished fit, and a rerun after an interruption resumes from the newest last.ckpt (`--ckpt_path last`).
+$(RUNS)-teacher/done: $(DATA)/tokens.h5
+	@echo "== teacher: preset demo (1.8M parameters), LM loss (configs/demo/teacher.yaml); a line per validation"
 	$(BIN)/pd-lightning fit --config configs/demo/teacher.yaml --data.init_args.path $(DATA)/tokens.h5 \
-		--trainer.default_root_dir $(RUNS)-teacher --trainer.callbacks.init_args.dirpath $(RUNS)-teacher $(FIT_ARGS)
+		--trainer.default_root_dir $(RUNS)-teacher --trainer.callbacks.init_args.dirpath $(RUNS)-teacher \
+		$(if $(wildcard $(RUNS)-teacher/last.ckpt),--ckpt_path last) $(FIT_ARGS)
+	touch $@
 
-$(CACHE)/index.json: $(RUNS)-teacher/teacher.ckpt
+$(CACHE)/index.json: $(RUNS)-teacher/done
+	@echo "== the teacher's top-0.95-100 logits of every training token"
 	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --model.teacher $(RUNS)-teacher/teacher.ckpt \
 		--data.path $(DATA)/tokens.h5 --writer.output $(CACHE) --writer.overwrite true --trainer.enable_progress_bar false \
 		--trainer.default_root_dir $(RUNS)-predict
 	$(BIN)/pd-lightning cache-info $(CACHE)
 
-$(CACHE50)/index.json: $(RUNS)-teacher/teacher.ckpt
+$(CACHE50)/index.json: $(RUNS)-teacher/done
+	@echo "== the teacher's top-0.95-50 logits of every training token"
 	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --model.processor.init_args.k 50 \
 		--model.teacher $(RUNS)-teacher/teacher.ckpt --data.path $(DATA)/tokens.h5 --writer.output $(CACHE50) \
 		--writer.overwrite true --trainer.enable_progress_bar false --trainer.default_root_dir $(RUNS)-predict

@@ -90,7 +90,7 @@ class StopCheckpoint(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
         path = stop_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: it is resumed from
         self.path = path
         rank_zero_info(f"SIGTERM: saved a resumable checkpoint at step {trainer.global_step}: {path}")
 

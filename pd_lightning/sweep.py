@@ -203,13 +203,16 @@ def _exe() -> list[str]:
     return [sys.executable, "-m", "pd_lightning.cli"]
 
 
+_PLANNED: set[Path] = set()  # caches a --dry_run has printed the predict command of
+
+
 def ensure_cache(name: str, args, log: Path, env: dict) -> Path:
     """``<data_dir>/cache/<name>`` (complete = its index.json exists), made with ``pd-lightning predict`` if not."""
     out = Path(args.data_dir) / "cache" / name
-    if (out / "index.json").exists():
+    if (out / "index.json").exists() or (args.dry_run and out in _PLANNED):
         return out
     m = CACHE_RE.search(name)
-    if not Path(args.teacher).exists():
+    if not Path(args.teacher).exists() and not args.dry_run:
         raise FileNotFoundError(f"sweep: cache {out} is missing and --teacher {args.teacher} does not exist to make it")
     cmd = [
         *_exe(), "predict", "--config", "configs/cache/top-0.95-100.yaml", "--model.teacher", args.teacher,
@@ -218,9 +221,11 @@ def ensure_cache(name: str, args, log: Path, env: dict) -> Path:
         "--writer.overwrite", "true", "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(log.parent / "predict"),
     ]  # fmt: skip
-    print(f"sweep: writing cache {out} (teacher {args.teacher})", flush=True)
+    missing = "" if Path(args.teacher).exists() else ", which does not exist yet"
+    print(f"sweep: writing cache {out} (teacher {args.teacher}{missing})", flush=True)
     if args.dry_run:
         print(" ".join(cmd))
+        _PLANNED.add(out)  # printed once: the runs after it would find it made
         return out
     if _run(cmd, log, env) != 0:
         raise SweepError(f"sweep: pd-lightning predict for {out} failed; see {log}")
@@ -370,13 +375,21 @@ def sweep(argv: list[str]) -> list[dict]:
             f"sweep: {tokens} is missing; run `make demo` or pd-lightning prepare, or set --data_dir"
         )
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     scale_file = output / "scale.yaml" if scale is not None else None
-    if scale_file is not None:
-        scale_file.write_text(
-            f"# pd-lightning sweep --scale {args.scale}: the base config every run of this sweep layers its row on\n"
-            + yaml.safe_dump(scale_yaml(scale, str(tokens)), sort_keys=False)
-        )
+    scale_text = (
+        f"# pd-lightning sweep --scale {args.scale}: the base config every run of this sweep layers its row on\n"
+        + yaml.safe_dump(scale_yaml(scale, str(tokens)), sort_keys=False)
+        if scale is not None
+        else ""
+    )
+    if args.dry_run:  # nothing is written: the scale file the commands name is shown instead
+        _PLANNED.clear()
+        if scale_file is not None:
+            print(f"# {scale_file} (not written by --dry_run):\n{scale_text}", end="")
+    else:
+        output.mkdir(parents=True, exist_ok=True)
+        if scale_file is not None:
+            scale_file.write_text(scale_text)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     jobs = [(c, s) for s in args.seeds for c in configs]
     for name in dict.fromkeys(cache_name(c) for c in configs):  # caches first, one at a time

@@ -65,6 +65,23 @@ def test_sweep_runs_each_config_and_the_baseline(swept):
     assert [float(t["val_loss"]) for t in table] == pytest.approx([r["val_loss"] for r in rows])
 
 
+def test_sweep_dry_run_prints_and_writes_nothing(prepared, tmp_path, capsys, monkeypatch):
+    """--dry_run: the scale file and every command are printed, a missing cache's predict once; nothing is written."""
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "data"
+    shutil.copytree(prepared["tokens"].parent, data)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = tmp_path / "out"
+    main(["sweep", "configs/paper/table4-alpha-0.5.yaml", "configs/paper/table4-alpha-1.0.yaml", "--scale", "tiny",
+          "--data_dir", str(data), "--output", str(out), "--teacher", str(tmp_path / "t.ckpt"),
+          "--dry_run"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"# {out / 'scale.yaml'} (not written by --dry_run)" in printed and "max_steps: 6" in printed
+    assert printed.count(" predict --config ") == 1 and printed.count(" fit --config ") == 3
+    assert "t.ckpt, which does not exist yet)" in printed  # a dry run plans a teacher that is still to be trained
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before and not out.exists()
+
+
 def test_sweep_skips_finished_runs(swept, capsys):
     out, _, argv = swept
     marks = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
