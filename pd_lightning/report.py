@@ -186,8 +186,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+_SWEPT_LABELS = [  # the rows of a swept family, by their value
+    (r"^table2-tau-([0-9.]+)$", "τ = {}"), (r"^table4-alpha-([0-9.]+)$", "α = {}"),
+    (r"^table8-top-([0-9.]+-[0-9]+)$", "top-{}"),
+]  # fmt: skip
+
+
 def _label(name: str) -> str:
-    return LABELS.get(name, name)
+    if name in LABELS:
+        return LABELS[name]
+    for pattern, form in _SWEPT_LABELS:
+        m = re.match(pattern, name)
+        if m:
+            return form.format(m.group(1))
+    return name
 
 
 def _line_figure(summary, file, pattern, xlabel, conv, logx, title, out: Path) -> Path | None:
@@ -272,7 +284,11 @@ def _curves_figure(summary, out: Path) -> Path | None:
     ax.set_ylabel("held-out LM loss (nats/token)")
     if len(summary) <= 8:
         ax.set_title("Validation loss during training (final value in brackets)")
-    ax.legend(fontsize=9)
+    if drawn > 4:  # beside the axes: inside, a long legend hides curves
+        fig.set_size_inches(10, 4.5)
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=9)
     fig.tight_layout()
     return _save(fig, out / "curves.png")
 
