@@ -214,8 +214,9 @@ def _line_figure(summary, file, pattern, xlabel, conv, logx, title, out: Path) -
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [x for x, _ in pts]
-    ax.errorbar(xs, [s["delta"] for _, s in pts], yerr=[s["delta_std"] or 0 for _, s in pts], marker="o",
-                capsize=3, label="ours (held-out loss)")  # fmt: skip
+    spread = [s["delta_std"] or 0 for _, s in pts] if any(s["delta_std"] for _, s in pts) else None
+    ax.errorbar(xs, [s["delta"] for _, s in pts], yerr=spread, marker="o", capsize=3,
+                label="ours (held-out loss)")  # fmt: skip
     paper = [(x, s["paper_delta"]) for x, s in pts if s["paper_delta"] is not None]
     if paper:
         ax.plot(*zip(*paper), marker="s", ls="--", color="0.5", label="paper (benchmark average)")
@@ -243,8 +244,9 @@ def _bar_figure(summary, file, pattern, title, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(items) + 1.8))
     ys = range(len(items))
     paper = any(s["paper_delta"] is not None for s in items)
+    spread = [s["delta_std"] or 0 for s in items] if any(s["delta_std"] for s in items) else None  # one seed: none
     ax.barh([y + 0.2 if paper else y for y in ys], [s["delta"] for s in items], height=0.4 if paper else 0.6,
-            xerr=[s["delta_std"] or 0 for s in items], capsize=3, label="ours (held-out loss)")  # fmt: skip
+            xerr=spread, capsize=3, label="ours (held-out loss)")  # fmt: skip
     if paper:  # the paper's bar only where the paper reports the config
         ax.barh([y - 0.2 for y in ys], [s["paper_delta"] or 0 for s in items], height=0.4, color="0.7",
                 label="paper (benchmark average)")  # fmt: skip
