@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI
 
@@ -13,6 +16,25 @@ TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
     "callbacks": [lazy_instance(ValidationReport)],
 }
+
+
+class _NoTips(logging.Filter):
+    """Lightning's advertising lines ("💡 Tip: … try installing litlogger / litmodels") carry no information."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's tips and its notice that the default logger is a CSVLogger (it is ours, on purpose), so a
+    run's output is its own; warnings that matter are untouched. Idempotent."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning_utilities.core.rank_zero"):  # fmt: skip
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in log.filters):
+            log.addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's own
 
 
 def _positive_or_none(max_steps: int | None) -> int | None:
@@ -114,6 +136,7 @@ def train_cli(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     from pd_lightning.data.datamodule import SequenceDataModule
     from pd_lightning.module import DistillationModule
 
+    quiet_lightning()
     return TrainCLI(
         DistillationModule,
         SequenceDataModule,
@@ -148,6 +171,7 @@ class PredictCLI(LightningCLI):
 def predict_cli(args: list[str] | None = None, run: bool = True) -> PredictCLI:
     from pd_lightning.predict import TeacherLogits, TokenSequences
 
+    quiet_lightning()
     return PredictCLI(
         TeacherLogits,
         TokenSequences,

@@ -271,3 +271,32 @@ def test_fit_refuses_missing_validation_data(tmp_path, prepared, capsys):
     with pytest.raises(SystemExit) as e:
         main(tiny_fit_args(prepared["tokens"], tmp_path / "c", 2, "--data.init_args.val_sequences", "0"))
     assert e.value.code == 2 and "--data.val_sequences is 0" in capsys.readouterr().err
+
+
+def test_quiet_lightning_drops_only_the_tips():
+    """Lightning's "💡 Tip" advertising lines are dropped from fit/predict output; its other notices are kept."""
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from pd_lightning.lightning_cli import quiet_lightning
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("lightning.pytorch")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        quiet_lightning()
+        quiet_lightning()  # idempotent
+        rank_zero_info("💡 Tip: try installing litlogger")
+        rank_zero_info("Restored all states from the checkpoint")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert "Restored all states from the checkpoint" in seen and "💡 Tip: try installing litlogger" not in seen
