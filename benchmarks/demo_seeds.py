@@ -66,7 +66,6 @@ def main() -> None:
         losses[(r["name"], r["seed"])] = per_sequence_losses(last_checkpoint(run_dir), tokens)
     n_all = len(next(iter(losses.values())))
     print(f"torch threads {torch.get_num_threads()}; {len(seeds)} seeds; {n_all} validation sequences")
-    print(f"{'seed':>6} " + " ".join(f"{n:>22}" for n in names))
     result = {}
     for name in names:
         if name == base_name:
@@ -92,6 +91,7 @@ def main() -> None:
         key = name.replace("-", "_")
         result |= {f"{key}_delta_mean": f"{mean:.2f}", f"{key}_delta_std": f"{sd:.2f}"}
         result |= {f"{key}_se32": f"{statistics.fmean(se_32):.2f}", f"{key}_se_all": f"{statistics.fmean(se_all):.2f}"}
+    print(f"{'seed':>6} " + " ".join(f"{n:>22}" for n in names))  # the held-out loss of each run
     for s in seeds:
         print(f"{s:>6} " + " ".join(f"{losses[(n, s)].mean().item():>22.4f}" for n in names))
     lm_means = [losses[(base_name, s)].mean().item() for s in seeds]

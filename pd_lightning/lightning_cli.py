@@ -118,6 +118,9 @@ class TrainCLI(LightningCLI):
         return BenchmarkOptions(**cfg["eval"]), cfg.get("ckpt_path")
 
     def before_validate(self) -> None:
+        # Scoring a checkpoint from another folder restores its ModelCheckpoint state, whose dirpath differs: Lightning
+        # then warns that best_model_score etc. are not restored, which is irrelevant to a validation.
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
         opts, ckpt_path = self._benchmark_options()
         if opts.tasks:  # refuse bad input before the validation loop writes anything
             from pd_lightning.eval.validate import check

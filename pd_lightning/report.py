@@ -282,6 +282,9 @@ def _curves_figure(summary, out: Path) -> Path | None:
     if drawn == 0:
         plt.close(fig)
         return None
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out LM loss (nats/token)")
     if len(summary) <= 8:

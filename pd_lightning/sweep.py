@@ -164,8 +164,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def val_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
-    """``(optimizer step, val/loss)`` of every validation run, in order."""
-    return [(int(r["step"]), r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r]
+    """``(optimizer step, val/loss)`` of every validation run, in order. Lightning's CSV ``step`` column counts from
+    0 (a validation after 50 optimizer steps is logged at step 49), so 1 is added: the step the run printed."""
+    return [(int(r["step"]) + 1, r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r]
 
 
 def _plugin(cfg: dict, key: str) -> tuple[str | None, dict]:
@@ -192,11 +193,41 @@ def describe(config: dict) -> dict:
     return {"loss": "LM only" if is_lm else loss, "tau": tau, "alpha": alpha_text, "lr_schedule": lr}
 
 
+_LIVE: set[subprocess.Popen] = set()  # the fits / predicts running now (stopped on Ctrl-C)
+_STOP = threading.Event()  # set on Ctrl-C: no new subprocess starts
+
+
 def _run(cmd: list[str], log: Path, env: dict) -> int:
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        if _STOP.is_set():
+            return 130
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _LIVE.add(proc)
+        try:
+            return proc.wait()
+        except BaseException:  # Ctrl-C while waiting: the child is stopped, not left running
+            _stop_children()
+            raise
+        finally:
+            _LIVE.discard(proc)
+
+
+def _stop_children(timeout: float = 60.0) -> None:
+    """SIGTERM every running fit/predict (a fit saves its last.ckpt and exits; the run is redone on the rerun, as
+    it has no result.json), then wait for them; SIGKILL what is still running after ``timeout`` seconds."""
+    _STOP.set()
+    procs = list(_LIVE)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _exe() -> list[str]:
@@ -417,9 +448,16 @@ def sweep(argv: list[str]) -> list[dict]:
         for i in range(len(jobs)):
             one(i)
     else:  # runs side by side (each a subprocess); the table keeps the jobs' order
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(one, i) for i in range(len(jobs))]:
+        pool = ThreadPoolExecutor(args.jobs)
+        futures = [pool.submit(one, i) for i in range(len(jobs))]
+        try:
+            for future in futures:
                 future.result()
+        except BaseException:  # Ctrl-C or a failed run: start nothing more, stop what runs
+            pool.shutdown(wait=False, cancel_futures=True)
+            _stop_children()
+            raise
+        pool.shutdown()
     rows = [results[j] for j in sorted(results)]
     if not args.dry_run:
         print(f"sweep: {len(rows)} runs, {time.perf_counter() - t0:.0f} s; table {output / 'results.csv'}")
@@ -427,8 +465,14 @@ def sweep(argv: list[str]) -> list[dict]:
 
 
 def main(argv: list[str]) -> list[dict]:
+    _STOP.clear()
     try:
         return sweep(argv)
     except SweepError as e:
         print(f"pd-lightning: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        _stop_children()
+        print("pd-lightning: sweep interrupted; finished runs are kept, the same command resumes the sweep at the "
+              "interrupted run", file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None

@@ -58,6 +58,7 @@ def test_sweep_runs_each_config_and_the_baseline(swept):
         assert r["tokens"] == 6 * 2 * 64  # max_steps x batch x seq_len of the tiny scale
         assert r["config"]["model"]["student"]["preset"] == "tiny"
         assert r["cache"] == "top-0.95-100" and r["cache_bytes_per_token"] > 0
+        assert [step for step, _ in r["val_curve"]] == [3, 6]  # the optimizer steps the run validated after
     assert [r["alpha"] for r in rows] == ["0.0", "0.5", "1.0"]
     assert [r["loss"] for r in rows] == ["LM only", "NLL", "NLL"]
     with open(out / "results.csv", newline="") as f:
@@ -190,3 +191,31 @@ def test_sweep_scores_benchmarks_with_validate(swept, tmp_path):
     assert row["bench_average"] == pytest.approx(statistics.fmean(bench["scores"].values()))
     with open(out / "results.csv", newline="") as f:
         assert float(next(csv.DictReader(f))["bench_average"]) == pytest.approx(bench["average"])
+
+
+def test_sweep_interrupted_says_so_in_one_line_and_stops_its_fits(swept, tmp_path):
+    """Ctrl-C (SIGINT to the sweep process only) while two fits run: both are stopped, one line and exit 130, and the
+    interrupted runs have no result.json (so the rerun redoes them; skipping finished runs is tested above)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, data, _ = swept
+    out = tmp_path / "s"
+    argv = [sys.executable, "-m", "pd_lightning.cli", "sweep", str(ROOT / "configs/paper/table4-alpha-0.5.yaml"),
+            str(ROOT / "configs/paper/table4-alpha-1.0.yaml"), "--scale", "tiny", "--data_dir", str(data),
+            "--output", str(out), "--jobs", "2", "--max_steps", "200"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "runs").glob("*/fit.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # the fits are running
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("pd-lightning: sweep interrupted; finished runs are kept")
+    assert "Traceback" not in err
+    assert not (out / "runs" / "table4-alpha-1.0-s1234" / "result.json").exists()
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "a fit of the interrupted sweep is still running"
