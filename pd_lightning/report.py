@@ -282,9 +282,13 @@ def _curves_figure(summary, out: Path) -> Path | None:
     if drawn == 0:
         plt.close(fig)
         return None
-    from matplotlib.ticker import MaxNLocator
+    steps = sorted({p[0] for s in shown for c in s["curves"] for p in c})
+    if 0 < len(steps) <= 12:  # the validation steps themselves
+        ax.set_xticks(steps, [str(x) for x in steps], rotation=45 if len(steps) > 8 else 0)
+    else:
+        from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out LM loss (nats/token)")
     if len(summary) <= 8:
@@ -315,7 +319,8 @@ def _cache_figure(summary, out: Path) -> Path | None:
             ax.set_xticks([k for k, _ in pts], [str(k) for k, _ in pts])
             ax.minorticks_off()
     axes[0][0].set_ylabel("cache bytes per token")
-    fig.suptitle("Cache size grows with p and k (logits stored per token)")
+    varied = " and ".join(xl.split()[0] for _, xl in panels)  # "p", "k" or "p and k"
+    fig.suptitle(f"Cache size grows with {varied} (logits stored per token)")
     fig.tight_layout()
     return _save(fig, out / "cache_bytes.png")
 
@@ -361,7 +366,12 @@ def report(results: str | None, output: str | None = None, runs: list[str] | Non
     figures = [_curves_figure(summary, out)]
     figures.append(_bar_figure(summary, "delta_all.png", r".*", "Every config: Δ% over LM-only", out))
     figures += [_line_figure(summary, f, p, xl, c, lg, t, out) for f, p, xl, c, lg, t in FAMILIES]
-    figures += [_bar_figure(summary, f, p, t, out) for f, p, t in BAR_FAMILIES]
+    every = {s["name"] for s in summary if not s["baseline"]}
+    figures += [
+        _bar_figure(summary, f, p, t, out)
+        for f, p, t in BAR_FAMILIES
+        if {s["name"] for s in summary if re.match(p, s["name"]) and not s["baseline"]} != every  # else = delta_all
+    ]
     figures += [_cache_figure(summary, out), _student_figure(summary, out)]
     figures = [f for f in figures if f is not None]
     table = markdown_table(summary)
