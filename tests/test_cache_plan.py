@@ -34,15 +34,20 @@ def test_paper_setting_by_hand(capsys) -> None:
     assert "total size" in out and "write per GPU" in out and "assumed = k = 100" in out
 
 
-def test_from_a_sample_cache(tmp_path, capsys) -> None:
+def sample_cache(path, sequences: int) -> None:
+    """A small real top-0.9-20 cache (300-entry vocabulary, 16-token sequences of random logits) at ``path``."""
     proc = TopPK(0.9, 20)
-    spec = CacheSpec.for_processor(proc, vocab_size=300, seq_len=16, num_sequences=6, teacher_fingerprint="t",
+    spec = CacheSpec.for_processor(proc, vocab_size=300, seq_len=16, num_sequences=sequences, teacher_fingerprint="t",
                                    tokenizer_fingerprint="k", source_fingerprint="s")  # fmt: skip
-    writer = CacheWriter(tmp_path, spec)
-    for i in range(6):
+    writer = CacheWriter(path, spec)
+    for i in range(sequences):
         g = torch.Generator().manual_seed(i)
         writer.write(torch.tensor([i]), torch.zeros(1, 17, dtype=torch.long), proc(torch.randn(16, 300, generator=g)))
     writer.finalize()
+
+
+def test_from_a_sample_cache(tmp_path, capsys) -> None:
+    sample_cache(tmp_path, 6)  # written with top-0.9-20
     measured = cache_info(tmp_path)["mean_entries_per_token"]
     got = plan(capsys, "--tokens", "1e9", "--vocab", "300", "--k", "20", "--from-cache", str(tmp_path))
     assert got["entries_per_token"] == pytest.approx(measured) and str(tmp_path) in got["entries_per_token_source"]
@@ -54,14 +59,7 @@ def test_from_a_sample_cache(tmp_path, capsys) -> None:
 
 def test_sample_of_another_processor_is_refused(tmp_path, capsys) -> None:
     """A sample written with other p/k than the plan's would give its entries/token to the wrong processor."""
-    proc = TopPK(0.9, 20)
-    spec = CacheSpec.for_processor(proc, vocab_size=300, seq_len=16, num_sequences=2, teacher_fingerprint="t",
-                                   tokenizer_fingerprint="k", source_fingerprint="s")  # fmt: skip
-    writer = CacheWriter(tmp_path, spec)
-    for i in range(2):
-        g = torch.Generator().manual_seed(i)
-        writer.write(torch.tensor([i]), torch.zeros(1, 17, dtype=torch.long), proc(torch.randn(16, 300, generator=g)))
-    writer.finalize()
+    sample_cache(tmp_path, 2)  # written with top-0.9-20
     for flags in (["--k", "50"], ["--p", "0.95", "--k", "20"]):
         with pytest.raises(SystemExit) as e:
             main(["cache-plan", "--tokens", "1e9", "--vocab", "300", *flags, "--from-cache", str(tmp_path)])

@@ -88,6 +88,21 @@ def test_resume_does_not_score_a_step_twice(tmp_path, tokens, monkeypatch):
     assert train_losses(resumed) == {s: v for s, v in train_losses(full).items() if s > 4}
 
 
+def assert_logged_scores_equal_validate(prepared, tmp_path: Path, root: Path, tasks: list[str], limit: int) -> None:
+    """The bench/* scores a multi-rank fit logged at step 2 equal one-process ``validate`` of its checkpoint."""
+    logged = bench_rows(root)[2]
+    ckpt = next(root.rglob("*.ckpt"))
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["global_step"] == 2
+    out = tmp_path / "one.json"
+    vargs = tiny_fit_args(prepared["tokens"], tmp_path / "v", 2, "--trainer.limit_val_batches", "1")
+    vargs[0] = "validate"
+    main([*vargs, "--ckpt_path", str(ckpt), "--eval.tasks", json.dumps(tasks), "--eval.data_dir", str(FIXTURES),
+          "--eval.limit", str(limit), "--eval.max_gen_toks", "8", "--eval.output", str(out)])  # fmt: skip
+    one = json.loads(out.read_text())
+    assert {t: logged[f"bench/{t}"] for t in tasks} == pytest.approx(one["scores"], abs=1e-6)
+    assert logged["bench/average"] == pytest.approx(one["average"], abs=1e-6)
+
+
 def test_ddp_scores_equal_one_process_scores(tmp_path, prepared, monkeypatch, capsys):
     """Two gloo ranks each score half the requests; the logged scores equal ``validate`` of the same checkpoint in
     one process (the weights differ from a one-process run's, since each rank trains on its own half of the data)."""
@@ -100,17 +115,7 @@ def test_ddp_scores_equal_one_process_scores(tmp_path, prepared, monkeypatch, ca
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     run = subprocess.run([sys.executable, "-m", "pd_lightning.cli", *args], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    logged = bench_rows(root)[2]
-    ckpt = next(root.rglob("*.ckpt"))
-    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
-    out = tmp_path / "one.json"
-    vargs = tiny_fit_args(prepared["tokens"], tmp_path / "v", 2, "--trainer.limit_val_batches", "1")
-    vargs[0] = "validate"
-    main([*vargs, "--ckpt_path", str(ckpt), "--eval.tasks", json.dumps(tasks), "--eval.data_dir", str(FIXTURES),
-          "--eval.limit", "3", "--eval.max_gen_toks", "8", "--eval.output", str(out)])  # fmt: skip
-    one = json.loads(out.read_text())
-    assert {t: logged[f"bench/{t}"] for t in tasks} == pytest.approx(one["scores"], abs=1e-6)
-    assert logged["bench/average"] == pytest.approx(one["average"], abs=1e-6)
+    assert_logged_scores_equal_validate(prepared, tmp_path, root, tasks, limit=3)
 
 
 def test_fsdp2_scores_equal_one_process_scores(tmp_path, prepared, monkeypatch):
@@ -135,17 +140,7 @@ def test_fsdp2_scores_equal_one_process_scores(tmp_path, prepared, monkeypatch):
     run = subprocess.run([sys.executable, "-m", "pd_lightning.cli", *args], env=env, capture_output=True, text=True,
                          cwd=ROOT, timeout=300)  # fmt: skip
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    logged = bench_rows(root)[2]
-    ckpt = next(root.rglob("*.ckpt"))
-    assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["global_step"] == 2
-    out = tmp_path / "one.json"
-    vargs = tiny_fit_args(prepared["tokens"], tmp_path / "v", 2, "--trainer.limit_val_batches", "1")
-    vargs[0] = "validate"
-    main([*vargs, "--ckpt_path", str(ckpt), "--eval.tasks", json.dumps(tasks), "--eval.data_dir", str(FIXTURES),
-          "--eval.limit", "2", "--eval.max_gen_toks", "8", "--eval.output", str(out)])  # fmt: skip
-    one = json.loads(out.read_text())
-    assert {t: logged[f"bench/{t}"] for t in tasks} == pytest.approx(one["scores"], abs=1e-6)
-    assert logged["bench/average"] == pytest.approx(one["average"], abs=1e-6)
+    assert_logged_scores_equal_validate(prepared, tmp_path, root, tasks, limit=2)
 
 
 def test_preserved_training_state_restores_modes_and_random_states():
