@@ -146,6 +146,7 @@ class DistillationModule(L.LightningModule):
             alpha.decay_fraction = lr_schedule.decay_fraction
         self.save_hyperparameters()
         self.student_config = student
+        self.loaded_step: int | None = None  # the optimizer step of the checkpoint last loaded (on_load_checkpoint)
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.lr_schedule = lr_schedule if lr_schedule is not None else Cosine()
         self.kd_loss = loss
@@ -402,6 +403,7 @@ class DistillationModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loaded_step = checkpoint.get("global_step")  # `validate` restores weights, not the trainer's step
         saved = checkpoint.get("pd_lightning", {})
         if "train_lm_window" in saved:
             total, count = saved["train_lm_window"]

@@ -155,16 +155,6 @@ def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
     return {"tokenizer": tok, "baseline": baseline, "output": output}
 
 
-def checkpoint_step(ckpt_path: str, default: int) -> int:
-    """The optimizer step a checkpoint was saved at (``validate`` restores weights, not the step counter)."""
-    from pd_lightning.checkpoint_io import load_checkpoint
-
-    try:
-        return int(load_checkpoint(ckpt_path, "--ckpt_path").get("global_step", default))
-    except (OSError, ValueError, TypeError):
-        return default
-
-
 def score(trainer, module, opts: BenchmarkOptions, prepared: dict, ckpt_path: str) -> dict:
     """Score the module (holding the checkpoint's weights) on ``opts.tasks``; print the table, write JSON + .md."""
     from pd_lightning.eval.callback import preserved_training_state
@@ -186,7 +176,8 @@ def score(trainer, module, opts: BenchmarkOptions, prepared: dict, ckpt_path: st
     summary = with_deltas({t: float(result["scores"][t]) for t in opts.tasks}, float(result["average"]),
                           prepared["baseline"])  # fmt: skip
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    summary.update({"checkpoint": str(ckpt_path), "step": checkpoint_step(ckpt_path, trainer.global_step), **val,
+    step = module.loaded_step if module.loaded_step is not None else trainer.global_step
+    summary.update({"checkpoint": str(ckpt_path), "step": step, **val,
                     "results": result.get("results", {}), "config": result.get("config", {}),
                     "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
     if trainer.is_global_zero:
