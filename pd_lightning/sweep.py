@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -464,15 +465,30 @@ def sweep(argv: list[str]) -> list[dict]:
     return rows
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, a scheduler's stop) raised in the sweep's main thread: handled as Ctrl-C is, exit 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str]) -> list[dict]:
     _STOP.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return sweep(argv)
     except SweepError as e:
         print(f"pd-lightning: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as e:
         _stop_children()
-        print("pd-lightning: sweep interrupted; finished runs are kept, the same command resumes the sweep at the "
+        how, code = ("stopped by SIGTERM", 143) if isinstance(e, _Terminated) else ("interrupted", 130)
+        print(f"pd-lightning: sweep {how}; finished runs are kept, the same command resumes the sweep at the "
               "interrupted run", file=sys.stderr)  # fmt: skip
-        raise SystemExit(130) from None
+        raise SystemExit(code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -193,9 +193,14 @@ def test_sweep_scores_benchmarks_with_validate(swept, tmp_path):
         assert float(next(csv.DictReader(f))["bench_average"]) == pytest.approx(bench["average"])
 
 
-def test_sweep_interrupted_says_so_in_one_line_and_stops_its_fits(swept, tmp_path):
-    """Ctrl-C (SIGINT to the sweep process only) while two fits run: both are stopped, one line and exit 130, and the
-    interrupted runs have no result.json (so the rerun redoes them; skipping finished runs is tested above)."""
+@pytest.mark.parametrize(
+    "signame, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")]
+)
+def test_sweep_interrupted_says_so_in_one_line_and_stops_its_fits(swept, tmp_path, signame, code, said):
+    """Ctrl-C (SIGINT to the sweep process only) or ``kill`` (SIGTERM) while two fits run: both are stopped, one line
+    and exit 130 / 143, and the interrupted runs have no result.json (so the rerun redoes them; skipping finished runs
+    is tested above). The sweep starts with SIGINT at its default: a shell without job control starts background
+    commands with SIGINT ignored, and Python then installs no Ctrl-C handler (the sweep would rightly run on)."""
     import signal
     import subprocess
     import sys
@@ -206,15 +211,17 @@ def test_sweep_interrupted_says_so_in_one_line_and_stops_its_fits(swept, tmp_pat
     argv = [sys.executable, "-m", "pd_lightning.cli", "sweep", str(ROOT / "configs/paper/table4-alpha-0.5.yaml"),
             str(ROOT / "configs/paper/table4-alpha-1.0.yaml"), "--scale", "tiny", "--data_dir", str(data),
             "--output", str(out), "--jobs", "2", "--max_steps", "200"]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)  # fmt: skip
     deadline = time.monotonic() + 120
     while not list((out / "runs").glob("*/fit.log")) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(3)  # the fits are running
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("pd-lightning: sweep interrupted; finished runs are kept")
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1].startswith(f"pd-lightning: sweep {said}; finished runs are kept")
     assert "Traceback" not in err
     assert not (out / "runs" / "table4-alpha-1.0-s1234" / "result.json").exists()
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)

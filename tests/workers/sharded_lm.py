@@ -9,7 +9,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _exit import finish  # tests/workers/_exit.py: why a worker ends with os._exit
 
 
 def build(tokenizer: str):
@@ -32,6 +31,8 @@ def build(tokenizer: str):
 
 
 def main(out: str, tokenizer: str) -> None:
+    from _exit import finish  # tests/workers/_exit.py: why a worker ends with os._exit (here: tests import build)
+
     from pd_lightning.eval.distributed import ShardedLM
 
     dist.init_process_group("gloo")
