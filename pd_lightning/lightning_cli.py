@@ -79,6 +79,20 @@ class TrainCLI(LightningCLI):
         checkpointing.install(trainer)  # atomic checkpoint writes, a checkpoint on SIGTERM, throughput figures
         return trainer
 
+    def _quiet_fresh_checkpoint_folders(self) -> None:
+        """A fresh run whose checkpoints share their folder with its own logs (the demo teacher's
+        ``default_root_dir`` = ``dirpath``) writes its config.yaml there before ModelCheckpoint looks, so Lightning
+        warned that the folder "exists and is not empty" on every first run. Silenced (for this fit only) for a folder
+        that is missing or empty before the run; one that held anything (another run's files, a resume) still warns."""
+        import os
+        import re
+
+        for callback in self.trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if isinstance(folder, str) and (not os.path.isdir(folder) or not os.listdir(folder)):
+                message = re.escape(f"Checkpoint directory {folder} exists and is not empty.")
+                warnings.filterwarnings("ignore", message=message)
+
     def fit(self, model, **kwargs) -> None:
         """``trainer.fit``; a run stopped by SIGTERM before its end exits ``EXIT_INTERRUPTED`` (143), never 0."""
         import sys
@@ -88,7 +102,9 @@ class TrainCLI(LightningCLI):
         from pd_lightning.checkpointing import EXIT_INTERRUPTED, StopCheckpoint
 
         try:
-            self.trainer.fit(model, **kwargs)
+            with warnings.catch_warnings():
+                self._quiet_fresh_checkpoint_folders()
+                self.trainer.fit(model, **kwargs)
         except SIGTERMException:
             if self.trainer.is_global_zero:
                 saved = [c.path for c in self.trainer.callbacks if isinstance(c, StopCheckpoint) and c.path]

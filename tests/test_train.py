@@ -300,3 +300,17 @@ def test_quiet_lightning_drops_only_the_tips():
         log.removeHandler(handler)
         log.setLevel(level)
     assert "Restored all states from the checkpoint" in seen and "💡 Tip: try installing litlogger" not in seen
+
+
+def test_checkpoint_folder_warning_only_for_a_folder_used_before(tmp_path, prepared, recwarn):
+    """Checkpoints in the folder of the run's own logs (as the demo teacher has them): no "exists and is not empty"
+    on the first run (only its own config.yaml was there); a second fit into the same, now full, folder still
+    gets Lightning's warning (the first run's silencing ended with it)."""
+    folder = tmp_path / "teacher"
+    ckpt = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(folder)]
+    for run, warned in ((1, False), (2, True)):
+        recwarn.clear()
+        main(tiny_fit_args(prepared["tokens"], folder, 2, *ckpt))
+        said = [str(w.message) for w in recwarn]
+        assert (f"Checkpoint directory {folder} exists and is not empty." in said) is warned, (run, said)
+        assert list(folder.glob("*.ckpt")) and (folder / "log" / "version_0" / "metrics.csv").exists()
