@@ -201,6 +201,7 @@ def predict_cli(args: list[str] | None = None, run: bool = True) -> PredictCLI:
             "use_distributed_sampler": False,  # each rank's loader already holds only its own pending sequences
         },
         save_config_callback=None,
+        seed_everything_default=False,  # a teacher's forward draws nothing at random (Lightning's default: a warning)
         parser_kwargs={"exit_on_error": False},  # cli.main reports parse errors in one line
         args=args,
         run=run,

@@ -17,6 +17,7 @@ shard them again: ``use_distributed_sampler`` is off in ``PredictCLI``'s default
 from __future__ import annotations
 
 import re
+import warnings
 
 import lightning as L
 import numpy as np
@@ -244,6 +245,8 @@ class CacheWriterCallback(L.Callback):
         data.padding = _lockstep_padding(trainer, len(data.pending), data.batch_size)
         ranges = [spec.shard_range(int(j)) for j in spec.rank_shards(trainer.global_rank, trainer.world_size)]
         mine = sum(b - a for a, b in ranges)
+        if not len(data.pending):  # said in our own line below / by the other ranks' progress, not as a warning
+            warnings.filterwarnings("ignore", message=r"Total length of `DataLoader` across ranks is zero")
         if writer.complete:
             print(f"{self.output} is already complete; nothing to do")
         elif len(data.pending) < mine:

@@ -145,9 +145,11 @@ def test_cache_info_json(reference_cache, prepared, capsys):
     assert info["bytes_per_entry"] <= 4.0 + shards * (1 << 16) / info["entries"]
 
 
-def test_rerun_of_complete_cache_and_other_parameters(reference_cache, hf_teacher, prepared, capsys):
+def test_rerun_of_complete_cache_and_other_parameters(reference_cache, hf_teacher, prepared, capsys, recwarn):
     main(predict_args(hf_teacher, prepared["tokens"], reference_cache))
     assert "already complete" in capsys.readouterr().out
+    said = [str(w.message) for w in recwarn]  # no Lightning warning about the empty loop, nor about a missing seed
+    assert not [m for m in said if "DataLoader" in m or "No seed found" in m], said
     with pytest.raises(SystemExit) as e:
         main(predict_args(hf_teacher, prepared["tokens"], reference_cache, "--model.processor.k", "5"))
     assert e.value.code == 2
