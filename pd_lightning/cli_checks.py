@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pd_lightning.checkpoint_io import check_ckpt_path
 from pd_lightning.paths import check_output_dir
 
@@ -59,10 +61,36 @@ def check_validation_data(datamodule) -> None:
     raise ValueError(f"validate: no validation data: {why}")
 
 
-def after_instantiate(trainer, datamodule, subcommand: str | None) -> None:
+def check_checkpoint_folder(trainer, ckpt_path) -> None:
+    """``fit`` (not resuming) refuses a ModelCheckpoint folder outside ``--trainer.default_root_dir`` that already holds
+    checkpoints: a config that names its folder (the demo teacher's ``runs/demo-teacher``) would otherwise have a run
+    moved elsewhere with ``--trainer.default_root_dir`` overwrite the other run's ``teacher.ckpt`` / ``last.ckpt``."""
+    if ckpt_path:
+        return
+    root = os.path.realpath(trainer.default_root_dir)
+    for cb in getattr(trainer, "checkpoint_callbacks", []):
+        folder = getattr(cb, "dirpath", None)
+        if not isinstance(folder, str):
+            continue
+        real = os.path.realpath(folder)
+        if real == root or real.startswith(root + os.sep) or not os.path.isdir(real):
+            continue
+        held = sorted(name for name in os.listdir(real) if name.endswith(".ckpt"))
+        if held:
+            raise ValueError(
+                f"fit: the checkpoint folder {folder} (a ModelCheckpoint dirpath from the config) already holds "
+                f"{', '.join(held[:3])}{' …' if len(held) > 3 else ''} of another run and is outside "
+                f"--trainer.default_root_dir {trainer.default_root_dir}, so this run would overwrite them; pass "
+                f"--trainer.callbacks.init_args.dirpath {trainer.default_root_dir} too (or resume with --ckpt_path)"
+            )
+
+
+def after_instantiate(trainer, datamodule, subcommand: str | None, ckpt_path=None) -> None:
     """TrainCLI, once the trainer and data exist and before the subcommand runs."""
     if subcommand in ("fit", "validate", "test"):
         check_trainer_outputs(trainer)
+    if subcommand == "fit":
+        check_checkpoint_folder(trainer, ckpt_path)
     if subcommand == "validate":
         check_validation_data(datamodule)
 

@@ -70,7 +70,8 @@ class TrainCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         from pd_lightning import cli_checks  # output folders writable; validate has validation data
 
-        cli_checks.after_instantiate(self.trainer, self.datamodule, self.subcommand)
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        cli_checks.after_instantiate(self.trainer, self.datamodule, self.subcommand, cfg.get("ckpt_path"))
 
     def instantiate_trainer(self, **kwargs):
         from pd_lightning import checkpointing

@@ -314,3 +314,26 @@ def test_checkpoint_folder_warning_only_for_a_folder_used_before(tmp_path, prepa
         said = [str(w.message) for w in recwarn]
         assert (f"Checkpoint directory {folder} exists and is not empty." in said) is warned, (run, said)
         assert list(folder.glob("*.ckpt")) and (folder / "log" / "version_0" / "metrics.csv").exists()
+
+
+def test_fit_moved_elsewhere_refuses_to_overwrite_the_config_folders_checkpoints(tmp_path, prepared, capsys):
+    """A config that names its checkpoint folder (the demo teacher's): a second fit moved with only
+    ``--trainer.default_root_dir`` is refused in one line naming the flag, before it writes anything; the first run's
+    checkpoint is untouched; with the dirpath flag too it runs."""
+    first, second = tmp_path / "teacher", tmp_path / "short"
+    main(tiny_fit_args(prepared["tokens"], first, 2, "--trainer.callbacks+=ModelCheckpoint",
+                       "--trainer.callbacks.dirpath", str(first)))  # fmt: skip
+    (ckpt,) = first.glob("*.ckpt")
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    moved = tiny_fit_args(prepared["tokens"], second, 2, "--trainer.callbacks+=ModelCheckpoint",
+                          "--trainer.callbacks.dirpath", str(first))  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(moved)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"pd-lightning: error: fit: the checkpoint folder {first} "), err
+    assert ckpt.name in err[-1] and f"--trainer.callbacks.init_args.dirpath {second}" in err[-1]
+    assert ckpt.read_bytes() == before and not second.exists()
+    main(moved[:-1] + [str(second)])  # the way out it names
+    assert list(second.glob("*.ckpt")) and ckpt.read_bytes() == before
