@@ -291,6 +291,44 @@ def _bench(run_dir: Path, args, log: Path, env: dict) -> dict | None:
     return json.loads(out.read_text())
 
 
+SETTINGS = "sweep-settings.json"  # what every run of an output folder shares; a rerun must match it to reuse runs
+
+
+def _settings(scale_text: str, args) -> dict:
+    return {"scale": scale_text, "student": args.student, "fit_args": args.fit_args}
+
+
+def check_settings(output: Path, scale_text: str, args) -> None:
+    """A rerun into an output folder with finished runs must ask for the same scale, ``--student`` and ``--fit_args``:
+    otherwise its table would silently mix (or reuse) runs made with other settings."""
+    saved = output / SETTINGS
+    if not saved.exists() or not list(output.glob("runs/*/result.json")):
+        return
+    old, new = json.loads(saved.read_text()), _settings(scale_text, args)
+    if old == new:
+        return
+    if old.get("scale") != new["scale"]:
+        was = _flatten(yaml.safe_load(old.get("scale") or "") or {})
+        now = _flatten(yaml.safe_load(new["scale"] or "") or {})
+        diff = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        what = "the scale (" + ", ".join(diff[:4]) + (", …" if len(diff) > 4 else "") + ")"
+    else:
+        what = ", ".join(f"--{k} {old.get(k)!r} -> {new[k]!r}" for k in ("student", "fit_args") if old.get(k) != new[k])
+    raise SweepError(
+        f"sweep: {output} holds finished runs made with other settings: {what}; give another --output, or the "
+        f"settings of {saved}"
+    )
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def run_one(config: Path, seed: int, args, scale_file: Path, tokens: Path, env: dict) -> dict:
     """One fit subprocess (skipped when its ``result.json`` exists); returns its table row."""
     name = config.stem
@@ -414,6 +452,7 @@ def sweep(argv: list[str]) -> list[dict]:
         if scale is not None
         else ""
     )
+    check_settings(output, scale_text, args)
     if args.dry_run:  # nothing is written: the scale file the commands name is shown instead
         _PLANNED.clear()
         if scale_file is not None:
@@ -422,6 +461,7 @@ def sweep(argv: list[str]) -> list[dict]:
         output.mkdir(parents=True, exist_ok=True)
         if scale_file is not None:
             scale_file.write_text(scale_text)
+        (output / SETTINGS).write_text(json.dumps(_settings(scale_text, args), indent=1) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     jobs = [(c, s) for s in args.seeds for c in configs]
     for name in dict.fromkeys(cache_name(c) for c in configs):  # caches first, one at a time

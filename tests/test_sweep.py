@@ -93,6 +93,26 @@ def test_sweep_skips_finished_runs(swept, capsys):
     assert capsys.readouterr().out.count("already done, skipped") == 3
 
 
+@pytest.mark.parametrize(
+    "extra, named",
+    [(["--max_steps", "12"], "trainer.max_steps 6 -> 12"), (["--student", "small"], "--student None -> 'small'"),
+     (["--fit_args", "--model.lr 1e-3"], "--fit_args '' -> '--model.lr 1e-3'")],
+)  # fmt: skip
+def test_sweep_refuses_to_reuse_runs_made_with_other_settings(swept, capsys, extra, named):
+    """A rerun into a sweep folder with finished runs but another scale, --student or --fit_args would have reused
+    the old runs as if they were the new ones: one line naming what differs, exit 1, nothing written."""
+    out, _, argv = swept
+    marks = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main([*argv, *extra])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    said = f"pd-lightning: sweep: {out} holds finished runs made with other settings"
+    assert len(err) == 1 and err[0].startswith(said), err
+    assert named in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == marks
+
+
 def test_sweep_resumes_an_interrupted_run(swept):
     out, _, argv = swept
     victim = out / "runs" / "table4-alpha-1.0-s1234"
