@@ -268,7 +268,9 @@ class CacheWriterCallback(L.Callback):
         # An empty predict loop (nothing pending on this rank) never calls on_predict_end: stop the thread here.
         if self.writer is not None and stage == "predict":
             writer, self.writer = self.writer, None
-            if not len(writer.pending_sequences):
+            if writer.complete:  # finished before this run ("already complete; nothing to do"): nothing to rewrite
+                writer.close()
+            elif not len(writer.pending_sequences):
                 print(f"wrote {writer.finalize()}")
             else:
                 writer.close()

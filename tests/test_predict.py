@@ -146,8 +146,12 @@ def test_cache_info_json(reference_cache, prepared, capsys):
 
 
 def test_rerun_of_complete_cache_and_other_parameters(reference_cache, hf_teacher, prepared, capsys, recwarn):
+    index = reference_cache / "index.json"
+    before = (index.read_bytes(), index.stat().st_mtime_ns)
     main(predict_args(hf_teacher, prepared["tokens"], reference_cache))
-    assert "already complete" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "already complete; nothing to do" in out and "wrote" not in out  # and index.json is left as it was
+    assert (index.read_bytes(), index.stat().st_mtime_ns) == before
     said = [str(w.message) for w in recwarn]  # no Lightning warning about the empty loop, nor about a missing seed
     assert not [m for m in said if "DataLoader" in m or "No seed found" in m], said
     with pytest.raises(SystemExit) as e:
