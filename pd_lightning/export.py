@@ -108,10 +108,14 @@ def export_checkpoint(
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)  # a previous export killed mid-write
     try:
-        export_hf(student.model, tmp, tokenizer_dir=tokenizer, dtype=DTYPES[dtype])
+        export_hf(student.model, tmp, tokenizer_dir=tokenizer, dtype=DTYPES[dtype], trained_seq_len=student.seq_len)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out} (LlamaForCausalLM)")
+    from pd_lightning.model.config import declared_max_length
+
+    length = declared_max_length(student.seq_len)
+    trained = f", trained on {student.seq_len:,}-token sequences" if student.seq_len else ""
+    print(f"wrote {out} (LlamaForCausalLM, max_position_embeddings {length:,}{trained})")

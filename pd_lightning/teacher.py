@@ -25,6 +25,7 @@ class Teacher:
     fingerprint: str
     tokenizer_fingerprint: str | None
     tokenizer_path: str | None = None  # recorded by pd-lightning checkpoints (the token file's tokenizer folder)
+    seq_len: int | None = None  # the training sequence length a pd-lightning checkpoint records
 
     def __call__(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
@@ -102,6 +103,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype, flag: str) -> Teacher:
         _file_fingerprint([path]),
         extra.get("tokenizer_fingerprint"),
         extra.get("tokenizer_path"),
+        int(extra["seq_len"]) if extra.get("seq_len") else None,
     )
 
 

@@ -94,7 +94,8 @@ def test_checkpoint_loading_and_refusals(eval_ckpt, tmp_path, prepared, tok):
 
     lm = StudentLM.from_checkpoint(eval_ckpt, progress=False)  # tokenizer found through the run's config.yaml
     assert tokenizer_fingerprint(lm.tokenizer) == tokenizer_fingerprint(tok)
-    assert lm.max_length == 64  # the training seq_len recorded in the checkpoint
+    # The declared length (export-hf's max_position_embeddings), not the 64-token training length it records.
+    assert lm.max_length == 4096 and lm.trained_length == 64
     with pytest.raises(FileNotFoundError, match="checkpoint .*missing.ckpt.* does not exist"):
         StudentLM.from_checkpoint(tmp_path / "missing.ckpt")
     other = tmp_path / "other_tok"
@@ -116,8 +117,10 @@ def test_all_seven_tasks_match_lm_eval_hf_backend(eval_ckpt, tmp_path, tok):
     model, record = load_student_checkpoint(eval_ckpt)
     folder = tmp_path / "hf"
     main(["export-hf", "--ckpt", str(eval_ckpt), "--output", str(folder), "--tokenizer", record["tokenizer_path"]])
-    ours = StudentLM.from_checkpoint(eval_ckpt, batch_size=4, max_length=512, progress=False)
-    theirs = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=4, max_length=512)
+    # No max_length on either side: both take the student's declared length (the export's max_position_embeddings).
+    ours = StudentLM.from_checkpoint(eval_ckpt, batch_size=4, progress=False)
+    theirs = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=4)
+    assert ours.max_length == theirs.max_length == 4096
     a = evaluate(ours, ALL_TASKS, str(FIXTURES), log_samples=True)
     b = evaluate(theirs, ALL_TASKS, str(FIXTURES), log_samples=True)
 

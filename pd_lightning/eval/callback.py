@@ -14,43 +14,19 @@ scored are part of the callback's checkpoint state: a resumed run does not score
 
 from __future__ import annotations
 
-import contextlib
-import random
 import time
-from collections.abc import Iterator
 
 import lightning as L
-import numpy as np
 import torch
 
-
-@contextlib.contextmanager
-def preserved_training_state(module: torch.nn.Module) -> Iterator[None]:
-    """Restore every submodule's ``training`` flag and the Python / NumPy / torch (CPU, CUDA) RNG states on exit."""
-    modes = [(m, m.training) for m in module.modules()]
-    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def resolve_tokenizer(tokenizer: str | None, datamodule, flag: str) -> str:
-    """The tokenizer folder: the one given, else the training data's (``datamodule.tokenizer_path``)."""
-    if tokenizer:
-        return tokenizer
-    for owner in (datamodule, getattr(datamodule, "val_file", None)):
-        path = getattr(owner, "tokenizer_path", None) if owner is not None else None
-        if path:
-            return str(path)
-    raise ValueError(f"{flag}: the training data does not name its tokenizer folder; set {flag} <folder>")
+from pd_lightning.eval.scoring import (  # noqa: F401  (preserved_training_state: imported from here before)
+    check_limit_and_shots,
+    length_note,
+    preserved_training_state,
+    resolve_tokenizer,
+    score_module,
+    shots_per_task,
+)
 
 
 class LMEvalCallback(L.Callback):
@@ -61,11 +37,14 @@ class LMEvalCallback(L.Callback):
         data_dir: the local benchmark files, ``<data_dir>/<task>/<split>.jsonl`` (``pd-lightning eval-data``).
         every_n_steps: score every this many optimizer steps (0 = never on a step count).
         on_checkpoint: score whenever a checkpoint is saved.
-        limit: documents per task (an int), a fraction of each task (0 < limit < 1), or None for all.
+        limit: documents per task (an int), or a fraction of each task (0 < limit < 1), or None for all; for MMLU
+            and C-Eval it applies per subject (as lm-eval's own ``--limit`` does for a group).
         num_fewshot: few-shot count for every task (an int) or per task (``{c3: 2, mmlu: 0}``; the others keep the
             paper's: 0 / 5 / 8); None = the paper's.
         batch_size: rows per forward of the evaluation.
-        max_length: longest evaluation input in tokens (None = the training sequence length).
+        max_length: longest evaluation input in tokens (None = the student's declared length, 4,096 or the training
+            sequence length if longer: what ``export-hf`` writes as ``max_position_embeddings``, so the scores equal
+            lm-eval ``hf``'s on the export).
         max_gen_toks: cap on generated tokens (GSM8k).
         tokenizer: tokenizer folder (None = the training data's tokenizer).
         seed: few-shot sampling seed.
@@ -93,8 +72,6 @@ class LMEvalCallback(L.Callback):
             raise ValueError(f"LMEvalCallback tasks: unknown task {unknown[0]!r} (known: {', '.join(KNOWN_TASKS)})")
         if every_n_steps < 0:
             raise ValueError(f"LMEvalCallback every_n_steps must be >= 0, got {every_n_steps}")
-        from pd_lightning.eval.validate import check_limit_and_shots
-
         check_limit_and_shots(limit, num_fewshot, "LMEvalCallback limit", "LMEvalCallback num_fewshot")
         self.data_dir, self.every_n_steps, self.on_checkpoint = data_dir, every_n_steps, on_checkpoint
         self.limit, self.num_fewshot, self.seed = limit, num_fewshot, seed
@@ -102,13 +79,13 @@ class LMEvalCallback(L.Callback):
         self.tokenizer = tokenizer
         self.scored: dict[int, dict[str, float]] = {}  # step -> {task: score, "average": ...}
         self._tok = None
+        self._noted = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         from pd_lightning.data.tokenizer import load_tokenizer
         from pd_lightning.eval.tasks import check_data
-        from pd_lightning.eval.validate import shots_per_task
 
         shots = shots_per_task(self.num_fewshot, self.tasks)
         check_data(self.data_dir, self.tasks, shots)  # a missing file fails before training, not at the first score
@@ -135,24 +112,15 @@ class LMEvalCallback(L.Callback):
     # ---- scoring ------------------------------------------------------------------------------------------------
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Run the tasks on the live student, log ``bench/*`` at the current step and return {task: %, average}."""
-        from pd_lightning.eval.distributed import ShardedLM, single_process_view
-        from pd_lightning.eval.lm import StudentLM
-        from pd_lightning.eval.runner import evaluate
-        from pd_lightning.eval.validate import shots_per_task
-
         if self._tok is None:
             self.setup(trainer, pl_module, "fit")
         step, start = trainer.global_step, time.perf_counter()
-        kw = {"batch_size": self.batch_size, "max_gen_toks": self.max_gen_toks, "progress": False}
-        if self.max_length:
-            kw["max_length"] = self.max_length
-        elif getattr(trainer.datamodule, "seq_len", None):
-            kw["max_length"] = int(trainer.datamodule.seq_len)
-        shots = shots_per_task(self.num_fewshot, self.tasks)
-        with preserved_training_state(pl_module), single_process_view():
-            lm = StudentLM.from_module(pl_module, self._tok, **kw)
-            result = evaluate(ShardedLM(lm), self.tasks, self.data_dir, num_fewshot=shots,
-                              limit=self.limit, seed=self.seed)  # fmt: skip
+        result = score_module(trainer, pl_module, self._tok, self.tasks, self.data_dir, num_fewshot=self.num_fewshot,
+                              limit=self.limit, seed=self.seed, batch_size=self.batch_size,
+                              max_gen_toks=self.max_gen_toks, max_length=self.max_length)  # fmt: skip
+        if trainer.is_global_zero and not self._noted:  # once per run: the length and the extrapolated requests
+            print(f"LMEvalCallback: {length_note(result['lengths'])}", flush=True)
+            self._noted = True
         scores = {**{t: float(result["scores"][t]) for t in self.tasks}, "average": float(result["average"])}
         self.scored[step] = scores
         metrics = {f"bench/{k}": v for k, v in scores.items()}

@@ -94,6 +94,9 @@ class ShardedLM(LM):
         padding = [requests[mine[-1] if mine else 0]] * (per - len(mine))
         share = [requests[i] for i in mine] + padding
         answers = (self._lockstep(call, share) if self.lockstep else call(share))[: len(mine)]
+        lengths = getattr(self.lm, "request_lengths", None)
+        if padding and isinstance(lengths, list):  # the padded copies were not requests: not in the length record
+            del lengths[len(lengths) - len(padding) :]
         gathered: list = [None] * self.shard_world
         dist.all_gather_object(gathered, answers, group=self.group)
         results: list = [None] * len(requests)

@@ -35,13 +35,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from pd_lightning.model.config import StudentConfig
+from pd_lightning.model.config import StudentConfig, declared_max_length
 from pd_lightning.model.generate import greedy_generate
 from pd_lightning.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_LENGTH = 2048
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,6 +78,21 @@ def _tokenizer_from_run_config(ckpt: Path) -> str | None:
                 except (FileNotFoundError, ValueError):
                     continue
     return None
+
+
+def _hf_lengths(folder: str) -> dict:
+    """An exported folder's maximum length, resolved exactly as lm-eval's ``hf`` model resolves it (the config's
+    ``n_positions`` / ``max_position_embeddings`` / ``n_ctx``, else 2048), and the training length ``export-hf``
+    records beside it (``pd_lightning_seq_len``) when there is one."""
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    out = {"max_length": int(resolve_max_length(config, None, default=2048))}
+    seq_len = getattr(config, "pd_lightning_seq_len", None)
+    if seq_len:
+        out["seq_len"] = int(seq_len)
+    return out
 
 
 def load_student_checkpoint(path: str | os.PathLike, flag: str = "checkpoint") -> tuple[Transformer, dict]:
@@ -136,7 +150,12 @@ class StudentLM(TemplateLM):
             ``pretrained`` to the folder's own. Refused when its fingerprint differs from the checkpoint's.
         batch_size: rows per forward (lm-eval's ``--batch_size``; ``auto`` means 8).
         max_length: longest input in tokens; longer inputs are cut from the left as lm-eval does. Default: the
-            checkpoint's training ``seq_len`` when known, else 2048.
+            student's declared length (``declared_max_length``: 4,096, or the training ``seq_len`` when longer),
+            which ``export-hf`` writes as ``max_position_embeddings``; with ``pretrained`` the folder's own length,
+            resolved as lm-eval's ``hf`` model resolves it. So every path scores with the length lm-eval's ``hf``
+            model uses on the export.
+        trained_length: the sequence length the student was trained at (default: the checkpoint's / export's
+            record); requests longer than it are counted in ``request_lengths`` / ``length_summary``.
         device: where to run (default: where the model is; ``cuda`` when loading and a GPU is present). A live
             model is moved there.
         checkpoint: a pd-lightning ``.ckpt`` file.
@@ -159,6 +178,7 @@ class StudentLM(TemplateLM):
         dtype: str | None = None,
         max_gen_toks: int | str = 256,
         progress: bool | str = True,
+        trained_length: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -193,6 +213,7 @@ class StudentLM(TemplateLM):
                 raise FileNotFoundError(f"pretrained: {pretrained!r} is not a Hugging Face model folder")
             model = import_hf(pretrained)
             source = f"model folder {pretrained!r}"
+            record.update(_hf_lengths(pretrained))
             own = pretrained if any(Path(pretrained, f).is_file() for f in ("tokenizer.json",)) else None
             if tokenizer is None:
                 if own is None:
@@ -219,7 +240,12 @@ class StudentLM(TemplateLM):
         self.tokenizer = tokenizer
         self._device = next(model.parameters()).device
         self.batch_size = _as_int(batch_size, "batch_size") or 8
-        self._max_length = _as_int(max_length, "max_length") or int(record.get("seq_len") or DEFAULT_MAX_LENGTH)
+        self._max_length = _as_int(max_length, "max_length") or int(
+            record.get("max_length") or declared_max_length(record.get("seq_len") or trained_length)
+        )
+        self.trained_length = trained_length if trained_length is not None else record.get("seq_len")
+        # (tokens before any cut, tokens the model saw) per request, in the order of the requests given
+        self.request_lengths: list[tuple[int, int]] = []
         self.max_gen_toks = _as_int(max_gen_toks, "max_gen_toks") or 256
         self.progress = str(progress).lower() not in ("false", "0", "no")
         self.record = record
@@ -241,6 +267,9 @@ class StudentLM(TemplateLM):
         data = getattr(trainer, "datamodule", None) if trainer is not None else None
         if data is not None and hasattr(data, "tokenizer_fingerprint"):
             fingerprint = data.tokenizer_fingerprint
+        seq_len = getattr(data, "seq_len", None) if data is not None else None
+        if seq_len and kw.get("trained_length") is None:
+            kw["trained_length"] = int(seq_len)
         lm = cls(model=module.model, tokenizer=tokenizer, **kw)
         if fingerprint:
             check_tokenizer(lm.tokenizer, lm.model, fingerprint, "the module's training data")
@@ -310,6 +339,8 @@ class StudentLM(TemplateLM):
         for i, (_, context, continuation) in enumerate(requests):
             if not continuation:
                 raise ValueError("loglikelihood: empty continuation after tokenisation")
+            full = len(context) + len(continuation) - 1
+            self.request_lengths.append((full, min(full, L)))
             whole = (context + continuation)[-(L + 1) :]
             cont = continuation[-L:]
             rows.setdefault(tuple(whole[:-1]), []).append((i, cont))
@@ -364,7 +395,12 @@ class StudentLM(TemplateLM):
             ):
                 windows.append((None, ctx, cont))
                 owner.append(r)
+        before = len(self.request_lengths)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        del self.request_lengths[before:]  # one entry per document, not per window
+        for (string,) in (req.args for req in requests):
+            n = len(self.tok_encode(string))
+            self.request_lengths.append((n, min(n, self.max_length)))
         totals = [0.0] * len(requests)
         for r, (lp, _) in zip(owner, scores):
             totals[r] += lp
@@ -381,6 +417,7 @@ class StudentLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
         results: list[str | None] = [None] * len(requests)
+        lengths: list[tuple[int, int]] = [(0, 0)] * len(requests)
         bar = self._bar(len(requests), "generate_until", disable_tqdm)
         with self._eval_mode():
             for idx in groups.values():
@@ -389,8 +426,17 @@ class StudentLM(TemplateLM):
                     raise ValueError("generate_until: only greedy decoding is supported (do_sample=false)")
                 until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
                 max_gen = int(kwargs.pop("max_gen_toks"))
-                keep = self.max_length - max_gen if self.max_length > max_gen else self.max_length
-                encoded = {i: self.tok_encode(requests[i].args[0])[-keep:] for i in idx}
+                keep = self.max_length - max_gen  # room for the generated tokens, as lm-eval's hf model leaves
+                if keep <= 0:
+                    raise ValueError(
+                        f"generate_until: max_gen_toks {max_gen} leaves no room for the prompt in the model's maximum "
+                        f"length {self.max_length}; lower max_gen_toks (validate: --eval.max_gen_toks) below it"
+                    )
+                encoded = {}
+                for i in idx:
+                    whole = self.tok_encode(requests[i].args[0])
+                    encoded[i] = whole[-keep:]
+                    lengths[i] = (len(whole), len(encoded[i]))
                 idx = sorted(idx, key=lambda i: (-len(encoded[i]), requests[i].args[0]))
                 for start in range(0, len(idx), self.batch_size):
                     chunk = idx[start : start + self.batch_size]
@@ -408,6 +454,7 @@ class StudentLM(TemplateLM):
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
                         bar.update(1)
         bar.close()
+        self.request_lengths.extend(lengths)
         return results  # type: ignore[return-value]
 
     def _stop_check(self, until: list[str]):

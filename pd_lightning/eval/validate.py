@@ -15,6 +15,14 @@ from pathlib import Path
 
 import torch
 
+from pd_lightning.eval.scoring import (  # noqa: F401  (check_limit_and_shots, shots_per_task: imported from here before)
+    check_limit_and_shots,
+    length_note,
+    resolve_tokenizer,
+    score_module,
+    shots_per_task,
+)
+
 
 @dataclass
 class BenchmarkOptions:
@@ -25,7 +33,8 @@ class BenchmarkOptions:
         data_dir: the local benchmark files, ``<data_dir>/<task>/<split>.jsonl`` (``pd-lightning eval-data``).
         baseline: a results JSON of an earlier ``validate`` (e.g. the LM-only student): adds Δ% per task and average.
         output: results JSON to write (a ``.md`` table beside it); default ``<default_root_dir>/bench-<ckpt>.json``.
-        limit: documents per task (an int), a fraction (0 < limit < 1), or None for all.
+        limit: documents per task (an int), or a fraction of each (0 < limit < 1), or None for all; for MMLU and
+            C-Eval it applies per subject (as lm-eval's own ``--limit`` does for a group).
         num_fewshot: few-shot count for every task (an int) or per task (``{c3: 2, mmlu: 0}``; the others keep the
             paper's: 0 / 5 / 8); None = the paper's.
         batch_size: rows per forward.
@@ -66,35 +75,6 @@ def _checkpoint_record(ckpt_path: str) -> dict:
     return dict(ckpt.get("pd_lightning") or {}) if isinstance(ckpt, dict) else {}
 
 
-def check_limit_and_shots(
-    limit: float | None, num_fewshot: int | dict[str, int] | None, limit_flag: str, shots_flag: str
-) -> None:
-    """A limit is a document count (a whole number >= 1) or a fraction in (0, 1); shots are >= 0, and a per-task
-    mapping names known tasks only."""
-    from pd_lightning.eval.tasks import KNOWN_TASKS
-
-    if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
-        raise ValueError(
-            f"{limit_flag} must be a number of documents (a whole number >= 1) or a fraction in (0, 1), got {limit}"
-        )
-    per_task = num_fewshot if isinstance(num_fewshot, dict) else {"": num_fewshot}
-    for task, n in per_task.items():
-        if task and task not in KNOWN_TASKS:
-            raise ValueError(f"{shots_flag}: unknown task {task!r} (known: {', '.join(KNOWN_TASKS)})")
-        if n is not None and n < 0:
-            raise ValueError(f"{shots_flag} must be >= 0, got {n}" + (f" for {task}" if task else ""))
-
-
-def shots_per_task(num_fewshot: int | dict[str, int] | None, tasks: list[str]) -> dict[str, int] | None:
-    """``num_fewshot`` as ``{task: shots}``: one int for every task, a mapping for the tasks it names (the others
-    keep the paper's default), None for the defaults."""
-    if num_fewshot is None:
-        return None
-    if isinstance(num_fewshot, dict):
-        return {t: int(n) for t, n in num_fewshot.items() if t in tasks}
-    return dict.fromkeys(tasks, int(num_fewshot))
-
-
 def baseline_setting_differences(opts: BenchmarkOptions) -> list[str]:
     """What the baseline results JSON (of an earlier ``validate``) was scored with that this run is not: shots per
     task and the document limit. Δ% across different settings compares different measurements; a plain
@@ -125,7 +105,6 @@ def baseline_setting_differences(opts: BenchmarkOptions) -> list[str]:
 def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
     """Refuse bad input before the run; returns what ``score`` needs (tokenizer, baseline scores, output path)."""
     from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from pd_lightning.eval.callback import resolve_tokenizer
     from pd_lightning.eval.report import load_baseline
     from pd_lightning.eval.tasks import KNOWN_TASKS, check_data
 
@@ -157,32 +136,24 @@ def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
 
 def score(trainer, module, opts: BenchmarkOptions, prepared: dict, ckpt_path: str) -> dict:
     """Score the module (holding the checkpoint's weights) on ``opts.tasks``; print the table, write JSON + .md."""
-    from pd_lightning.eval.callback import preserved_training_state
-    from pd_lightning.eval.distributed import ShardedLM, single_process_view
-    from pd_lightning.eval.lm import StudentLM
     from pd_lightning.eval.report import text_table, with_deltas, write_results
-    from pd_lightning.eval.runner import evaluate
 
     start = time.perf_counter()
-    kw = {"batch_size": opts.batch_size, "max_gen_toks": opts.max_gen_toks, "progress": trainer.is_global_zero}
-    seq_len = getattr(trainer.datamodule, "seq_len", None)
-    if seq_len:
-        kw["max_length"] = int(seq_len)
-    shots = shots_per_task(opts.num_fewshot, opts.tasks)
-    with preserved_training_state(module), single_process_view():
-        lm = StudentLM.from_module(module, prepared["tokenizer"], **kw)
-        result = evaluate(ShardedLM(lm), opts.tasks, opts.data_dir, num_fewshot=shots,
-                          limit=opts.limit, seed=opts.seed)  # fmt: skip
+    result = score_module(trainer, module, prepared["tokenizer"], opts.tasks, opts.data_dir,
+                          num_fewshot=opts.num_fewshot, limit=opts.limit, seed=opts.seed, batch_size=opts.batch_size,
+                          max_gen_toks=opts.max_gen_toks, progress=trainer.is_global_zero)  # fmt: skip
     summary = with_deltas({t: float(result["scores"][t]) for t in opts.tasks}, float(result["average"]),
                           prepared["baseline"])  # fmt: skip
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     step = module.loaded_step if module.loaded_step is not None else trainer.global_step
     summary.update({"checkpoint": str(ckpt_path), "step": step, **val,
                     "results": result.get("results", {}), "config": result.get("config", {}),
+                    "lengths": result["lengths"],
                     "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
     if trainer.is_global_zero:
         output = prepared["output"] or Path(trainer.default_root_dir) / f"bench-{Path(ckpt_path).stem}.json"
         json_path, md_path = write_results(summary, output)
+        print(length_note(result["lengths"]))
         print(text_table(summary))
         print(f"wrote {json_path} and {md_path}")
     return summary

@@ -29,6 +29,20 @@ PRESETS: list[dict] = [
 ]
 PRESET_NAMES = [p["preset"] for p in PRESETS]
 
+# The longest input every student is declared for (the paper's students are trained at 4,096 tokens). RoPE has no
+# learned positions, so a student trained on shorter sequences still runs at this length (it extrapolates).
+CONTEXT_LENGTH = 4096
+
+
+def declared_max_length(seq_len: int | None = None) -> int:
+    """A student's maximum length, the one source of truth for every scoring path: ``export-hf`` writes it as the
+    export's ``max_position_embeddings`` (which lm-eval's ``hf`` model reads), and ``StudentLM``, ``validate`` and
+    ``LMEvalCallback`` score with it. It is ``CONTEXT_LENGTH`` (4,096), or the training sequence length ``seq_len``
+    when that is longer. A student trained on shorter sequences is scored on the benchmarks' real prompt lengths
+    (extrapolating), and the scoring says how many requests that concerns."""
+    return max(CONTEXT_LENGTH, int(seq_len or 0))
+
+
 # Fields a preset fills in when the user leaves them unset (None).
 _SHAPE_FIELDS = ("n_embd", "n_layer", "n_head", "n_query_groups", "intermediate_size")
 

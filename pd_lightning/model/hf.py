@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pd_lightning.model.config import StudentConfig
+from pd_lightning.model.config import CONTEXT_LENGTH, StudentConfig, declared_max_length
 from pd_lightning.model.transformer import Transformer
 
 # (our key pattern, HF key pattern); {i} is the layer index.
@@ -41,7 +41,7 @@ def _rename(key: str, src: int, dst: int) -> str | None:
     return None
 
 
-def to_hf_config(cfg: StudentConfig, max_position_embeddings: int = 4096, **special_tokens):
+def to_hf_config(cfg: StudentConfig, max_position_embeddings: int = CONTEXT_LENGTH, **special_tokens):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -105,9 +105,13 @@ def export_hf(
     out_dir: str | os.PathLike,
     tokenizer_dir: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
-    max_position_embeddings: int = 4096,
+    max_position_embeddings: int | None = None,
+    trained_seq_len: int | None = None,
 ):
-    """Write ``model`` as a ``LlamaForCausalLM`` folder (``save_pretrained``), with the tokenizer when given."""
+    """Write ``model`` as a ``LlamaForCausalLM`` folder (``save_pretrained``), with the tokenizer when given.
+
+    ``max_position_embeddings`` (what lm-eval's ``hf`` model scores with) defaults to the student's declared length
+    (``declared_max_length(trained_seq_len)``); ``trained_seq_len`` is also recorded as ``pd_lightning_seq_len``."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     special = {}
@@ -116,7 +120,11 @@ def export_hf(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         special = {k: v for k, v in special.items() if v is not None}
+    if max_position_embeddings is None:
+        max_position_embeddings = declared_max_length(trained_seq_len)
     hf_config = to_hf_config(model.config, max_position_embeddings, **special)
+    if trained_seq_len:
+        hf_config.pd_lightning_seq_len = int(trained_seq_len)
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(hf_config)
     state = {k: v.detach().to(dtype) if dtype else v.detach() for k, v in student_to_hf_state_dict(model).items()}
