@@ -198,3 +198,114 @@ def test_bad_input_writes_nothing(tmp_path, release, capsys):
     assert (out / "c3" / "validation.jsonl").read_text() == before
     main(["eval-data", "--output", str(out), "--c3", str(release / "c3"), "--overwrite", "true"])
     assert (out / "c3" / "validation.jsonl").read_text() == before
+
+
+def test_hellaswag_any_release_jsonl_file_or_its_folder(tmp_path, capsys):
+    """Any ``.jsonl`` in HellaSwag's release format, given as a file or alone in a folder, is the validation split."""
+    src = _jsonl(tmp_path / "dl" / "hs-dev-copy.jsonl", [HS_ROW, {**HS_ROW, "ind": 5, "label": 3}])
+    main(["eval-data", "--output", str(tmp_path / "a"), "--hellaswag", str(src)])
+    assert [r["label"] for r in _read(tmp_path / "a" / "hellaswag" / "validation.jsonl")] == ["0", "3"]
+    main(["eval-data", "--output", str(tmp_path / "b"), "--hellaswag", str(src.parent)])  # the one .jsonl in it
+    assert len(_read(tmp_path / "b" / "hellaswag" / "validation.jsonl")) == 2
+    # The release names keep working: hellaswag_val.jsonl (+ hellaswag_train.jsonl) in a folder, or the val file.
+    rel = tmp_path / "rel"
+    _jsonl(rel / "hellaswag_val.jsonl", [HS_ROW])
+    _jsonl(rel / "hellaswag_train.jsonl", [HS_ROW, HS_ROW, HS_ROW])
+    main(["eval-data", "--output", str(tmp_path / "c"), "--hellaswag", str(rel)])
+    assert len(_read(tmp_path / "c" / "hellaswag" / "train.jsonl")) == 3
+    main(["eval-data", "--output", str(tmp_path / "d"), "--hellaswag", str(rel / "hellaswag_val.jsonl")])
+    assert len(_read(tmp_path / "d" / "hellaswag" / "validation.jsonl")) == 1
+    capsys.readouterr()
+    out = tmp_path / "bad"
+    # Refused in one line: the train file as the evaluation split, a file of another kind, an ambiguous folder,
+    # a .jsonl of another format.
+    err = _fails(capsys, ["--output", str(out), "--hellaswag", str(rel / "hellaswag_train.jsonl")])
+    assert "--hellaswag" in err and "train split" in err
+    (tmp_path / "notes.txt").write_text("x")
+    err = _fails(capsys, ["--output", str(out), "--hellaswag", str(tmp_path / "notes.txt")])
+    assert "--hellaswag" in err and "expected a .jsonl file" in err
+    _jsonl(src.parent / "other.jsonl", [HS_ROW])
+    assert "several .jsonl files" in _fails(capsys, ["--output", str(out), "--hellaswag", str(src.parent)])
+    wrong = _jsonl(tmp_path / "wrong.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b"}])
+    assert f"{wrong}:1: missing field 'ctx_a'" in _fails(capsys, ["--output", str(out), "--hellaswag", str(wrong)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("task", ["winogrande", "piqa", "mmlu", "ceval", "gsm8k"])
+def test_a_file_where_a_folder_is_expected(tmp_path, release, capsys, task):
+    """One line naming the flag and what it expects (it was a traceback: 'NoneType' object has no attribute 'open')."""
+    out = tmp_path / "evaldata"
+    some_file = next(p for p in sorted((release / task).rglob("*")) if p.is_file())
+    err = _fails(capsys, ["--output", str(out), f"--{task}", str(some_file)])
+    assert f"--{task} {some_file}: expected a folder" in err, err
+    assert not out.exists()
+
+
+def _c3_docs(n_docs: int, questions: int = 1, tag: str = "d") -> list:
+    def qs(i: int) -> list[dict]:
+        return [
+            {"question": f"{tag}{i} 问题{q}？", "choice": ["甲", "乙", "丙"], "answer": "乙"} for q in range(questions)
+        ]
+
+    return [[[f"{tag}{i} 男：你好。", f"{tag}{i} 女：你好。"], qs(i), f"{tag}{i}"] for i in range(n_docs)]
+
+
+def _c3_write(folder: Path, name: str, docs: list) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
+    return folder / name
+
+
+def test_c3_both_halves_and_hf_ids(tmp_path, capsys):
+    """C3's dialogue (d) and mixed-genre (m) halves are written together, in HF ``clue``/``c3`` order (d, then m),
+    ``id`` being the document's index across the split (HF's clue script: shared by the questions of a document)."""
+    clue = tmp_path / "c3_public"  # CLUE's c3_public.zip names
+    _c3_write(clue, "d-dev.json", _c3_docs(2, questions=2, tag="d"))
+    _c3_write(clue, "m-dev.json", _c3_docs(1, questions=3, tag="m"))
+    _c3_write(clue, "d-train.json", _c3_docs(1, tag="d"))
+    _c3_write(clue, "m-train.json", _c3_docs(2, tag="m"))
+    main(["eval-data", "--output", str(tmp_path / "a"), "--c3", str(clue)])
+    val = _read(tmp_path / "a" / "c3" / "validation.jsonl")
+    assert [r["id"] for r in val] == [0, 0, 1, 1, 2, 2, 2]
+    assert [r["question"] for r in val][:3] == ["d0 问题0？", "d0 问题1？", "d1 问题0？"]
+    assert val[4]["context"] == ["m0 男：你好。", "m0 女：你好。"] and val[4]["answer"] == "乙"
+    assert [r["id"] for r in _read(tmp_path / "a" / "c3" / "train.jsonl")] == [0, 1, 2]
+    # One half given as a file: the other one beside it is taken too, and said so.
+    capsys.readouterr()
+    main(["eval-data", "--output", str(tmp_path / "b"), "--c3", str(clue / "d-dev.json")])
+    printed = capsys.readouterr().out
+    assert "c3: taking both halves of the dev split" in printed and str(clue / "m-dev.json") in printed
+    assert _read(tmp_path / "b" / "c3" / "validation.jsonl") == val
+    assert not (tmp_path / "b" / "c3" / "train.jsonl").exists()  # the file names the split: give the folder for more
+    nlp = tmp_path / "nlpdata"  # github.com/nlpdata/c3 names
+    _c3_write(nlp, "c3-m-dev.json", _c3_docs(1, questions=3, tag="m"))
+    _c3_write(nlp, "c3-d-dev.json", _c3_docs(2, questions=2, tag="d"))
+    main(["eval-data", "--output", str(tmp_path / "c"), "--c3", str(nlp / "c3-m-dev.json")])
+    assert _read(tmp_path / "c" / "c3" / "validation.jsonl") == val  # still d first, then m
+
+
+def test_c3_half_alone_is_refused(tmp_path, capsys):
+    out = tmp_path / "evaldata"
+    half = _c3_write(tmp_path / "c3", "c3-d-dev.json", _c3_docs(2))
+    err = _fails(capsys, ["--output", str(out), "--c3", str(half)])
+    assert "--c3" in err and "c3-m-dev.json" in err and "mixed-genre" in err, err
+    err = _fails(capsys, ["--output", str(out), "--c3", str(half.parent)])
+    assert "c3-m-dev.json" in err and "half" in err, err
+    _c3_write(tmp_path / "c3", "c3-m-dev.json", _c3_docs(2))
+    _c3_write(tmp_path / "c3", "c3-m-train.json", _c3_docs(2))  # train without its dialogue half
+    err = _fails(capsys, ["--output", str(out), "--c3", str(half.parent)])
+    assert "c3-d-train.json" in err and "dialogue" in err, err
+    err = _fails(capsys, ["--output", str(out), "--c3", str(tmp_path / "c3" / "c3-m-train.json")])
+    assert "--c3" in err and "dev" in err, err
+    other = _c3_write(tmp_path / "x", "dev_0.json", _c3_docs(1))
+    assert "--c3" in _fails(capsys, ["--output", str(out), "--c3", str(other)])
+    assert not out.exists()
+
+
+def test_c3_truncated_json_names_the_file(tmp_path, capsys):
+    folder = tmp_path / "c3"
+    _c3_write(folder, "c3-d-dev.json", _c3_docs(1))
+    bad = _c3_write(folder, "c3-m-dev.json", _c3_docs(1))
+    bad.write_text(bad.read_text(encoding="utf-8")[:12], encoding="utf-8")  # cut inside a string
+    err = _fails(capsys, ["--output", str(tmp_path / "out"), "--c3", str(folder)])
+    assert f"{bad}: not valid JSON" in err and "at at" not in err and "line 1 column" in err, err

@@ -11,16 +11,22 @@ Sources, per task (``--<task> PATH``), detected from what PATH holds:
   ============ ============================================================ ==============================
   task         files (found anywhere under PATH)                             written
   ============ ============================================================ ==============================
-  hellaswag    ``hellaswag_val.jsonl`` (``hellaswag_train.jsonl``)           validation (train)
+  hellaswag    ``hellaswag_val.jsonl`` (``hellaswag_train.jsonl``), or any   validation (train)
+               ``.jsonl`` of that format given as the file, or alone in a
+               folder
   winogrande   ``dev.jsonl`` + ``dev-labels.lst`` (``train_xl*``)            validation (train)
   piqa         ``valid.jsonl`` + ``valid-labels.lst`` (or ``dev.*``; ``train*``) validation (train)
   mmlu         ``dev/<subject>_dev.csv``, ``test/<subject>_test.csv``        ``<subject>/{dev,test}``
   ceval        ``dev/<subject>_dev.csv``, ``val/<subject>_val.csv``          ``<subject>/{dev,val}``
-  c3           ``c3-{d,m}-dev.json`` (``c3-{d,m}-train.json``)               validation (train)
+  c3           ``{d,m}-dev.json`` (``{d,m}-train.json``), CLUE's names, or   validation (train)
+               nlpdata/c3's ``c3-{d,m}-*.json``; both halves (dialogue d,
+               mixed-genre m) of a split, d first; a half given as the file
+               takes its other half from beside it
   gsm8k        ``test.jsonl``, ``train.jsonl``                               test, train
   ============ ============================================================ ==============================
 
-MMLU and C-Eval are written one folder per subject (the folder name fills the prompt's subject). Everything is
+Only HellaSwag and C3 take a file as PATH; the others take a folder (a file is refused in one line). MMLU and
+C-Eval are written one folder per subject (the folder name fills the prompt's subject). Everything is
 converted and checked in memory first, then written to a temporary folder and renamed into place, so bad input
 writes nothing.
 """
@@ -57,6 +63,14 @@ REQUIRED_SPLITS = {
     "ceval": ("val", "dev"),
     "gsm8k": ("test", "train"),
 }
+# What a --<task> that takes only a folder expects (the one-line error for a file given instead).
+FOLDER_ONLY = {
+    "winogrande": "the folder holding dev.jsonl + dev-labels.lst (winogrande_1.1) or a Hugging Face datasets folder",
+    "piqa": "the folder holding valid.jsonl + valid-labels.lst (or dev.*) or a Hugging Face datasets folder",
+    "mmlu": "the folder holding test/ and dev/<subject>_<split>.csv (MMLU's data/) or a Hugging Face datasets folder",
+    "ceval": "the folder holding val/ and dev/<subject>_<split>.csv (ceval-exam.zip) or a Hugging Face datasets folder",
+    "gsm8k": "the folder holding test.jsonl + train.jsonl (grade_school_math/data/) or a Hugging Face datasets folder",
+}
 OPTIONAL_SPLITS = {"hellaswag": ("train",), "winogrande": ("train",), "piqa": ("train",), "c3": ("train",)}
 PER_SUBJECT = ("mmlu", "ceval")
 LETTERS = "ABCD"
@@ -67,13 +81,13 @@ Files = dict[str, Rows]  # "<split>.jsonl" or "<subject>/<split>.jsonl" -> rows
 
 # ---- small readers ---------------------------------------------------------------------------------------------
 def _find(root: Path, name: str, task: str, required: bool = True) -> Path | None:
-    """The one file called ``name`` under ``root`` (or ``root`` itself)."""
-    if root.is_file():
-        return root if root.name == name else None
+    """The one file called ``name`` under the folder ``root``."""
+    if not root.is_dir():
+        raise ValueError(f"--{task} {root}: expected a folder holding {name!r}, got a file")
     hits = sorted(root.rglob(name))
     if len(hits) > 1:
         raise ValueError(f"--{task} {root}: several files named {name!r} ({', '.join(map(str, hits[:3]))}); "
-                         "point --{task} at the folder holding one")  # fmt: skip
+                         f"point --{task} at the folder holding one")  # fmt: skip
     if not hits and required:
         raise FileNotFoundError(f"--{task} {root}: no {name!r} under it (expected the {task} release files)")
     return hits[0] if hits else None
@@ -105,20 +119,52 @@ def _where(path: Path, row: dict) -> str:
 
 
 # ---- original release formats ------------------------------------------------------------------------------------
+HS_OTHER_SPLITS = {"hellaswag_train.jsonl": "train", "hellaswag_test.jsonl": "test (unlabelled)"}
+
+
+def _hellaswag_rows(path: Path) -> Rows:
+    rows = []
+    for row in _read_jsonl(path):
+        _need(row, FIELDS["hellaswag"], _where(path, row))
+        if not isinstance(row["endings"], list) or len(row["endings"]) < 2:
+            raise ValueError(f"{_where(path, row)}: 'endings' must be a list of the candidate endings")
+        row.pop("__line__")
+        rows.append({**row, "label": str(row["label"])})  # the hub schema holds the label as a string
+    if not rows:
+        raise ValueError(f"{path}: holds no HellaSwag rows")
+    return rows
+
+
 def _hellaswag(src: Path) -> Files:
-    out = {}
-    for name, split in (("hellaswag_val.jsonl", "validation"), ("hellaswag_train.jsonl", "train")):
-        path = _find(src, name, "hellaswag", required=split == "validation")
-        if path is None:
-            continue
-        rows = []
-        for row in _read_jsonl(path):
-            _need(row, FIELDS["hellaswag"], _where(path, row))
-            if not isinstance(row["endings"], list) or len(row["endings"]) < 2:
-                raise ValueError(f"{_where(path, row)}: 'endings' must be a list of the candidate endings")
-            row.pop("__line__")
-            rows.append({**row, "label": str(row["label"])})  # the hub schema holds the label as a string
-        out[f"{split}.jsonl"] = rows
+    """The validation rows: ``src`` itself (any ``.jsonl`` in the release format), else ``hellaswag_val.jsonl``
+    under the folder ``src``, else the one ``.jsonl`` there; ``hellaswag_train.jsonl`` beside it, if any."""
+    if src.is_file():
+        if src.suffix != ".jsonl":
+            raise ValueError(f"--hellaswag {src}: expected a .jsonl file in HellaSwag's release format "
+                             "(e.g. hellaswag_val.jsonl) or a folder holding one")  # fmt: skip
+        if src.name in HS_OTHER_SPLITS:
+            raise ValueError(f"--hellaswag {src}: that is HellaSwag's {HS_OTHER_SPLITS[src.name]} split; "
+                             "give hellaswag_val.jsonl (or the folder holding it)")  # fmt: skip
+        return {"validation.jsonl": _hellaswag_rows(src)}
+    val = _find(src, "hellaswag_val.jsonl", "hellaswag", required=False)
+    if val is not None:
+        out = {"validation.jsonl": _hellaswag_rows(val)}
+    else:
+        others = sorted(p for p in src.rglob("*.jsonl") if p.name not in HS_OTHER_SPLITS and p.is_file())
+        if not others:
+            raise FileNotFoundError(f"--hellaswag {src}: no 'hellaswag_val.jsonl' (nor another .jsonl) under it "
+                                    "(expected the hellaswag release files)")  # fmt: skip
+        if len(others) > 1:
+            raise ValueError(f"--hellaswag {src}: no 'hellaswag_val.jsonl' and several .jsonl files under it "
+                             f"({', '.join(map(str, others[:3]))}); give --hellaswag the val file itself")  # fmt: skip
+        try:
+            out = {"validation.jsonl": _hellaswag_rows(others[0])}
+        except ValueError as e:
+            raise ValueError(f"--hellaswag {src}: no 'hellaswag_val.jsonl' under it, and its one .jsonl is not in "
+                             f"HellaSwag's release format ({e})") from None  # fmt: skip
+    train = _find(src, "hellaswag_train.jsonl", "hellaswag", required=False)
+    if train is not None:
+        out["train.jsonl"] = _hellaswag_rows(train)
     return out
 
 
@@ -227,31 +273,98 @@ def _ceval(src: Path) -> Files:
     return out
 
 
+C3_HALVES = {"d": "dialogue", "m": "mixed-genre"}
+# CLUE's c3_public.zip: d-dev.json, m-dev.json, d-train.json, m-train.json; github.com/nlpdata/c3: c3-d-dev.json, ...
+_C3_NAME = re.compile(r"^(c3-)?([dm])-(dev|train|test)\.json$")
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    """``e``'s message without its doubled "at" ("Unterminated string starting at" + " at line …")."""
+    return f"{e.msg.removesuffix(' at')} at line {e.lineno} column {e.colno}"
+
+
+def _c3_pair(src: Path, part: str) -> list[Path] | None:
+    """C3's two halves (d, m) of ``part`` under the folder ``src``; None if neither is there; one alone is refused."""
+    found = {}
+    for prefix in ("", "c3-"):
+        hits = {k: _find(src, f"{prefix}{k}-{part}.json", "c3", required=False) for k in "dm"}
+        if any(hits.values()):
+            found[prefix] = hits
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(f"{p}d-{part}.json" for p in found)
+        raise ValueError(
+            f"--c3 {src}: both {part} file namings under it ({names}); point --c3 at the folder holding one"
+        )
+    ((prefix, hits),) = found.items()
+    for k, other in (("d", "m"), ("m", "d")):
+        if hits[other] is None:
+            raise FileNotFoundError(f"--c3 {src}: {hits[k]} is the {C3_HALVES[k]} half of C3's {part} split but "
+                                    f"{prefix}{other}-{part}.json (the {C3_HALVES[other]} half) is not under it; "
+                                    "a split is written whole, both halves")  # fmt: skip
+    return [hits["d"], hits["m"]]
+
+
+def _c3_file(src: Path) -> list[Path]:
+    """One half of C3's dev split given as a file: both halves, the other one taken from beside it."""
+    match = _C3_NAME.match(src.name)
+    if match is None:
+        raise ValueError(f"--c3 {src}: expected C3's d-dev.json or m-dev.json (CLUE; c3-d-dev.json, c3-m-dev.json "
+                         "from nlpdata/c3) or the folder holding them")  # fmt: skip
+    prefix, half, part = match.groups()
+    if part != "dev":
+        raise ValueError(f"--c3 {src}: that is C3's {part} split; give a dev file (the validation split) or the "
+                         "folder holding dev and train")  # fmt: skip
+    other = "m" if half == "d" else "d"
+    partner = src.with_name(f"{prefix or ''}{other}-dev.json")
+    if not partner.is_file():
+        raise FileNotFoundError(f"--c3 {src}: that is the {C3_HALVES[half]} half of C3's dev split and its "
+                                f"{C3_HALVES[other]} half {partner.name} is not beside it (the validation split is "
+                                "both halves): put it there, or give the folder holding both")  # fmt: skip
+    pair = [src, partner] if half == "d" else [partner, src]
+    print(f"{'c3':>10}: taking both halves of the dev split: {pair[0]} ({C3_HALVES['d']}) + {pair[1]} "
+          f"({C3_HALVES['m']}); give the folder to write the train split too")  # fmt: skip
+    return pair
+
+
+def _c3_rows(paths: list[Path]) -> Rows:
+    """Question rows of the documents of ``paths`` (d, then m) in the HF ``clue``/``c3`` schema. As HF's clue
+    script (``_generate_examples``: ``data = d + m``, ``for idx, entry in enumerate(data)``), ``id`` is the index of
+    the document across both halves, shared by all the questions of that document."""
+    rows: Rows = []
+    doc_index = 0
+    for path in paths:
+        try:
+            docs = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON, truncated or damaged? ({_json_error(e)})") from None
+        for d, doc in enumerate(docs if isinstance(docs, list) else [None]):
+            where = f"{path}: document {d}"
+            if not (isinstance(doc, list) and len(doc) >= 2 and isinstance(doc[0], list)):
+                raise ValueError(f"{where}: expected [context lines, [questions], id]")
+            for q, item in enumerate(doc[1]):
+                _need(item, ("question", "choice", "answer"), f"{where}, question {q}")
+                if item["answer"] not in item["choice"]:
+                    raise ValueError(f"{where}, question {q}: the answer is not one of its choices")
+                rows.append({"id": doc_index, "context": doc[0], "question": item["question"],
+                             "choice": item["choice"], "answer": item["answer"]})  # fmt: skip
+            doc_index += 1
+    return rows
+
+
 def _c3(src: Path) -> Files:
+    if src.is_file():
+        return {"validation.jsonl": _c3_rows(_c3_file(src))}
     out: Files = {}
     for part, split in (("dev", "validation"), ("train", "train")):
-        paths = [p for p in (_find(src, f"c3-{k}-{part}.json", "c3", required=False) for k in "dm") if p]
-        if not paths:
+        paths = _c3_pair(src, part)
+        if paths is None:
             if part == "dev":
-                raise FileNotFoundError(f"--c3 {src}: no c3-d-dev.json / c3-m-dev.json under it (C3's data/)")
+                raise FileNotFoundError(f"--c3 {src}: no d-dev.json + m-dev.json (or c3-d-dev.json + c3-m-dev.json) "
+                                        "under it (C3's data)")  # fmt: skip
             continue
-        rows = []
-        for path in paths:
-            try:
-                docs = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            for d, doc in enumerate(docs if isinstance(docs, list) else [None]):
-                where = f"{path}: document {d}"
-                if not (isinstance(doc, list) and len(doc) >= 2 and isinstance(doc[0], list)):
-                    raise ValueError(f"{where}: expected [context lines, [questions], id]")
-                for q, item in enumerate(doc[1]):
-                    _need(item, ("question", "choice", "answer"), f"{where}, question {q}")
-                    if item["answer"] not in item["choice"]:
-                        raise ValueError(f"{where}, question {q}: the answer is not one of its choices")
-                    rows.append({"id": len(rows), "context": doc[0], "question": item["question"],
-                                 "choice": item["choice"], "answer": item["answer"]})  # fmt: skip
-        out[f"{split}.jsonl"] = rows
+        out[f"{split}.jsonl"] = _c3_rows(paths)
     return out
 
 
@@ -337,6 +450,10 @@ def convert(task: str, src: str | os.PathLike) -> Files:
     path = Path(src)
     if not path.exists():
         raise FileNotFoundError(f"--{task} {str(path)!r} does not exist")
+    if path.is_file() and task in FOLDER_ONLY:
+        raise ValueError(f"--{task} {path}: expected a folder, got a file ({FOLDER_ONLY[task]})")
+    if not path.is_file() and not path.is_dir():
+        raise ValueError(f"--{task} {path}: neither a file nor a folder")
     configs = _hf_tables(path) if path.is_dir() else None
     files = _from_hf(task, path, configs) if configs else ORIGINAL[task](path)
     written = {key.rsplit("/", 1)[-1][: -len(".jsonl")] for key in files}
@@ -372,11 +489,13 @@ def eval_data(
 
     Args:
         output: the data folder to write (one sub-folder per task; ``--eval.data_dir`` reads it).
-        hellaswag: HellaSwag: ``hellaswag_val.jsonl`` (github.com/rowanz/hellaswag, data/) or Rowan/hellaswag.
+        hellaswag: HellaSwag: ``hellaswag_val.jsonl`` (github.com/rowanz/hellaswag, data/; any ``.jsonl`` of that
+            format, as the file or alone in a folder) or Rowan/hellaswag.
         winogrande: WinoGrande: ``dev.jsonl`` + ``dev-labels.lst`` (winogrande_1.1.zip) or allenai/winogrande.
         piqa: PIQA: ``valid.jsonl`` + ``valid-labels.lst`` (yonatanbisk.com/piqa) or ybisk/piqa.
         mmlu: MMLU: the extracted ``data/`` of data.tar (people.eecs.berkeley.edu/~hendrycks) or cais/mmlu (all).
-        c3: C3: ``c3-d-dev.json`` + ``c3-m-dev.json`` (github.com/nlpdata/c3, data/) or clue/clue (c3).
+        c3: C3: the folder of ``d-dev.json`` + ``m-dev.json`` (CLUE's c3_public.zip; ``c3-d-dev.json`` +
+            ``c3-m-dev.json`` in github.com/nlpdata/c3, data/), one of them with the other beside it, or clue/clue (c3).
         ceval: C-Eval: ``dev/`` + ``val/`` CSVs of ceval-exam.zip or ceval/ceval-exam (a folder per subject).
         gsm8k: GSM8k: ``train.jsonl`` + ``test.jsonl`` (github.com/openai/grade-school-math) or openai/gsm8k (main).
         overwrite: replace task folders that already exist in ``output``.
