@@ -233,3 +233,18 @@ def test_lm_eval_command_line_num_fewshot_and_tokenizerless_folder(eval_ckpt, tm
         f"pd-lightning-lm-eval: error: --model_args pretrained={str(folder)!r} holds no tokenizer; export it with "
         "`pd-lightning export-hf … --tokenizer <folder>` or add tokenizer=<folder> to --model_args"
     ]
+
+
+def test_generation_longer_than_the_model_is_refused_as_lm_eval_hf_refuses_it(tok):
+    """max_gen_toks >= max_length leaves no room for the prompt: lm-eval's hf model asserts; we refused nothing and
+    generated past the model's length with the prompt kept whole."""
+    lm = StudentLM(tiny_student(len(tok)), tok, max_length=32, max_gen_toks=32, progress=False)
+    reqs = instances("generate_until", [("the module", {"until": ["\n"], "do_sample": False})])
+    with pytest.raises(ValueError, match="max_gen_toks 32 leaves no room for the prompt in .* maximum length 32"):
+        lm.generate_until(reqs)
+    lm = StudentLM(tiny_student(len(tok)), tok, max_length=32, max_gen_toks=8, progress=False)
+    long_prompt = "the module " * 40
+    (out,) = lm.generate_until(instances("generate_until", [(long_prompt, {"until": ["\n"], "do_sample": False})]))
+    assert isinstance(out, str)
+    full, seen = lm.request_lengths[-1]
+    assert full > 32 and seen == 32 - 8  # the prompt is cut to leave room for the generated tokens, as lm-eval does

@@ -120,7 +120,7 @@ def test_prompts_follow_lm_eval_builtin_tasks(tmp_path):
     doc = next(iter(c3.validation_docs()))
     assert (
         c3.doc_to_text(doc)
-        == "男：今天下午我们去图书馆吧。\n女：好的，我三点以后有空。\n问题：他们打算去哪里？\n答案："
+        == "文章：男：今天下午我们去图书馆吧。 女：好的，我三点以后有空。\n问题：他们打算去哪里？\n答案："
     )
     assert c3.doc_to_choice(doc) == ["图书馆", "电影院", "公园"] and c3.doc_to_target(doc) == 0
     assert c3.config.target_delimiter == "" and c3.config.num_fewshot == 5
@@ -186,3 +186,30 @@ def test_too_few_fewshot_rows_are_refused_before_lm_eval(tmp_path):
         check_data(tmp_path, ["ceval"])
     with pytest.raises(ValueError, match=r"num_fewshot for piqa must be >= 0, got -1"):
         check_data(FIXTURES, ["piqa"], num_fewshot={"piqa": -1})
+
+
+def test_mmlu_dev_with_more_subjects_than_test_scores_the_test_subjects_only(tmp_path):
+    """As released, MMLU's dev split holds every subject; a test split of fewer subjects (a subset, a limited copy)
+    gave subtasks with no test split, and `validate` stopped with `error: test`."""
+    real = FIXTURES.parent / "eval_real"
+    written = write_task_dir(real, tmp_path / "tasks", ["mmlu"])
+    assert written["mmlu"] == ["mmlu_astronomy", "mmlu_high_school_physics", "mmlu_machine_learning"]
+    assert len({json.loads(line)["subject"] for line in (real / "mmlu/dev.jsonl").open()}) == 57
+
+
+def test_ceval_with_both_layouts_scores_the_subject_folders_and_says_so(tmp_path, capsys):
+    """Both the flat ceval/val.jsonl and per-subject folders present: the folders are scored (each subject with its
+    own description and dev shots), and one warning line names the ignored flat file."""
+    from pd_lightning.eval import tasks as tasks_module
+
+    real = FIXTURES.parent / "eval_real"
+    tasks_module._WARNED.clear()
+    found = check_data(real, ["ceval"])
+    assert set(found["ceval"].files) == {"college_physics", "computer_network", "high_school_mathematics"}
+    written = write_task_dir(real, tmp_path / "tasks", ["ceval"])
+    assert len(written["ceval"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pd-lightning: warning: ceval: both ")
+    assert "ceval/val.jsonl" in err[0] and "ignoring" in err[0]
+    cfg = (tmp_path / "tasks" / "ceval_computer_network.yaml").read_text(encoding="utf-8")
+    assert "ceval/computer_network/val.jsonl" in cfg and "ceval-valid_computer_network.yaml" in cfg

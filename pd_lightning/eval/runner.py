@@ -133,6 +133,7 @@ def evaluate(
             raise KeyError(f"{t}: lm-eval reported no {chosen[t]!r} (it has {sorted(results[t])})")
         scores[t] = 100.0 * results[t][chosen[t]]
     subtasks = {s: _metrics(raw[s]) for t in names for s in written[t] if s != t and s in raw}
+    n_samples = _n_samples(out.get("n-samples", {}), names, written)
     report = {
         "results": results,
         "scores": scores,
@@ -142,9 +143,11 @@ def evaluate(
             "num_fewshot": shots,
             "primary_metric": chosen,
             "limit": limit,
+            # lm-eval applies a limit to every task it runs: a group's (MMLU, C-Eval) to each of its subjects.
+            "limit_applies_to": "each task; each subject of mmlu and ceval" if limit is not None else None,
             "seed": seed,
             "data_dir": str(data_dir),
-            "n_samples": {t: out.get("n-samples", {}).get(t) for t in names if t in out.get("n-samples", {})},
+            "n_samples": n_samples,
             "lm_eval_version": out.get("config", {}).get("lm_eval_version") or _lm_eval_version(),
         },
     }
@@ -153,6 +156,21 @@ def evaluate(
     if log_samples:
         report["samples"] = out.get("samples", {})
     return report
+
+
+def _n_samples(per_task: dict, names: list[str], written: dict[str, list[str]]) -> dict:
+    """lm-eval's ``{"original": documents, "effective": documents scored}`` per task; a group (MMLU, C-Eval), which
+    lm-eval leaves out, gets the sums over its subjects (``effective`` shows what a per-subject limit left)."""
+    counts = {}
+    for t in names:
+        if t in per_task:
+            counts[t] = dict(per_task[t])
+            continue
+        parts = [per_task[s] for s in written[t] if s in per_task]
+        if parts:
+            counts[t] = {k: sum(int(p.get(k, 0)) for p in parts) for k in ("original", "effective")}
+            counts[t]["subjects"] = len(parts)
+    return counts
 
 
 def _lm_eval_version() -> str:

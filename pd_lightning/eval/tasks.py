@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,16 @@ def _count_by(rows: list[dict], key: str | None) -> dict[str, int]:
     return counts
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning line on stderr, once per process (the data is checked before and again during scoring)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"pd-lightning: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _shots_hint(task: str) -> str:
     return f"add rows, or lower num_fewshot for {task} (validate: --eval.num_fewshot '{{{task}: N}}')"
 
@@ -185,7 +196,13 @@ def check_data(
             main = next(s for s in splits if s != few)
             folders = sorted(d for d in task_root.iterdir() if d.is_dir()) if task_root.is_dir() else []
             folders = [d for d in folders if (d / flat[main].name).is_file()]
-            if flat[main].is_file():
+            if folders and flat[main].is_file():
+                _warn_once(
+                    f"{task}: both {flat[main]} and per-subject folders ({len(folders)}, e.g. {folders[0]}) are "
+                    f"present; scoring the folders (each subject with its own description and dev shots) and "
+                    f"ignoring {flat[main]}; move one of them away to silence this"
+                )
+            if flat[main].is_file() and not folders:
                 required = {s: p for s, p in flat.items() if s not in optional}
                 for s, p in required.items():
                     if not p.is_file():
@@ -311,6 +328,9 @@ def write_task_dir(
             written[task] = [task]
             continue
         subjects = _split_by_subject(data, out / "_data") if data.flat_subjects else data.files
+        # Only subjects with rows to score: MMLU's dev split holds every subject, its test split may hold fewer.
+        main = next(s for s in spec["splits"] if s != few)
+        subjects = {s: f for s, f in subjects.items() if main in f}
         zh = _ceval_subject_names()
         subtasks = []
         for subject, files in sorted(subjects.items()):
