@@ -436,3 +436,69 @@ def test_co_trained_teacher_target_is_its_current_logits_and_its_loss_its_lm_los
     out.total.backward()
     assert all(p.grad is not None for p in teacher.parameters())
     assert all(p.grad is None for p in module.model.parameters())
+
+
+def test_a_fresh_unrelated_teacher_run_does_not_adopt_a_finished_recording(tmp_path, prepared, capsys):
+    """Item 4: a finished recording is this run's only when the run resumes from one of its checkpoints. Another
+    teacher run (other seed and learning rate, same shape, window and data, not resumed) into the same output is
+    refused in one line naming ``overwrite: true``, the cache byte for byte unchanged; the recording run resumed from
+    a checkpoint older than its finish keeps it; with ``overwrite: true`` the other run records its own logits."""
+    from pd_lightning.data.cache_format import content_checksum
+
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
+    out = tmp_path / "cache"
+    config = recorder_config(tmp_path / "r.yaml", out, start_step=0, end_step=2)
+    main([*teacher_args(tokens, tmp_path / "a", 2), "--config", str(config)])
+    before, order = content_checksum(out), np.load(out / "recorded_sequences.npy")
+    other = [*teacher_args(tokens, tmp_path / "b", 2), "--seed_everything", "5", "--model.lr", "1e-3"]
+    code, err = run([*other, "--config", str(config)], capsys)
+    assert code == 2 and "overwrite: true" in one_line(err) and "already holds" in one_line(err), err[-2000:]
+    assert content_checksum(out) == before and not list((tmp_path / "b").rglob("*.ckpt"))
+    # The recording run itself, resumed from its step-1 checkpoint: its finished recording is kept.
+    capsys.readouterr()
+    main([*teacher_args(tokens, tmp_path / "a", 2), "--config", str(config),
+          "--ckpt_path", str(tmp_path / "a" / "step=1.ckpt")])  # fmt: skip
+    assert "already holds this run's finished recording" in capsys.readouterr().out
+    assert content_checksum(out) == before
+    # overwrite: true replaces it with the other run's recording.
+    replace = recorder_config(tmp_path / "o.yaml", out, start_step=0, end_step=2, overwrite=True)
+    code, err = run([*other, "--config", str(replace)], capsys)
+    assert code == 0, err[-2000:]
+    assert content_checksum(out) != before and np.load(out / "recorded_sequences.npy").tolist() == order.tolist()
+
+
+def test_recorder_map_is_written_before_the_index_and_a_complete_cache_without_it_is_refused(
+    tmp_path, prepared, capsys
+):
+    """Item 7: SIGKILL when ``recorded_sequences.npy`` is being written leaves no complete cache without its map; the
+    resumed run ends with the uninterrupted run's cache and map. A complete cache without its map (what such a kill
+    left before) is refused by the resumed run in one line naming ``overwrite: true``."""
+    import os
+    import subprocess
+    import sys
+
+    from pd_lightning.data.cache_format import content_checksum, read_layout
+
+    root = Path(__file__).resolve().parents[1]
+    tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
+    whole = recorder_config(tmp_path / "a.yaml", tmp_path / "cache-a", start_step=0, end_step=6)
+    main([*teacher_args(tokens, tmp_path / "a", 6), "--config", str(whole)])
+    out = tmp_path / "cache-b"
+    killed = recorder_config(tmp_path / "b.yaml", out, start_step=0, end_step=6)
+    args = [*teacher_args(tokens, tmp_path / "b", 6), "--trainer.callbacks.every_n_train_steps=2", "--config",
+            str(killed)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    worker = [sys.executable, str(root / "tests" / "workers" / "kill_at_map.py")]
+    proc = subprocess.run([*worker, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    layout = read_layout(out, check_files=False) if out.is_dir() else None
+    assert layout is None or not layout.complete, "a kill at the map left a complete cache without its map"
+    resume = [*args, "--ckpt_path", str(tmp_path / "b" / "step=4.ckpt")]
+    code, err = run(resume, capsys)
+    assert code == 0, err[-2000:]
+    assert np.load(out / "recorded_sequences.npy").tolist() == list(range(8))
+    assert content_checksum(out) == content_checksum(tmp_path / "cache-a") and not (out / ".recording").exists()
+    # A complete cache whose map is missing: refused, not adopted.
+    (out / "recorded_sequences.npy").unlink()
+    code, err = run(resume, capsys)
+    assert code == 2 and "recorded_sequences.npy" in one_line(err) and "overwrite: true" in one_line(err), err[-2000:]

@@ -17,9 +17,16 @@ offline :class:`~pd_lightning.data.cache_writer.CacheWriter` (same format, same 
 deleted, and ``recorded_sequences.npy`` beside the cache maps cache sequence -> token-file sequence. A student then
 trains from it exactly as from an offline cache (``CacheDataModule``).
 
-The callback's state (which spool part holds which sequence) is checkpointed: a resumed teacher run drops the parts
-written after the checkpoint and records those steps again, so a kill loses nothing and records nothing twice.
-One process only (no DDP/FSDP recording yet: refused with one line).
+The callback's state (which spool part holds which sequence, and the run's id) is checkpointed: a resumed teacher
+run drops the parts written after the checkpoint and records those steps again, so a kill loses nothing and records
+nothing twice. One process only (no DDP/FSDP recording yet: refused with one line).
+
+Whose recording an output holds: every run draws a random run id, kept in its checkpoints (a resumed run keeps the
+id of the run it resumes) and written to ``recording.json`` beside the cache. A finished cache in ``output`` is
+kept only by the run with that id, i.e. a run resumed from a checkpoint of the recording run; any other run is
+refused (unless ``overwrite``), even one of the same teacher shape, window and data. ``recorded_sequences.npy`` and
+``recording.json`` are written atomically before the first shard of the cache, so a kill never leaves a complete
+cache without its map; a complete cache without a matching map is refused.
 """
 
 from __future__ import annotations
@@ -27,14 +34,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
-from pd_lightning.data.cache_format import DEFAULT_SHARD_TOKENS, CacheMismatchError, CacheSpec, token_source_fingerprint
+from pd_lightning.data.cache_format import (
+    DEFAULT_SHARD_TOKENS,
+    CacheError,
+    CacheMismatchError,
+    CacheSpec,
+    fsync_dir,
+    read_layout,
+    token_source_fingerprint,
+    write_json_atomic,
+)
 from pd_lightning.data.cache_writer import CacheWriter
 from pd_lightning.distill.processors import LogitsProcessor, TopPK, position_keys
 from pd_lightning.distill.target import SparseTarget
@@ -42,6 +60,7 @@ from pd_lightning.online.collect import TargetCollector, _pad
 
 SPOOL = ".recording"
 SEQUENCES_FILE = "recorded_sequences.npy"
+RECORDING_FILE = "recording.json"  # {"run_id", "sequences", "sequences_sha256"}: whose recording, and its map
 _WRITE_SEQUENCES = 64  # sequences per CacheWriter.write when the spool becomes the cache
 
 
@@ -100,6 +119,7 @@ class LogitRecorder(L.Callback):
         self._next_part = 0
         self._done = False
         self._collector: TargetCollector | None = None
+        self.run_id = uuid.uuid4().hex  # this run's; a resumed run takes its checkpoint's (load_state_dict)
 
     @property
     def spool(self) -> Path:
@@ -147,15 +167,10 @@ class LogitRecorder(L.Callback):
         if self._done:
             return
         others = _cache_files(self.output)
-        if others and not self.overwrite and self._own_finished_cache(trainer, pl_module):
+        if others and not self.overwrite and self._own_cache(trainer, pl_module, others):
             self._done = True  # this run's recording finished after the checkpoint it resumes from: keep it
             print(f"LogitRecorder: {self.output} already holds this run's finished recording; not recording again")
             return
-        if others and not self.overwrite:
-            raise CacheMismatchError(
-                f"LogitRecorder: output {str(self.output)!r} already holds a teacher cache ({others[0]} ...); "
-                "record into another folder, or set overwrite: true to replace it"
-            )
         if self.spool.is_dir():
             for part in self.spool.glob("part-*.pt"):
                 if int(part.stem.split("-")[1]) >= self._next_part:
@@ -224,15 +239,82 @@ class LogitRecorder(L.Callback):
         identity = {"student": pl_module.student_config.shape(), "window": list(self.window), "source": source}
         return source, "online-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _own_finished_cache(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        from pd_lightning.data.cache_format import CacheError, read_layout
-
+    def _own_cache(self, trainer: L.Trainer, pl_module: L.LightningModule, others: list[str]) -> bool:
+        """Whether ``output``'s cache is this run's finished recording (True) or its own unfinished one (False: a
+        kill while the spool became the cache; the writer resumes it). Anything else is refused in one line."""
+        where = f"LogitRecorder: output {str(self.output)!r}"
+        refuse = "record into another folder, or set overwrite: true to replace it"
         try:
-            layout = read_layout(self.output, check_files=False)
-        except CacheError:
+            layout, unreadable = read_layout(self.output, check_files=False), None
+        except CacheError as err:
+            layout, unreadable = None, err
+        marker = self._read_marker()
+        owner = None if marker is None else marker.get("run_id")
+        if owner != self.run_id:
+            whose = (f": the recording of another teacher run (run id {owner}), and this run (run id {self.run_id}) "
+                     "does not resume from a checkpoint of that recording") if owner else ""  # fmt: skip
+            raise CacheMismatchError(f"{where} already holds a teacher cache ({others[0]} ...){whose}; {refuse}")
+        if unreadable is not None:
+            raise CacheMismatchError(f"{where} holds this run's unfinished recording, but {unreadable}; set overwrite: "
+                                     "true to record it again")  # fmt: skip
+        if layout is not None and layout.spec.teacher_fingerprint != self._identity(trainer, pl_module)[1]:
+            raise CacheMismatchError(
+                f"{where} already holds a teacher cache ({others[0]} ...) of another teacher shape, window or data "
+                f"than this run's; {refuse}"
+            )
+        if layout is None or not layout.complete:
             return False
-        ours = self._identity(trainer, pl_module)[1]
-        return layout is not None and layout.complete and layout.spec.teacher_fingerprint == ours
+        problem = self._map_problem(layout.spec, marker)
+        if problem is not None:
+            raise CacheMismatchError(
+                f"{where} already holds this run's finished recording, but {problem}; set overwrite: true to record "
+                "it again"
+            )
+        if not layout.final:  # killed after the last shard, before index.json: the writer's idempotent finish
+            CacheWriter(self.output, layout.spec).close()
+        return True
+
+    def _read_marker(self) -> dict | None:
+        try:
+            value = json.loads((self.output / RECORDING_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _map_problem(self, spec: CacheSpec, marker: dict) -> str | None:
+        """Why ``recorded_sequences.npy`` is not this cache's map, or None when it is."""
+        path = self.output / SEQUENCES_FILE
+        try:
+            sequences = np.load(path)
+        except (OSError, ValueError) as err:
+            return f"its map back to the token file, {SEQUENCES_FILE}, is {'missing' if not path.exists() else err}"
+        digest = hashlib.sha256(np.ascontiguousarray(sequences, dtype=np.int64).tobytes()).hexdigest()
+        if (
+            sequences.ndim != 1
+            or len(sequences) != spec.num_sequences
+            or digest != marker.get("sequences_sha256")
+            or not spec.source_fingerprint.endswith(":" + digest[:16])
+        ):
+            return f"its map back to the token file, {SEQUENCES_FILE}, is not this cache's"
+        return None
+
+    def _write_map(self, sequences: np.ndarray) -> None:
+        """``recorded_sequences.npy``, then ``recording.json`` (run id, map checksum): each atomically (a temporary
+        file, fsynced, renamed), before the cache's first shard, so a complete cache always has its map."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        path = self.output / SEQUENCES_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, sequences)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.output)
+        digest = hashlib.sha256(sequences.tobytes()).hexdigest()
+        write_json_atomic(
+            self.output / RECORDING_FILE,
+            {"run_id": self.run_id, "sequences": len(sequences), "sequences_sha256": digest},
+        )
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The spool -> a cache of the distinct recorded sequences (ascending token-file order), then no spool."""
@@ -240,7 +322,7 @@ class LogitRecorder(L.Callback):
         sequences = np.array(sorted(self._where), dtype=np.int64)  # (M,)
         length = data.seq_len
         source, teacher_fp = self._identity(trainer, pl_module)
-        picked = hashlib.sha256(sequences.tobytes()).hexdigest()[:16]
+        picked = hashlib.sha256(sequences.tobytes()).hexdigest()[:16]  # the map's checksum (see _map_problem)
         spec = CacheSpec.for_processor(
             self.processor,
             vocab_size=pl_module.student_config.vocab_size,
@@ -252,9 +334,13 @@ class LogitRecorder(L.Callback):
             shard_tokens=self.shard_tokens,
             power_gammas=self.power_gammas,
         )
+        if self.overwrite:  # replace whatever cache output holds, also one of the same spec (another run's logits)
+            for name in _cache_files(self.output):
+                (self.output / name).unlink(missing_ok=True)
         writer = CacheWriter(self.output, spec, overwrite=self.overwrite)
         parts: dict[int, dict] = {}
         try:
+            self._write_map(sequences)  # before any shard: no complete cache without its map
             for a in range(0, len(sequences), _WRITE_SEQUENCES):
                 chunk = sequences[a : a + _WRITE_SEQUENCES]
                 rows = [self._where[int(s)] for s in chunk]
@@ -266,7 +352,6 @@ class LogitRecorder(L.Callback):
         except BaseException:
             writer.close()
             raise
-        np.save(self.output / SEQUENCES_FILE, sequences)
         shutil.rmtree(self.spool, ignore_errors=True)
         self._done, self._where = True, {}
         print(f"LogitRecorder: wrote {path} ({len(sequences)} sequences of steps {self.window[0]}-{self.window[1]})")
@@ -300,6 +385,7 @@ class LogitRecorder(L.Callback):
             "where": torch.from_numpy(where),
             "next_part": self._next_part,
             "done": self._done,
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -307,3 +393,5 @@ class LogitRecorder(L.Callback):
             int(s): (int(n), int(r)) for s, (n, r) in zip(state["sequences"].tolist(), state["where"].tolist())
         }
         self._next_part, self._done = int(state["next_part"]), bool(state["done"])
+        if state.get("run_id"):  # checkpoints before run ids had none: such a run is a new one to its output
+            self.run_id = str(state["run_id"])
