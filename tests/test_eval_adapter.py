@@ -71,6 +71,32 @@ def test_loglikelihood_equals_naive_fp64_reference(tok):
     assert model.training is False
 
 
+def test_shared_prefix_scoring_equals_naive_fp64_reference(tok):
+    """The choices of one question (several tokens each, as C3's and HellaSwag's) share a long prefix: it runs once
+    into a KV cache and each choice's suffix against it. Each log-likelihood still equals the naive fp64 forward of
+    the whole row, and the row path's; rows of different lengths, a one-token choice, and more rows than the batch."""
+    model = tiny_student(len(tok), seed=2)
+    context = "Objects are Python's abstraction for data. All data is represented by objects. " * 6
+    choices = [" and relations", " between objects of the program", " x", " data model", " types and values of them"]
+    requests = [(context, c) for c in choices] + [("Another question entirely?", " yes"), (context[:90], " no")]
+    shared = StudentLM(model, tok, batch_size=2, max_length=512, progress=False)
+    shared.shared_prefix_min = 16  # the long context is shared; the short ones are not
+    plain = StudentLM(model, tok, batch_size=2, max_length=512, progress=False)
+    plain.shared_prefix_min = 10**9
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[0].shape), with_kwargs=True)
+    got = shared.loglikelihood(instances("loglikelihood", requests))
+    handle.remove()
+    n_prefix = len(tok.encode(context.rstrip())) - 1  # lm-eval moves the trailing space to the continuation
+    long_calls = [shape for shape in calls if shape[1] >= n_prefix]
+    assert long_calls == [(1, n_prefix)]  # the shared context ran once, batch 1; the choices only as suffixes
+    ref = plain.loglikelihood(instances("loglikelihood", requests))
+    for (ctx, cont), (lp, greedy), (lp_row, greedy_row) in zip(requests, got, ref):
+        ref_lp, ref_greedy = _naive_loglik(model, tok, ctx, cont, 512)
+        assert lp == pytest.approx(ref_lp, abs=1e-4) and lp == pytest.approx(lp_row, abs=1e-4), cont
+        assert greedy == ref_greedy == greedy_row
+
+
 def test_training_mode_and_rng_are_restored(tok):
     from pd_lightning.model.config import StudentConfig
     from pd_lightning.module import DistillationModule

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from pd_lightning.model.config import StudentConfig, declared_max_length
 from pd_lightning.model.generate import greedy_generate
-from pd_lightning.model.transformer import Transformer
+from pd_lightning.model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -344,42 +344,80 @@ class StudentLM(TemplateLM):
             whole = (context + continuation)[-(L + 1) :]
             cont = continuation[-L:]
             rows.setdefault(tuple(whole[:-1]), []).append((i, cont))
-        order = sorted(rows, key=lambda k: (-len(k), k))  # longest first, as lm-eval does
+        # Rows that differ only after a long common prefix (the choices of one question: C3's, HellaSwag's endings)
+        # run the prefix once into a KV cache and their short suffixes against it (``_score_shared``).
+        groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for key, reqs in rows.items():
+            prefix = key[: len(key) - max(len(cont) for _, cont in reqs)]
+            groups.setdefault(prefix, []).append(key)
+        shared = {p: keys for p, keys in groups.items() if len(keys) > 1 and len(p) >= self.shared_prefix_min}
+        plain = [key for p, keys in groups.items() if p not in shared for key in keys]
+        order = sorted(plain, key=lambda k: (-len(k), k))  # longest first, as lm-eval does
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = self._bar(len(requests), "loglikelihood", disable_tqdm)
         with self._eval_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                T = len(chunk[0])
-                batch = torch.zeros(len(chunk), T, dtype=torch.long)
+                batch = torch.zeros(len(chunk), len(chunk[0]), dtype=torch.long)
                 for b, key in enumerate(chunk):
                     batch[b, : len(key)] = torch.tensor(key)
                 hidden = self.model(batch.to(self.device), return_hidden=True)  # (B, T, C)
-                pick_b, pick_t, targets, owners = [], [], [], []
-                for b, key in enumerate(chunk):
-                    n = len(key)
-                    for i, cont in rows[key]:
-                        c = len(cont)
-                        pick_b += [b] * c
-                        pick_t += range(n - c, n)
-                        targets += cont
-                        owners.append((i, c))
-                dev = hidden.device
-                h = hidden[torch.tensor(pick_b, device=dev), torch.tensor(pick_t, device=dev)]  # continuation rows
-                logp = F.log_softmax(self.model.lm_head(h).float(), dim=-1)
-                tgt = torch.tensor(targets, device=logp.device)
-                token_lp = logp.gather(1, tgt[:, None]).squeeze(1).tolist()
-                greedy = (logp.argmax(dim=-1) == tgt).tolist()
-                pos = 0
-                for i, c in owners:
-                    results[i] = (float(sum(token_lp[pos : pos + c])), bool(all(greedy[pos : pos + c])))
-                    pos += c
-                    req_str = requests[i][0]
-                    if req_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", req_str, results[i])
-                    bar.update(1)
+                entries = [(b, len(key), rows[key]) for b, key in enumerate(chunk)]
+                self._score_positions(hidden, entries, requests, results, bar)
+            for prefix in sorted(shared, key=lambda p: (-len(p), p)):
+                self._score_shared(prefix, shared[prefix], rows, requests, results, bar)
         bar.close()
         return results  # type: ignore[return-value]
+
+    # A prefix this long (in tokens) shared by two or more rows is run once (below it, batching whole rows is as fast).
+    shared_prefix_min = 256
+
+    def _score_shared(self, prefix: tuple[int, ...], keys: list[tuple[int, ...]], rows, requests, results, bar):
+        """The rows ``keys`` all start with ``prefix``: run it once (batch 1) into a ``KVCache``, copy the cache to
+        each row and run the rows' suffixes against it, ``batch_size`` rows at a time (right-padded; the causal mask
+        keeps padding out of every real position). Exact: each suffix position sees the same keys and values as in a
+        forward of the whole row, up to float rounding."""
+        p = len(prefix)
+        longest = max(len(k) for k in keys)
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache(self.model.config, 1, longest, dtype, self.device)
+        self.model(torch.tensor([prefix], device=self.device), return_hidden=True, cache=cache)
+        keys = sorted(keys, key=lambda k: (-len(k), k))
+        for start in range(0, len(keys), self.batch_size):
+            chunk = keys[start : start + self.batch_size]
+            rows_cache = cache.copies(len(chunk))
+            batch = torch.zeros(len(chunk), len(chunk[0]) - p, dtype=torch.long)
+            for b, key in enumerate(chunk):
+                batch[b, : len(key) - p] = torch.tensor(key[p:])
+            hidden = self.model(batch.to(self.device), return_hidden=True, cache=rows_cache)  # (B, T - p, C)
+            entries = [(b, len(key) - p, rows[key]) for b, key in enumerate(chunk)]
+            self._score_positions(hidden, entries, requests, results, bar)
+
+    def _score_positions(self, hidden, entries, requests, results, bar) -> None:
+        """``entries``: (batch row, length n of that row in ``hidden``, its requests); a request with continuation
+        ``cont`` reads positions n - len(cont) .. n - 1. The head and the log-softmax run on those positions only."""
+        pick_b, pick_t, targets, owners = [], [], [], []
+        for b, n, reqs in entries:
+            for i, cont in reqs:
+                c = len(cont)
+                pick_b += [b] * c
+                pick_t += range(n - c, n)
+                targets += cont
+                owners.append((i, c))
+        dev = hidden.device
+        h = hidden[torch.tensor(pick_b, device=dev), torch.tensor(pick_t, device=dev)]  # continuation rows
+        logp = F.log_softmax(self.model.lm_head(h).float(), dim=-1)
+        tgt = torch.tensor(targets, device=logp.device)
+        token_lp = logp.gather(1, tgt[:, None]).squeeze(1).tolist()
+        greedy = (logp.argmax(dim=-1) == tgt).tolist()
+        pos = 0
+        for i, c in owners:
+            results[i] = (float(sum(token_lp[pos : pos + c])), bool(all(greedy[pos : pos + c])))
+            pos += c
+            req_str = requests[i][0]
+            if req_str is not None:
+                self.cache_hook.add_partial("loglikelihood", req_str, results[i])
+            bar.update(1)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []

@@ -66,6 +66,16 @@ class KVCache:
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
 
+    def copies(self, n: int) -> KVCache:
+        """A new cache of ``n`` rows, each a copy of this one-row cache (rows that continue one shared prefix)."""
+        if self.k and self.k[0].shape[0] != 1:
+            raise ValueError(f"copies() needs a one-row cache, this one has {self.k[0].shape[0]} rows")
+        out = KVCache.__new__(KVCache)
+        out.k = [k.expand(n, -1, -1, -1).clone() for k in self.k]
+        out.v = [v.expand(n, -1, -1, -1).clone() for v in self.v]
+        out.max_len, out.length = self.max_len, self.length
+        return out
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
@@ -100,8 +110,9 @@ class Attention(nn.Module):
         # Query head h reads key/value group h // (H / G), as Llama's repeat_kv does.
         gqa = self.n_kv != self.n_head
         if mask is None:
-            # Without a cache: causal. With one and no mask, T == 1: the new position sees every cached key.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=kv is None, enable_gqa=gqa)
+            # Without a cache, or into an empty one (a prefill: S == T): causal. Into a filled cache with no mask,
+            # T == 1 (``Transformer.forward`` builds the offset mask for T > 1): the new position sees every key.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=kv is None or kv[2] == 0, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -195,7 +206,7 @@ class Transformer(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions, asked to write up to {start + T}")
-        if cache is not None and mask is None and T > 1:
+        if cache is not None and mask is None and T > 1 and start > 0:
             # Causal with an offset: new position i (absolute start + i) sees keys 0..start + i.
             q_abs = torch.arange(start, start + T, device=input_ids.device)
             mask = (torch.arange(start + T, device=input_ids.device)[None, :] <= q_abs[:, None])[None, None]
