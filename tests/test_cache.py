@@ -259,6 +259,46 @@ def test_n_writers_m_readers_and_partial_reading(tmp_path: Path, capsys) -> None
     assert content_checksum(tmp_path) == content_checksum(tmp_path / "one")
 
 
+def test_partial_snapshot_is_checkpointed_and_a_resume_reads_it(tmp_path: Path, capsys) -> None:
+    """allow_partial: a resumed run reads the shards its checkpoint trained on, also after the cache grew (said in one
+    warning); a snapshot whose shards are not finished in the folder is refused with one message."""
+    from pd_lightning.data.cache_datamodule import CacheDataModule, _spec_digest
+
+    proc = TopPK(0.9, 12)
+    spec = make_spec(proc, 300, 16, 14, shard_tokens=2 * 16)  # 7 shards of 2 sequences
+    data = {i: sequence_data(i, 300, 16) for i in range(14)}
+
+    def write(rank: int) -> None:
+        writer = CacheWriter(tmp_path, spec, rank=rank, world_size=3)
+        for i in range(14):
+            writer.write(torch.tensor([i]), data[i][0], proc(data[i][1]))
+        writer.finalize()
+
+    write(0)  # shards 0, 3, 6: sequences 0, 1, 6, 7, 12, 13
+    dm = CacheDataModule(path=str(tmp_path), allow_partial=True, batch_size=1)
+    state = {"epoch": 0, "consumed": 2, "seed": 5, "cache_spec": _spec_digest(dm.cache), "cache_shards": [0, 3, 6]}
+    write(2)  # the cache grows: shards 2 and 5 finished too
+    grown = CacheDataModule(path=str(tmp_path), allow_partial=True, batch_size=1)
+    assert len(grown.cache) == 10
+    capsys.readouterr()
+    grown.load_state_dict(state)
+    assert grown.cache.sequences.tolist() == [0, 1, 6, 7, 12, 13] and not grown.cache.complete
+    assert "resuming on the 6 sequences" in capsys.readouterr().err
+    assert torch.equal(grown.cache[2]["input_ids"], data[6][0][0, :-1])
+    write(1)  # complete now: the checkpoint's snapshot is still the one read
+    done = CacheDataModule(path=str(tmp_path), batch_size=1)
+    done.load_state_dict(state)
+    assert len(done.cache) == 6 and done.cache.sequences.tolist() == [0, 1, 6, 7, 12, 13]
+    other = tmp_path / "other"  # a copy of the cache in which shard 3 is not finished
+    writer = CacheWriter(other, spec, rank=0, world_size=3)
+    writer.write(torch.tensor([0]), data[0][0], proc(data[0][1]))
+    writer.write(torch.tensor([1]), data[1][0], proc(data[1][1]))
+    writer.close()
+    bad = CacheDataModule(path=str(other), allow_partial=True, batch_size=1)
+    with pytest.raises(CacheIncompleteError, match=r"the checkpoint's snapshot reads shard\(s\) \[3, 6\]"):
+        bad.load_state_dict(state)
+
+
 def test_resume_with_another_number_of_writer_ranks(tmp_path: Path) -> None:
     """Started on 3 ranks (only rank 1 finished its shards), finished on 2: same content as one writer."""
     proc = TopPK(0.9, 12)

@@ -120,6 +120,12 @@ class TeacherCache(Dataset):
         if not layout.shards:
             raise CacheIncompleteError(f"teacher cache {self.path} has no finished shard yet; {RESUME}")
         self.spec: CacheSpec = layout.spec
+        self._pid: int | None = None
+        self._shards: OrderedDict[int, _Shard] = OrderedDict()
+        self._use(layout)
+
+    def _use(self, layout: CacheLayout) -> None:
+        """Read the finished shards of ``layout`` (checked here)."""
         self.layout = layout
         self.complete = layout.complete
         for j in sorted(layout.shards):
@@ -130,8 +136,37 @@ class TeacherCache(Dataset):
             self.sequences = np.concatenate([np.arange(*self.spec.shard_range(int(j))) for j in self.shard_ids])
         max_counts = [int(r.get("max_count", 0)) for r in layout.shards.values()]
         self.max_entries = self.spec.max_entries or max(max(max_counts), 1)
-        self._pid: int | None = None
-        self._shards: OrderedDict[int, _Shard] = OrderedDict()
+
+    def use_shards(self, shards: list[int], whose: str = "another rank's") -> None:
+        """Read exactly the finished shards ``shards``: the snapshot that another rank or a checkpoint took of a cache
+        being written (the positions -> sequences map, the length and ``K`` then agree with it).
+
+        Args:
+            shards: shard numbers, all finished (now, if not when this process opened the cache).
+            whose: whose snapshot it is, for the error message.
+
+        Raises:
+            CacheIncompleteError: a shard of ``shards`` is not finished in this folder.
+        """
+        wanted = sorted({int(j) for j in shards})
+        if wanted == self.shard_ids.tolist():
+            return
+        layout = self.layout
+        if not wanted or any(j not in layout.shards for j in wanted):
+            layout = open_layout(self.path)  # the cache has grown since this process opened it
+            if layout.spec != self.spec:
+                raise CacheMismatchError(
+                    f"teacher cache {self.path} was replaced by another cache while being read "
+                    f"({layout.spec.describe_difference(self.spec)}); keep one cache per folder"
+                )
+            missing = [j for j in wanted if j not in layout.shards]
+            if missing or not wanted:
+                raise CacheIncompleteError(
+                    f"teacher cache {self.path}: {whose} snapshot reads shard(s) {missing[:5]} (of {len(wanted)}), "
+                    "which are not finished in this folder; read the folder that snapshot was taken of"
+                )
+        self.close()
+        self._use(CacheLayout(self.path, self.spec, {j: layout.shards[j] for j in wanted}, layout.final))
 
     def _check_header(self, j: int) -> None:
         file = self.layout.file(j)
