@@ -61,6 +61,32 @@ def quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the working directory and lets git print "fatal: not a git repository"
+    outside a checkout (noise in every scoring run); the same lookup here, with git's stderr discarded."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    def git_hash():
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    saved = getattr(evaluator, "get_git_commit_hash", None)
+    if saved is None:  # pragma: no cover - lm-eval layout changed
+        yield
+        return
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = saved
+
+
 def _metrics(raw: dict) -> dict:
     """lm-eval's ``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x, "acc_stderr": s}``;
     metrics under a named filter keep it (``exact_match,strict-match``)."""
@@ -112,7 +138,7 @@ def evaluate(
         written = write_task_dir(data_dir, tmp, names, shots)
         manager = TaskManager(include_path=tmp, include_defaults=False)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        with preserved_rng(), quiet_datasets():
+        with preserved_rng(), quiet_datasets(), quiet_git_hash():
             out = simple_evaluate(
                 model=lm,
                 tasks=names,
