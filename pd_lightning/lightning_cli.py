@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import warnings
 
 from jsonargparse import lazy_instance
@@ -41,8 +43,34 @@ def _positive_or_none(max_steps: int | None) -> int | None:
     return max_steps if max_steps is not None and max_steps > 0 else None
 
 
+def _finish_on_stop_signals() -> None:
+    """Once a ``pd-lightning fit`` process has completed its run, SIGTERM / SIGINT during what is left (returning
+    through the CLI, interpreter shutdown) end it at once with exit code 0, in one line: the run is complete, and a
+    scheduler or `pd-lightning sweep` must not see it as stopped (the default handlers would exit 143 / 130)."""
+    import signal
+    import sys
+
+    def finish(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        os.write(2, f"pd-lightning: {name} received after the run completed; exiting (exit code 0)\n".encode())
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a stream busy in the interrupted code: its buffer is lost, nothing else
+                pass
+        os._exit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, finish)
+        signal.signal(signal.SIGINT, finish)
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI for the student: links the data's runtime values into the model (never typed twice)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._owns_process = kwargs.get("args") is None  # the `pd-lightning` command itself, not a call from Python
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.student.vocab_size", apply_on="instantiate")
@@ -95,29 +123,82 @@ class TrainCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=message)
 
     def fit(self, model, **kwargs) -> None:
-        """``trainer.fit``; a run stopped by SIGTERM before its end exits ``EXIT_INTERRUPTED`` (143), never 0."""
+        """``trainer.fit``. A run stopped before its end exits ``EXIT_INTERRUPTED`` (143) on SIGTERM and
+        ``EXIT_SIGINT`` (130) on Ctrl-C, never 0, after saving ``last.ckpt`` (``checkpointing.StopCheckpoint``); a
+        signal once training is complete stops nothing: the run says it is complete and exits 0."""
         import sys
 
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        from pd_lightning.checkpointing import EXIT_INTERRUPTED, StopCheckpoint
+        from pd_lightning.checkpointing import (
+            EXIT_INTERRUPTED,
+            EXIT_SIGINT,
+            StopCheckpoint,
+            training_complete,
+            write_error,
+        )
+
+        trainer = self.trainer
+        stop = next((c for c in trainer.callbacks if isinstance(c, StopCheckpoint)), None) or StopCheckpoint()
+        if stop not in trainer.callbacks:
+            trainer.callbacks.insert(0, stop)
+
+        def step() -> str:
+            return f"step {trainer.global_step} of {trainer.max_steps if trainer.max_steps > 0 else 'the run'}"
+
+        def say(message: str) -> None:
+            if trainer.is_global_zero:
+                print(f"pd-lightning: {message}", file=sys.stderr, flush=True)
 
         try:
-            with warnings.catch_warnings():
+            with stop.signals(trainer), warnings.catch_warnings():
                 self._quiet_fresh_checkpoint_folders()
-                self.trainer.fit(model, **kwargs)
+                trainer.fit(model, **kwargs)
+        except OSError as e:
+            if write_error(e) is None:
+                raise
+            raise ValueError(self._write_failed(e)) from None
         except SIGTERMException:
-            if self.trainer.is_global_zero:
-                saved = [c.path for c in self.trainer.callbacks if isinstance(c, StopCheckpoint) and c.path]
-                where = f"resume with --ckpt_path {saved[0]}" if saved else "no checkpoint could be saved"
-                print(
-                    f"pd-lightning: stopped by SIGTERM at step {self.trainer.global_step} of "
-                    f"{self.trainer.max_steps if self.trainer.max_steps > 0 else 'the run'}, before the end; {where} "
-                    f"(exit code {EXIT_INTERRUPTED})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            if not training_complete(trainer):
+                how = stop.stopped_by or "SIGTERM"
+                code = EXIT_SIGINT if how == "SIGINT" else EXIT_INTERRUPTED
+                where = f"resume with --ckpt_path {stop.path}" if stop.path else "no checkpoint could be saved"
+                what = "interrupted by SIGINT (Ctrl-C)" if how == "SIGINT" else "stopped by SIGTERM"
+                say(f"{what} at {step()}, before the end; {where} (exit code {code})")
+                raise SystemExit(code) from None
+            stop.after_end = stop.after_end or stop.stopped_by or "SIGTERM"
+        except (KeyboardInterrupt, SystemExit) as e:
+            # A second Ctrl-C: Lightning's own handling ("graceful shutdown", exit 1) or a KeyboardInterrupt outside it.
+            if stop.sigints < 2 or (isinstance(e, SystemExit) and e.code not in (1, None)):
+                raise
+            say(
+                f"interrupted twice by SIGINT (Ctrl-C) at {step()}: stopped at once, nothing saved since the last "
+                f"checkpoint (exit code {EXIT_SIGINT})"
+            )
+            raise SystemExit(EXIT_SIGINT) from None
+        late = stop.after_end or stop.stopped_by
+        if late:
+            say(f"{late} received after training completed ({step()}); the run is complete (exit code 0)")
+        if self._owns_process:
+            _finish_on_stop_signals()
+
+    def _write_failed(self, e: OSError) -> str:
+        """One line for a write that failed during ``fit`` (a full disk while saving a checkpoint, ...): the file and
+        the reason (``paths.describe_os_error``), and the checkpoint to resume from once it is fixed (atomic saves
+        leave every earlier one intact)."""
+        import glob
+
+        from pd_lightning.checkpointing import stop_checkpoint_path, write_error
+        from pd_lightning.paths import describe_os_error
+
+        message = describe_os_error(write_error(e)) or str(e)
+        last = stop_checkpoint_path(self.trainer)
+        if os.path.isfile(last):
+            return f"{message}; the checkpoints saved before are intact: resume with --ckpt_path {last}"
+        saved = sorted(glob.glob(os.path.join(os.path.dirname(last), "*.ckpt")), key=os.path.getmtime)
+        if saved:
+            return f"{message}; the checkpoints saved before are intact: resume with --ckpt_path {saved[-1]}"
+        return message
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         # `validate` also scores the checkpoint on the benchmarks: --eval.tasks, --eval.data_dir, --eval.baseline, ...

@@ -10,6 +10,10 @@ be caught: nothing of the run's own code runs after it), so its moment is exact 
   opened for it (the target itself, or a temporary file) gets half of its first large write (``write`` or a copy's
   ``os.sendfile``), flushed to disk.
 - ``sigterm``: SIGTERM after the training batch at ``global_step == step`` (Lightning's handler takes it).
+- ``sigint``: SIGINT (what Ctrl-C sends) after the training batch at ``global_step == step``.
+- ``sigterm_save``: SIGTERM in the middle of the first checkpoint save at ``global_step == step``.
+- ``sigterm_teardown``: SIGTERM in the callbacks' ``teardown`` of the fit (after Lightning has put back the signal
+  handlers it found) once ``global_step == step``.
 - ``sigusr1``: SIGUSR1 after the training batch at ``global_step == step`` (SLURM's requeue signal).
 - ``nan``: before the training batch at ``global_step == step``, the first parameter turns NaN (a diverged run:
   the loss of that batch is NaN). Not a signal: usable in-process.
@@ -52,7 +56,18 @@ class _HalfWriter:
 
 class Fault(L.Callback):
     def __init__(self, at: str, step: int) -> None:
-        assert at in ("train", "validation", "save", "sigterm", "sigusr1", "nan"), at
+        kinds = (
+            "train",
+            "validation",
+            "save",
+            "sigterm",
+            "sigint",
+            "sigterm_save",
+            "sigterm_teardown",
+            "sigusr1",
+            "nan",
+        )
+        assert at in kinds, at
         self.at, self.step = at, step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -85,9 +100,23 @@ class Fault(L.Callback):
             next(pl_module.parameters()).data.fill_(float("nan"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        signals = {"train": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}
+        signals = {
+            "train": signal.SIGKILL,
+            "sigterm": signal.SIGTERM,
+            "sigint": signal.SIGINT,
+            "sigusr1": signal.SIGUSR1,
+        }
         if trainer.global_step == self.step and self.at in signals:
             os.kill(os.getpid(), signals[self.at])
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.at == "sigterm_save" and trainer.global_step == self.step and not getattr(self, "_sent", False):
+            self._sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.at == "sigterm_teardown" and stage == "fit" and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.at == "validation" and not trainer.sanity_checking and trainer.global_step == self.step:

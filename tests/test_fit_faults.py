@@ -130,13 +130,38 @@ def test_sigkill_then_resume_equals_uninterrupted(tokens, reference, tmp_path, a
     resume_and_compare(tokens, tmp_path, reference, resumed_from)
 
 
-def test_sigterm_saves_and_exits_nonzero_then_resumes(tokens, reference, tmp_path):
-    run = run_with_fault(tokens, tmp_path, "sigterm", 8)
-    assert run.returncode == 143, (run.returncode, run.stderr[-3000:])
-    message = [line for line in run.stderr.splitlines() if line.startswith("pd-lightning: stopped by SIGTERM")]
-    assert len(message) == 1 and "step 8 of 20" in message[0] and "--ckpt_path" in message[0], run.stderr[-2000:]
+@pytest.mark.parametrize(
+    "fault,code,stopped",
+    [("sigterm", 143, "stopped by SIGTERM"), ("sigint", 130, "interrupted by SIGINT (Ctrl-C)")],
+)
+def test_stop_signal_saves_and_exits_nonzero_then_resumes(tokens, reference, tmp_path, fault, code, stopped):
+    """SIGTERM (a scheduler's stop) exits 143, SIGINT (Ctrl-C) 130 (was: Lightning's "graceful shutdown", exit 1 and
+    no last.ckpt); both finish the current step, save last.ckpt and say so in one line; the resume is exact."""
+    run = run_with_fault(tokens, tmp_path, fault, 8)
+    assert run.returncode == code, (run.returncode, run.stderr[-3000:])
+    lines = [line for line in run.stderr.splitlines() if line.startswith("pd-lightning:")]
+    assert len(lines) == 1 and lines[0].startswith(f"pd-lightning: {stopped} at step 8 of 20"), run.stderr[-2000:]
+    assert "--ckpt_path" in lines[0] and f"exit code {code}" in lines[0], lines
+    assert "graceful shutdown" not in run.stderr + run.stdout and "Traceback" not in run.stderr
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 8
     resume_and_compare(tokens, tmp_path, reference, 8)
+
+
+@pytest.mark.parametrize("fault", ["sigterm", "sigterm_save", "sigterm_teardown"])
+def test_sigterm_after_the_last_step_is_a_complete_run(tokens, reference, tmp_path, fault):
+    """SIGTERM once every optimizer step is done -- after the last batch, during its checkpoint, during the teardown --
+    stops nothing: the final validation and checkpoints happen, the run says it is complete and exits 0 (was: "step
+    20 of 20, before the end" and exit 143, or killed by the signal; `pd-lightning sweep` then redid the run)."""
+    run = run_with_fault(tokens, tmp_path, fault, MAX_STEPS)
+    assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
+    lines = [line for line in run.stderr.splitlines() if line.startswith("pd-lightning:")]
+    assert len(lines) == 1, run.stderr[-2000:]
+    assert "SIGTERM" in lines[0] and "complete" in lines[0] and "before the end" not in lines[0], lines
+    train, epochs, val = logged(tmp_path, 0)
+    assert train == reference["train"] and val == reference["val"]  # the final validation ran in full
+    final = weights(tmp_path / "ckpt" / "last.ckpt")
+    assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"])
+    assert torch.load(tmp_path / "ckpt" / "step=20.ckpt", weights_only=True)["global_step"] == MAX_STEPS
 
 
 def test_slurm_requeue_still_works(tokens, reference, tmp_path):
