@@ -115,6 +115,10 @@ def test_validate_equals_lm_eval_hf_on_the_export(eval_ckpt, prepared, tmp_path,
     _reference_tasks(ref_dir)
     hf = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=8)
     assert hf.max_length == 4096
+    from pd_lightning.eval.lm import StudentLM
+
+    exported = StudentLM.from_hf(folder, progress=False)  # the adapter on the export: the same length, as recorded
+    assert exported.max_length == 4096 and exported.trained_length == 64
     theirs = simple_evaluate(model=hf, tasks=list(ALL_TASKS), task_manager=TaskManager(include_path=str(ref_dir),
                              include_defaults=False), random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234,
                              fewshot_random_seed=1234, bootstrap_iters=0)  # fmt: skip
@@ -132,6 +136,7 @@ def test_validate_equals_lm_eval_hf_on_the_export(eval_ckpt, prepared, tmp_path,
         == 7
     )
     assert "both" in err and "ceval" in err and "ignoring" in err  # the flat C-Eval file is named as ignored
+    assert "fatal: not a git repository" not in err  # lm-eval's git lookup is kept quiet
     # The length used and the extrapolation are said once, with the counts.
     lengths = ours["lengths"]
     assert lengths["max_length"] == 4096 and lengths["trained_length"] == 64

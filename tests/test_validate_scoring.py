@@ -166,3 +166,21 @@ def test_validate_refuses_bad_input(tmp_path, prepared, tiny_ckpt, capsys, hf_te
     assert "--eval.tokenizer" in run("--eval.tokenizer", str(tmp_path / "tok"))
     assert not out.exists() and not out.with_suffix(".md").exists()
     assert not root.exists() or not list(root.rglob("*.json"))
+
+
+def test_scoring_modules_do_not_import_each_other():
+    """The callback and validate share their pieces through pd_lightning.eval.scoring: neither imports the other."""
+    import ast
+
+    import pd_lightning.eval as pkg
+
+    root = Path(pkg.__file__).parent
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return mods | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert "pd_lightning.eval.validate" not in imported("callback")
+    assert "pd_lightning.eval.callback" not in imported("validate")
+    assert "pd_lightning.eval.scoring" in imported("callback") and "pd_lightning.eval.scoring" in imported("validate")
