@@ -122,6 +122,20 @@ class TrainCLI(LightningCLI):
                 message = re.escape(f"Checkpoint directory {folder} exists and is not empty.")
                 warnings.filterwarnings("ignore", message=message)
 
+    def _quiet_resumable_data(self) -> None:
+        """Lightning warns on every mid-epoch resume that "your dataloader is not resumable" because the
+        DataLoader itself has no ``state_dict``; a ``SequenceDataModule`` keeps the position (epoch, samples
+        consumed per rank, shuffle seed) in the checkpoint and its sampler resumes exactly
+        (``tests/test_train.py::test_exact_resume``). Exactly that message is silenced (for this fit only)."""
+        from pd_lightning.data.datamodule import SequenceDataModule
+
+        if isinstance(self.datamodule, SequenceDataModule):
+            warnings.filterwarnings(
+                "ignore",
+                message=r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is "
+                r"not resumable\.",
+            )
+
     def fit(self, model, **kwargs) -> None:
         """``trainer.fit``. A run stopped before its end exits ``EXIT_INTERRUPTED`` (143) on SIGTERM and
         ``EXIT_SIGINT`` (130) on Ctrl-C, never 0, after saving ``last.ckpt`` (``checkpointing.StopCheckpoint``); a
@@ -153,6 +167,7 @@ class TrainCLI(LightningCLI):
         try:
             with stop.signals(trainer), warnings.catch_warnings():
                 self._quiet_fresh_checkpoint_folders()
+                self._quiet_resumable_data()
                 trainer.fit(model, **kwargs)
         except OSError as e:
             if write_error(e) is None:

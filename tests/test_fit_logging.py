@@ -7,6 +7,7 @@ import csv
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -143,3 +144,44 @@ def test_linked_wsd_alpha_is_saved_and_logged_as_used(tokens, tmp_path):
     for saved in (config, hparams, ckpt):
         args = saved["init_args"]
         assert (args["warmup_fraction"], args["decay_fraction"]) == (0.05, 0.2), saved
+
+
+class OtherWarning(L.Callback):
+    """Emits, at the start of training, a warning that mentions a dataloader that is "not resumable" but is not
+    Lightning's message: the filter for that message must leave it alone."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+        from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+        rank_zero_warn("pd-lightning test: some other dataloader is not resumable", category=PossibleUserWarning)
+
+
+def test_resume_mid_epoch_has_no_dataloader_not_resumable_warning(tokens, tmp_path, recwarn):
+    """Issue 16: resuming mid-epoch printed Lightning's "your dataloader is not resumable" warning, although the data
+    module's sampler resumes exactly (tests/test_train.py::test_exact_resume). Exactly that message is silenced."""
+    ckpt = [
+        "--trainer.limit_val_batches=0",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=3",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
+    ]
+    main(tiny_fit_args(tokens, tmp_path / "a", 3, *ckpt))
+    step3 = next((tmp_path / "a").rglob("step=3.ckpt"))  # 26 steps per epoch: mid-epoch
+    recwarn.clear()
+    main(
+        tiny_fit_args(
+            tokens,
+            tmp_path / "b",
+            6,
+            *ckpt,
+            "--trainer.callbacks+=tests.test_fit_logging.OtherWarning",
+            "--ckpt_path",
+            str(step3),
+        )
+    )
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "your dataloader is not resumable" in m], messages
+    assert "pd-lightning test: some other dataloader is not resumable" in messages, messages
+    assert sorted(column(tmp_path / "b", "train/loss")) == [4, 5, 6]
