@@ -58,6 +58,62 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
 
 
+def fsdp1_root(trainer, module: torch.nn.Module) -> torch.nn.Module | None:
+    """The outermost FSDP1 ``FullyShardedDataParallel`` over ``module``'s parameters, or None when none is in use.
+
+    Lightning's ``FSDPStrategy`` wraps the LightningModule itself (``trainer.strategy.model`` is the wrapper), so the
+    root is not among ``module.modules()``: it is looked for at ``trainer.strategy.model``, then in ``module``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = getattr(getattr(trainer, "strategy", None), "model", None)
+    for candidate in (wrapped, module):
+        if not isinstance(candidate, torch.nn.Module) or not any(m is module for m in candidate.modules()):
+            continue
+        for m in candidate.modules():  # modules() is pre-order: the first FSDP unit found is the outermost
+            if isinstance(m, FullyShardedDataParallel):
+                return m
+    return None
+
+
+@contextlib.contextmanager
+def full_fsdp1_parameters(root: torch.nn.Module | None) -> Iterator[bool]:
+    """Every FSDP1 unit under ``root`` holds its full, unsharded parameters for the duration (yields True), so the
+    module's parameters are plain whole tensors and each rank can run the model on its own: no collective per
+    forward, no lockstep. ``root`` None: nothing to do (yields False).
+
+    ``summon_full_params(root, writeback=False, recurse=True)``: one all-gather per unit on entry; on exit every
+    unit is resharded and the gathered copies are freed (``writeback=False``: scoring changes no weight, and nothing
+    is copied back). Inner units (``configs/trainer/fsdp.yaml`` wraps each ``Block``) are called by the model's own
+    forward; an FSDP1 unit's forward would reshard its parameters afterwards and all-gather them again at its next
+    call (a collective that ranks running different numbers of forwards do not all join), so for the duration each
+    unit's forward is its wrapped module's, which runs on the gathered parameters as they are: at their stored
+    dtype (no FSDP mixed-precision cast; fp32 under Lightning's bf16-mixed, as a one-process scoring of the
+    checkpoint).
+
+    Memory: while it lasts each rank holds the whole model's parameters next to its shards, gradients and
+    optimizer state -- what a single root unit gathers for every training forward anyway, but more than training's
+    peak when the units are per block (there training holds about one block's parameters at a time). The
+    alternative, forwards through the wrapped units with every rank in lockstep, keeps that per-unit peak but
+    all-gathers every unit at every forward (each generated token included); the full copy is chosen for scoring,
+    whose forwards are many and small. A model that fits on a device only when sharded cannot be scored live this
+    way: score its checkpoint with ``pd-lightning validate`` on more memory, or train under FSDP2, which scores in
+    lockstep with the parameters left sharded."""
+    if root is None:
+        yield False
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = [m for m in root.modules() if isinstance(m, FullyShardedDataParallel)]
+    with FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=True):
+        for unit in units:  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+            unit.forward = unit._fsdp_wrapped_module.__call__
+        try:
+            yield True
+        finally:
+            for unit in units:
+                del unit.forward
+
+
 class ShardedLM(LM):
     """Wraps an lm-eval ``LM`` (e.g. ``StudentLM``) so that each rank of the default process group scores a share.
 

@@ -140,17 +140,25 @@ def score_module(
     """Score ``module`` (a ``DistillationModule``, on every rank of the run) on ``tasks``; returns ``evaluate``'s
     report with ``config.max_length`` / ``config.trained_length`` and ``lengths`` (``length_summary``) added.
 
-    ``max_length`` None = the student's declared length (``declared_max_length`` of the training ``seq_len``)."""
-    from pd_lightning.eval.distributed import ShardedLM, single_process_view
+    ``max_length`` None = the student's declared length (``declared_max_length`` of the training ``seq_len``).
+
+    Under FSDP1 (Lightning's ``FSDPStrategy``: ``trainer.strategy.model`` is the ``FullyShardedDataParallel`` root
+    around ``module``) the student's parameters are flat shards outside the root's forward, so they are gathered
+    whole for the duration (``full_fsdp1_parameters``: each rank then holds the whole model; see there for the
+    memory cost) and every rank scores its share on its own, without lockstep. FSDP2 (DTensor parameters) scores in
+    lockstep with the parameters left sharded (``ShardedLM``)."""
+    from pd_lightning.eval.distributed import ShardedLM, fsdp1_root, full_fsdp1_parameters, single_process_view
     from pd_lightning.eval.lm import StudentLM
     from pd_lightning.eval.runner import evaluate
 
     kw = {"batch_size": batch_size, "max_gen_toks": max_gen_toks, "progress": progress}
     if max_length:
         kw["max_length"] = int(max_length)
-    with preserved_training_state(module), single_process_view():
+    root = fsdp1_root(trainer, module)
+    with preserved_training_state(module), single_process_view(), full_fsdp1_parameters(root) as gathered:
         lm = StudentLM.from_module(module, tokenizer, **kw)
-        result = evaluate(ShardedLM(lm), tasks, data_dir, num_fewshot=shots_per_task(num_fewshot, tasks),
+        sharded = ShardedLM(lm, lockstep=False if gathered else None)
+        result = evaluate(sharded, tasks, data_dir, num_fewshot=shots_per_task(num_fewshot, tasks),
                           limit=limit, seed=seed)  # fmt: skip
     summary = length_summary(_gather_lengths(lm.request_lengths), lm.max_length, lm.trained_length)
     result["config"].update({"max_length": lm.max_length, "trained_length": lm.trained_length})
