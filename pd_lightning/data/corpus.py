@@ -21,6 +21,7 @@ the inputs and settings only, never on ``--workers``. The legacy single-file lay
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,13 +33,22 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pd_lightning.data.prepare_inputs import BUILTIN, CorpusError, Unit, check_inputs, iter_documents, plan_units
+from pd_lightning.data.prepare_inputs import (
+    BUILTIN,
+    CorpusError,
+    Unit,
+    check_inputs,
+    iter_documents,
+    pieces,
+    plan_units,
+)
 from pd_lightning.data.prepare_worker import SPLITS, PartSpec, init_worker, part_paths, read_part_meta, tokenize_unit
 from pd_lightning.data.token_shards import ShardedRows, SplitPacker, write_index
 from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe, vocab_size_of
+from pd_lightning.paths import WRITE_ERRNOS
 
 TOKEN_SCHEMA_VERSION = 2
-FORMAT = 2  # changes whenever the same inputs and settings would give other rows
+FORMAT = 3  # changes whenever the same inputs and settings would give other rows (3: long documents in pieces)
 READ_TOKENS = 1 << 22  # tokens of a part read at once while packing (16 MiB)
 
 
@@ -118,7 +128,8 @@ def _trained_tokenizer(units, inputs, text_field, txt_doc_chars, chunk_bytes, vo
     print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the corpus")
     tmp = work.with_name(work.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = train_bpe(iter_documents(inputs, text_field, txt_doc_chars, chunk_bytes), vocab_size, tmp)
+    texts = iter_documents(inputs, text_field, txt_doc_chars, chunk_bytes)
+    tok = train_bpe((piece for text in texts for piece in pieces(text)), vocab_size, tmp)  # the same word counts
     (tmp / "key.json").write_text(json.dumps(key))
     os.replace(tmp, work)
     return tok
@@ -214,17 +225,22 @@ def prepare(
             txt_doc_chars, batch_documents,
         )  # fmt: skip
         committed = _pack_all(units, spec, work, shards_dir, tag, seq_len, shard_rows, workers)
+        return _finish(
+            out, shards_dir, tok, tokenizer, tok_work, tok_final, work, committed, created, inputs, seq_len,
+            val_fraction,
+        )  # fmt: skip
     except CorpusError:
         _discard(out, shards_dir, tok_work, created)
         raise
-    except OSError as e:
-        where = f" {e.filename!r}" if e.filename else ""
+    except OSError as e:  # a full disk (or another write error) met by this process or a worker
+        where = f" {str(e.filename)!r}" if e.filename else f" under --output {str(out)!r}"
+        what = f"cannot write{where}: {WRITE_ERRNOS[e.errno]}" if e.errno in WRITE_ERRNOS else ""
+        what = what or f"{where.strip() or 'error'}: {e.strerror or str(e).splitlines()[0]}"
+        todo = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it"
         raise ValueError(
-            f"prepare stopped:{where} {e.strerror or e}; fix it and rerun the same command (finished work is kept)"
+            f"prepare stopped: {what}; {todo} and rerun the same command (the finished shards and tokenized parts "
+            "are kept)"
         ) from None
-    return _finish(
-        out, shards_dir, tok, tokenizer, tok_work, tok_final, work, committed, created, inputs, seq_len, val_fraction
-    )
 
 
 def _pack_all(units, spec: PartSpec, work, shards_dir, tag, seq_len, shard_rows, workers) -> dict:
@@ -433,9 +449,18 @@ def _finish(
         f"{attrs['num_documents']:,} documents, vocab {attrs['vocab_size']})"
     )
     if rows["val"] == 0 and val_fraction > 0:
+        n_docs, val_tokens = attrs["num_documents"], sum(m["val_tokens"] for m in metas)
+        why = (
+            f"the held-out documents hold {val_tokens} tokens, less than one sequence of --seq_len {seq_len} + 1"
+            if val_tokens
+            else f"none of its {n_docs:,} document{'s' if n_docs != 1 else ''} was held out: documents are held "
+            f"out whole, about --val_fraction {val_fraction} of them (by a hash of their text)"
+        )
         print(
-            f"warning: {out}: no validation sequences (val_fraction held out too few of the {attrs['num_documents']} "
-            "documents); give more, smaller documents (e.g. lower --txt_doc_chars) or raise --val_fraction",
+            f"warning: {out}: no validation sequences ({why}); `fit` on it needs another validation token file or "
+            "--trainer.limit_val_batches 0. For a validation split give more documents (a .jsonl line or "
+            ".parquet row is one; .txt files are cut at blank lines into documents of --txt_doc_chars characters, "
+            "a text without blank lines stays one document) or raise --val_fraction",
             file=sys.stderr,
         )
     return summary

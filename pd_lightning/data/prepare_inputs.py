@@ -291,6 +291,28 @@ def unit_documents(unit: Unit, text_field: str = "text", txt_doc_chars: int = 40
             yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
 
 
+PIECE_CHARS = 1 << 18  # a longer document is tokenized in pieces of about this many characters
+_PIECE_CUT = re.compile(r" (?=\S)")  # just before a space that starts a word
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` cut into pieces of ``size`` to ``2 * size`` characters, for tokenizing: each cut falls just before a
+    space followed by a non-space character, where a byte-level BPE's pre-tokenizer (GPT-2's regex: the BPE that
+    ``prepare`` trains, GPT-2/Llama-3-style tokenizers) splits anyway, so the pieces' ids joined equal the whole
+    text's. A stretch of ``2 * size`` characters without a space is cut at ``size``. Tokenizing a document of tens
+    of MB in one call takes many GB of memory (the tokenizer's per-token bookkeeping); in pieces, a few MB."""
+    start, n = 0, len(text)
+    while n - start > 2 * size:
+        m = _PIECE_CUT.search(text, start + size, start + 2 * size)
+        cut = m.start() if m else start + size
+        yield text[start:cut]
+        start = cut
+    if start == 0:
+        yield text
+    elif start < n:
+        yield text[start:]
+
+
 def iter_documents(
     inputs: list[str], text_field: str = "text", txt_doc_chars: int = 4096, chunk_bytes: int = 16 << 20
 ) -> Iterator[str]:

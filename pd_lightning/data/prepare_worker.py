@@ -3,7 +3,8 @@
 A part of unit ``u`` is ``u.train.bin`` and ``u.val.bin`` (every document's ids followed by EOS, in order, raw
 little-endian int32) and ``u.json`` (token and document counts), written to temporary names and renamed, the
 ``.json`` last: a part whose ``.json`` exists is complete. Memory is one batch of documents, whatever the unit's
-size. Runs in a worker process (``spawn``) or, with ``--workers 0``, in the calling one.
+size; a document of more than ``2 * PIECE_CHARS`` characters is encoded in pieces (``prepare_inputs.pieces``).
+Runs in a worker process (``spawn``) or, with ``--workers 0``, in the calling one.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-from pd_lightning.data.prepare_inputs import Unit, unit_documents
+from pd_lightning.data.prepare_inputs import PIECE_CHARS, Unit, pieces, unit_documents
 
 SPLITS = ("train", "val")
 BATCH_CHARS = 1 << 20  # characters of text encoded per batch
@@ -77,12 +79,37 @@ def read_part_meta(parts_dir: str | os.PathLike, index: int) -> dict | None:
 
 
 def tokenize_unit(job: tuple[int, Unit]) -> dict:
-    """Tokenize unit ``index`` into its part (after ``init_worker``); return the part's counts."""
+    """Tokenize unit ``index`` into its part (after ``init_worker``); return the part's counts.
+
+    A write that fails (a full disk) raises ``OSError`` naming the part's folder, after removing the unfinished
+    files (the finished parts of other units stay: a rerun resumes with them)."""
     index, unit = job
-    spec, tok, progress = _WORKER
+    spec = _WORKER[0]
     paths = part_paths(spec.parts_dir, index)
     suffix = f".tmp{os.getpid()}"  # unique: a stale worker of a killed run may still be writing the same part
-    tmp = {s: paths[s].with_name(paths[s].name + suffix) for s in SPLITS}
+    tmp = {name: path.with_name(path.name + suffix) for name, path in paths.items()}
+    try:
+        counts = _write_part(unit, tmp)
+        for s in SPLITS:
+            os.replace(tmp[s], paths[s])
+        tmp["meta"].write_text(json.dumps(counts))
+        os.replace(tmp["meta"], paths["meta"])
+    except OSError as e:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        if e.filename is None:  # a failed write() does not say which file it was writing
+            raise OSError(e.errno, e.strerror, spec.parts_dir) from None
+        raise
+    return counts
+
+
+def _write_part(unit: Unit, tmp: dict[str, Path]) -> dict:
+    """The ids of the unit's documents into ``tmp["train"]`` / ``tmp["val"]``; their counts.
+
+    Short documents are encoded in batches (``batch_documents`` or ``BATCH_CHARS``); a document longer than
+    ``2 * PIECE_CHARS`` characters is encoded in pieces (``prepare_inputs.pieces``), a few at a time, so memory does
+    not grow with the longest document. It stays one document: one EOS after it, held out or not as a whole."""
+    spec, tok, progress = _WORKER
     counts = {"train_tokens": 0, "val_tokens": 0, "documents": 0, "size": unit.size}
     eos = np.asarray([spec.eos_id], dtype=np.int32)
     batch: list[str] = []
@@ -90,19 +117,43 @@ def tokenize_unit(job: tuple[int, Unit]) -> dict:
     with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
         files = {"train": f_train, "val": f_val}
 
+        def write(split: str, ids) -> None:
+            files[split].write(np.asarray(ids, dtype="<i4").tobytes())
+            counts[f"{split}_tokens"] += len(ids)
+
         def flush() -> None:
             for text, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False)):
                 split = "val" if is_val(text, spec.val_fraction) else "train"
-                ids = np.concatenate([np.asarray(enc.ids, dtype=np.int32), eos])
-                files[split].write(ids.astype("<i4", copy=False).tobytes())
-                counts[f"{split}_tokens"] += len(ids)
+                write(split, enc.ids)
+                write(split, eos)
             counts["documents"] += len(batch)
             if progress is not None:
                 progress(len(batch))
             batch.clear()
 
+        def long_document(text: str) -> None:
+            split = "val" if is_val(text, spec.val_fraction) else "train"
+            group: list[str] = []
+            for piece in chain(pieces(text), [None]):
+                if group and (piece is None or sum(map(len, group)) + len(piece) > BATCH_CHARS):
+                    for enc in tok.encode_batch(group, add_special_tokens=False):
+                        write(split, enc.ids)
+                    group.clear()
+                if piece is not None:
+                    group.append(piece)
+            write(split, eos)
+            counts["documents"] += 1
+            if progress is not None:
+                progress(1)
+
         for text in unit_documents(unit, spec.text_field, spec.txt_doc_chars):
             if not text.strip():
+                continue
+            if len(text) > 2 * PIECE_CHARS:
+                if batch:
+                    flush()
+                    chars = 0
+                long_document(text)
                 continue
             batch.append(text)
             chars += len(text)
@@ -111,9 +162,4 @@ def tokenize_unit(job: tuple[int, Unit]) -> dict:
                 chars = 0
         if batch:
             flush()
-    for s in SPLITS:
-        os.replace(tmp[s], paths[s])
-    meta_tmp = paths["meta"].with_name(paths["meta"].name + suffix)
-    meta_tmp.write_text(json.dumps(counts))
-    os.replace(meta_tmp, paths["meta"])
     return counts

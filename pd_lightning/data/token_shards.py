@@ -14,6 +14,7 @@ datasets ``train`` / ``val`` that map onto the shards. It is written to a tempor
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,35 +26,150 @@ import numpy as np
 SPLITS = ("train", "val")
 
 
+class GuardedFile:
+    """The file h5py's ``fileobj`` driver writes an HDF5 file through: write errors are kept in ``error``, never
+    passed on to HDF5.
+
+    HDF5 cannot survive a failed write (a full disk): the write error surfaces at the file's close, and the next
+    close or the interpreter's exit then segfaults (HDF5 2.0 / h5py 3.16), so a full disk killed ``prepare`` with
+    signal 11. Here HDF5 always succeeds; after the first error the writes are dropped (the file is being
+    discarded), and the owner checks ``error`` after each step (:func:`check_written`) and raises it. Unbuffered,
+    so a seek or a close never flushes (and fails); a short write is completed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.raw = open(path, "w+b", buffering=0)
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while self.error is None and len(view):
+            try:
+                view = view[self.raw.write(view) :]
+            except OSError as e:
+                self.error = e
+        return size
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as e:
+                self.error = e
+        return size or 0
+
+    def flush(self) -> None:  # unbuffered: nothing to flush
+        pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:  # h5py recognises a file object by read + seek
+        return self.raw.read(size)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def h5_create(path: Path) -> tuple[h5py.File, GuardedFile]:
+    """A new HDF5 file written through a :class:`GuardedFile`, and that file. Close with :func:`h5_close`."""
+    guard = GuardedFile(path)
+    try:
+        file = h5py.File(guard, "w")
+    except BaseException:
+        guard.close()
+        raise
+    if guard.error is not None:
+        h5_close(file, guard, path)  # raises the error
+    return file, guard
+
+
+def check_written(guard: GuardedFile, path: Path) -> None:
+    """Raise the first write error of ``guard`` as an ``OSError`` naming ``path``."""
+    if guard.error is not None:
+        raise write_error(guard.error, path) from None
+
+
+def h5_close(file: h5py.File | None, guard: GuardedFile, path: Path) -> None:
+    """Close a file of :func:`h5_create` (whatever happened, both get closed); a write error names ``path``."""
+    error = None
+    try:
+        if file is not None:
+            file.close()
+    except (OSError, RuntimeError) as e:
+        error = e
+    guard.close()
+    if guard.error is not None or error is not None:
+        raise write_error(guard.error or error, path) from None
+
+
+def write_error(e: BaseException, path: Path) -> OSError:
+    """``e`` (an ``OSError``, or the ``RuntimeError`` h5py raises for a failed flush) as ``OSError`` naming ``path``."""
+    code = getattr(e, "errno", None)
+    if code is None and "No space left" in str(e):
+        code = errno.ENOSPC
+    if code is None:
+        return e if isinstance(e, OSError) else OSError(errno.EIO, str(e).splitlines()[0], str(path))
+    return OSError(code, os.strerror(code), str(path))
+
+
 class ShardWriter:
-    """One shard file being filled: appends rows, hashes them, renames itself into place when finished."""
+    """One shard file being filled: appends rows, hashes them, renames itself into place when finished.
+
+    A write that fails (a full disk) raises ``OSError`` naming the shard; the caller then calls ``abandon``, which
+    removes the unfinished file, so only finished shards stay (a rerun resumes after them).
+    """
 
     def __init__(self, path: Path, seq_len: int, capacity: int) -> None:
         self.path, self.rows = path, 0
         self.tmp = path.with_name(path.name + ".tmp")
-        self.file = h5py.File(self.tmp, "w")
-        chunk = (max(1, min(64, capacity)), seq_len + 1)
-        self.dset = self.file.create_dataset(
-            "rows", shape=(0, seq_len + 1), maxshape=(None, seq_len + 1), dtype="<i4", chunks=chunk, fletcher32=True
-        )
+        self.file, self.guard = h5_create(self.tmp)
+        try:
+            chunk = (max(1, min(64, capacity)), seq_len + 1)
+            self.dset = self.file.create_dataset(
+                "rows", shape=(0, seq_len + 1), maxshape=(None, seq_len + 1), dtype="<i4", chunks=chunk,
+                fletcher32=True,
+            )  # fmt: skip
+            check_written(self.guard, self.path)
+        except BaseException:
+            self.abandon()
+            raise
         self.sha = hashlib.sha256()
 
     def append(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype="<i4")
-        self.dset.resize(self.rows + len(rows), axis=0)
-        self.dset[self.rows :] = rows
+        try:
+            self.dset.resize(self.rows + len(rows), axis=0)
+            self.dset[self.rows :] = rows
+        except (OSError, RuntimeError) as e:
+            raise write_error(self.guard.error or e, self.path) from None
+        check_written(self.guard, self.path)
         self.sha.update(rows.tobytes())
         self.rows += len(rows)
 
     def finish(self) -> dict:
         entry = {"file": self.path.name, "rows": self.rows, "sha256": self.sha.hexdigest()}
         self.file.attrs.update(rows=self.rows, sha256=entry["sha256"])
-        self.file.close()
+        file, self.file = self.file, None
+        h5_close(file, self.guard, self.path)  # a full disk raises here: the caller abandons (removes) the file
         os.replace(self.tmp, self.path)
         return entry
 
     def abandon(self) -> None:
-        self.file.close()
+        """Close (errors ignored: the file is being discarded) and remove the unfinished file."""
+        file, self.file = self.file, None
+        if not self.guard.raw.closed:
+            try:
+                h5_close(file, self.guard, self.path)
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
 
@@ -115,23 +231,33 @@ def write_index(out: Path, attrs: dict, shards: dict[str, list[dict]], shards_di
     rel = os.path.relpath(shards_dir.resolve(), out.parent.resolve())
     listed = {s: [{**e, "file": f"{rel}/{e['file']}"} for e in shards[s]] for s in SPLITS}
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    f = guard = None
     try:
-        with h5py.File(tmp, "w") as f:
-            for split in SPLITS:
-                n = sum(e["rows"] for e in listed[split])
-                if n == 0:
-                    f.create_dataset(split, shape=(0, seq_len + 1), dtype="<i4")
-                    continue
-                layout = h5py.VirtualLayout(shape=(n, seq_len + 1), dtype="<i4")
-                at = 0
-                for e in listed[split]:
-                    layout[at : at + e["rows"]] = h5py.VirtualSource(e["file"], "rows", shape=(e["rows"], seq_len + 1))
-                    at += e["rows"]
-                f.create_virtual_dataset(split, layout)
-            f.attrs.update(attrs)
-            f.attrs.update(layout="shards", shards=json.dumps(listed))
+        f, guard = h5_create(tmp)
+        for split in SPLITS:
+            n = sum(e["rows"] for e in listed[split])
+            if n == 0:
+                f.create_dataset(split, shape=(0, seq_len + 1), dtype="<i4")
+                continue
+            layout = h5py.VirtualLayout(shape=(n, seq_len + 1), dtype="<i4")
+            at = 0
+            for e in listed[split]:
+                layout[at : at + e["rows"]] = h5py.VirtualSource(e["file"], "rows", shape=(e["rows"], seq_len + 1))
+                at += e["rows"]
+            f.create_virtual_dataset(split, layout)
+        f.attrs.update(attrs)
+        f.attrs.update(layout="shards", shards=json.dumps(listed))
+        file, f = f, None
+        h5_close(file, guard, out)
         os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:
+        raise write_error((guard and guard.error) or e, out) from None
     finally:
+        if guard is not None and not guard.raw.closed:  # failed before the close: close quietly, then remove
+            try:
+                h5_close(f, guard, out)
+            except OSError:
+                pass
         tmp.unlink(missing_ok=True)
 
 
