@@ -7,6 +7,7 @@ import os
 import threading
 import warnings
 
+import lightning as L
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI
 
@@ -65,12 +66,84 @@ def _finish_on_stop_signals() -> None:
         signal.signal(signal.SIGINT, finish)
 
 
+class HeldLogs(logging.Handler):
+    """Lightning's log lines ("Seed set to …", "GPU available: …", "TPU available: …", "Restoring states from the
+    checkpoint …") held back until the run starts, so that bad input found while the Trainer sets up (the data
+    module, the model, the checkpoint restore) is reported alone: one ``pd-lightning: error:`` line on stderr.
+
+    ``hold()`` puts this handler in place of the handlers of Lightning's loggers; ``replay()`` puts them back and
+    replays the held records through them, in order (a run that starts prints exactly what it printed before);
+    ``drop()`` puts them back and forgets the records (the run stopped on bad input). Both are idempotent."""
+
+    LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self._saved: dict[str, tuple[list[logging.Handler], bool]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def hold(self) -> None:
+        for name in self.LOGGERS:
+            log = logging.getLogger(name)
+            self._saved[name] = (list(log.handlers), log.propagate)
+            log.handlers, log.propagate = [self], False
+
+    def _restore(self) -> list[logging.LogRecord]:
+        for name, (handlers, propagate) in self._saved.items():
+            log = logging.getLogger(name)
+            log.handlers, log.propagate = handlers, propagate
+        self._saved = {}
+        records, self.records = self.records, []
+        return records
+
+    def replay(self) -> None:
+        for record in self._restore():
+            logger = next(n for n in self.LOGGERS if record.name == n or record.name.startswith(n + "."))
+            logging.getLogger(logger).handle(record)
+
+    def drop(self) -> None:
+        self._restore()
+
+
+def _bad_input(e: BaseException) -> bool:
+    """What ``pd_lightning.cli.main`` reports as one ``pd-lightning: error:`` line."""
+    from argparse import ArgumentError
+
+    from pd_lightning.checkpointing import write_error
+    from pd_lightning.cli import _user_errors
+
+    return isinstance(e, (*_user_errors(), ArgumentError)) or (isinstance(e, OSError) and write_error(e) is not None)
+
+
+class ReplayLogs(L.Callback):
+    """Replays the held Lightning lines (``HeldLogs``) when the run starts: after the set-up and the checkpoint
+    restore, where bad input is found."""
+
+    def __init__(self, logs: HeldLogs) -> None:
+        self.logs = logs
+
+    def _replay(self, *args) -> None:
+        self.logs.replay()
+
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = _replay
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI for the student: links the data's runtime values into the model (never typed twice)."""
 
     def __init__(self, *args, **kwargs) -> None:
         self._owns_process = kwargs.get("args") is None  # the `pd-lightning` command itself, not a call from Python
-        super().__init__(*args, **kwargs)
+        self._logs = HeldLogs()
+        self._logs.hold()
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException as e:
+            (self._logs.drop if _bad_input(e) else self._logs.replay)()
+            raise
+        self._logs.replay()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.student.vocab_size", apply_on="instantiate")
@@ -100,12 +173,16 @@ class TrainCLI(LightningCLI):
 
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         cli_checks.after_instantiate(self.trainer, self.datamodule, self.subcommand, cfg.get("ckpt_path"))
+        if self.trainer.world_size > 1:  # several processes: their set-up lines (process group, …) as they come
+            self._logs.replay()
 
     def instantiate_trainer(self, **kwargs):
-        from pd_lightning import checkpointing
+        from pd_lightning import checkpointing, summary
 
         trainer = super().instantiate_trainer(**kwargs)
         checkpointing.install(trainer)  # atomic checkpoint writes, a checkpoint on SIGTERM, throughput figures
+        summary.install(trainer)  # the model summary's FLOPs: the student's forward on one micro-batch
+        trainer.callbacks.insert(0, ReplayLogs(self._logs))  # Lightning's lines once the run starts
         return trainer
 
     def _quiet_fresh_checkpoint_folders(self) -> None:
