@@ -122,7 +122,9 @@ class ShardedLM(LM):
     Equal shares do not make equal numbers of forwards (the adapter merges requests with the same input, and
     generation stops when its rows are done), so with ``lockstep`` every forward of ``lm.model`` is preceded by a
     one-integer all-reduce of "still working", and a rank that has finished runs one-token dummy forwards until every
-    rank has: each rank takes part in every forward, as FSDP's parameter all-gathers need. ``lockstep=None`` turns
+    rank has: each rank takes part in every forward, as FSDP's parameter all-gathers need. The wrapped LM must call
+    the model's output head (its own FSDP2 unit when untied) exactly once after each forward, as a dummy forward does
+    (``StudentLM`` does: after each scoring forward, each prefill of a shared prefix, each decoding step). ``lockstep=None`` turns
     it on when the model's parameters are sharded (``is_sharded``).
     """
 

@@ -381,7 +381,11 @@ class StudentLM(TemplateLM):
         longest = max(len(k) for k in keys)
         dtype = next(self.model.parameters()).dtype
         cache = KVCache(self.model.config, 1, longest, dtype, self.device)
-        self.model(torch.tensor([prefix], device=self.device), return_hidden=True, cache=cache)
+        hidden = self.model(torch.tensor([prefix], device=self.device), return_hidden=True, cache=cache)
+        # Every forward here is followed by one call of the output head (as in ``_score_positions`` and generation):
+        # under FSDP2 the head is its own sharded unit, and ranks in lockstep (``ShardedLM``) must call it equally
+        # often (a rank's dummy forward calls it once). One position, so it costs nothing.
+        self.model.lm_head(hidden[:, -1])
         keys = sorted(keys, key=lambda k: (-len(k), k))
         for start in range(0, len(keys), self.batch_size):
             chunk = keys[start : start + self.batch_size]
