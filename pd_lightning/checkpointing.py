@@ -155,7 +155,8 @@ class StopCheckpoint(L.Callback):
             return
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.signal(signal.SIGINT, self._on_sigint)
+        if previous[signal.SIGINT] is not signal.SIG_IGN:  # a background job of a shell ignores Ctrl-C: it still does
+            signal.signal(signal.SIGINT, self._on_sigint)
         try:
             yield self
         finally:

@@ -63,7 +63,8 @@ def _finish_on_stop_signals() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, finish)
-        signal.signal(signal.SIGINT, finish)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored (a shell's background job): it stays so
+            signal.signal(signal.SIGINT, finish)
 
 
 class HeldLogs(logging.Handler):

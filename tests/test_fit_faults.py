@@ -78,13 +78,18 @@ def reference(tokens, tmp_path_factory) -> dict:
     return {"train": train, "epochs": epochs, "val": val, "weights": weights(root / "ckpt" / "last.ckpt")}
 
 
-def run_with_fault(tokens: Path, root: Path, at: str, step: int, env: dict | None = None):
+def run_with_fault(tokens: Path, root: Path, at: str, step: int, env: dict | None = None, preexec_fn=None):
     """``pd-lightning fit`` in a subprocess with ``tests.faults.Fault(at, step)``; the CompletedProcess."""
     args = [*fit_args(tokens, root), "--trainer.callbacks+=tests.faults.Fault", f"--trainer.callbacks.at={at}"]
     args.append(f"--trainer.callbacks.step={step}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pd_lightning.cli", *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "pd_lightning.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -145,6 +150,17 @@ def test_stop_signal_saves_and_exits_nonzero_then_resumes(tokens, reference, tmp
     assert "graceful shutdown" not in run.stderr + run.stdout and "Traceback" not in run.stderr
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 8
     resume_and_compare(tokens, tmp_path, reference, 8)
+
+
+def test_sigint_ignored_by_the_parent_stays_ignored(tokens, reference, tmp_path):
+    """A background job of a shell without job control starts with SIGINT ignored (so that a Ctrl-C for the
+    foreground command leaves it running): `fit` keeps ignoring it and runs to its end."""
+    import signal
+
+    run = run_with_fault(tokens, tmp_path, "sigint", 8, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
+    assert not [line for line in run.stderr.splitlines() if line.startswith("pd-lightning:")], run.stderr[-2000:]
+    assert logged(tmp_path, 0)[0] == reference["train"]
 
 
 @pytest.mark.parametrize("fault", ["sigterm", "sigterm_save", "sigterm_teardown"])
