@@ -3,7 +3,7 @@
     pd-lightning fit|validate|test --config ...   train / score the student (LightningCLI, DistillationModule)
     pd-lightning predict --config ...             run a teacher over a token file, write the logits cache
     pd-lightning prepare ...                      text -> packed token file (HDF5)
-    pd-lightning cache-info PATH [--json]         figures of a logits cache
+    pd-lightning cache-info PATH [--json]         figures of a logits cache, every checksum verified
     pd-lightning cache-plan --tokens 100e9 ...    expected size, shards, disk and bandwidth of a cache
     pd-lightning cache-upgrade OLD --output NEW   a schema-1 cache -> the current format
     pd-lightning export-hf ...                    student checkpoint -> Hugging Face Llama folder
@@ -63,34 +63,6 @@ def prepare_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def cache_info_command(path: str, json: bool = False, plot: str | None = None) -> None:
-    """Figures of a teacher-logit cache: tokens, entries, bytes per token / entry, kept mass, fingerprints.
-
-    Args:
-        path: the cache folder.
-        json: print one JSON object instead of a table.
-        plot: write a PNG histogram of the entries per token to this file.
-    """
-    import json as json_lib
-
-    from pd_lightning.data.cache_inspect import cache_info, plot_entries_histogram
-
-    if plot:
-        from pd_lightning.paths import check_output_file
-
-        check_output_file(plot, "--plot")  # before reading the cache
-    info = cache_info(path)
-    if plot and info.get("complete"):
-        plot_entries_histogram(info, plot)
-    if json:
-        print(json_lib.dumps(info, default=str))
-        return
-    for key, value in info.items():
-        if key == "entries_histogram":
-            continue
-        print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
-
-
 def main(argv: list[str] | None = None) -> None:
     from_python = argv is not None
     argv = list(argv) if from_python else sys.argv[1:]
@@ -103,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
 
             _function_cli(prepare, prepare_argv(argv[1:]))
         elif command == "cache-info":
+            from pd_lightning.data.cache_inspect import cache_info_command
+
             _function_cli(cache_info_command, argv[1:])
         elif command == "cache-plan":  # --from-cache / --teacher-tokens-per-s spelled either way
             from pd_lightning.data.cache_inspect import cache_plan_command

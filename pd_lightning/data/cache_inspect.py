@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,34 @@ def _check_finite(file: Path, f: h5py.File, a: int, b: int) -> dict[str, np.ndar
     return out
 
 
+def _verify_shard(file: Path, length: int, vocab_size: int) -> tuple[int, int, int, int]:
+    """Read every byte of one shard, checking it (see :func:`verify`); (sequences, tokens, entries, max id)."""
+    max_id = -1
+    with h5py.File(file, "r") as f:
+        for name in DATASETS:  # the small ones in full; big ones block by block below
+            if name not in f:
+                raise CacheCorruptError(f"cache shard {file} lacks dataset '{name}'")
+        offsets = read_dataset(file, f["sequence_offsets"])
+        num_seq, num_entries = len(offsets) - 1, f["entries"].shape[0]
+        read_dataset(file, f["sequence_index"])
+        if offsets[0] != 0 or offsets[-1] != num_entries or (np.diff(offsets) < 0).any():
+            raise CacheCorruptError(f"cache shard {file}: sequence_offsets inconsistent with 'entries'")
+        if f["tokens"].shape != (num_seq, length + 1) or f["counts"].shape[0] != num_seq * length:
+            raise CacheCorruptError(f"cache shard {file}: dataset shapes do not match {num_seq} sequences")
+        for a, b in _blocks(offsets, length):
+            _check_finite(file, f, a * length, b * length)
+            tokens = read_dataset(file, f["tokens"], slice(a, b))
+            counts = read_dataset(file, f["counts"], slice(a * length, b * length)).astype(np.int64)
+            if not np.array_equal(counts.reshape(-1, length).sum(1), np.diff(offsets[a : b + 1])):
+                raise CacheCorruptError(f"cache shard {file}: 'counts' disagree with 'sequence_offsets'")
+            entries = read_dataset(file, f["entries"], slice(int(offsets[a]), int(offsets[b])))
+            if entries.size:
+                max_id = max(max_id, int((entries >> Q_BITS).max()))
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+                raise CacheCorruptError(f"cache shard {file}: token ids outside [0, {vocab_size})")
+    return num_seq, num_seq * length, int(num_entries), max_id
+
+
 def verify(path: str | Path, vocab_size: int | None = None, allow_partial: bool = False) -> dict[str, Any]:
     """Read every byte of a cache, checking checksums and consistency; return a short summary.
 
@@ -64,39 +93,47 @@ def verify(path: str | Path, vocab_size: int | None = None, allow_partial: bool 
     """
     cache = TeacherCache(path, allow_partial=allow_partial)
     limit = cache.vocab_size if vocab_size is None else min(vocab_size, cache.vocab_size)
-    length, tokens_total, entries_total, max_id, sequences = cache.seq_len, 0, 0, -1, 0
+    tokens_total, entries_total, max_id, sequences = 0, 0, -1, 0
     for file in cache.files:
-        with h5py.File(file, "r") as f:
-            for name in DATASETS:  # the small ones in full; big ones block by block below
-                if name not in f:
-                    raise CacheCorruptError(f"cache shard {file} lacks dataset '{name}'")
-            offsets = read_dataset(file, f["sequence_offsets"])
-            num_seq, num_entries = len(offsets) - 1, f["entries"].shape[0]
-            read_dataset(file, f["sequence_index"])
-            if offsets[0] != 0 or offsets[-1] != num_entries or (np.diff(offsets) < 0).any():
-                raise CacheCorruptError(f"cache shard {file}: sequence_offsets inconsistent with 'entries'")
-            if f["tokens"].shape != (num_seq, length + 1) or f["counts"].shape[0] != num_seq * length:
-                raise CacheCorruptError(f"cache shard {file}: dataset shapes do not match {num_seq} sequences")
-            for a, b in _blocks(offsets, length):
-                _check_finite(file, f, a * length, b * length)
-                tokens = read_dataset(file, f["tokens"], slice(a, b))
-                counts = read_dataset(file, f["counts"], slice(a * length, b * length)).astype(np.int64)
-                if not np.array_equal(counts.reshape(-1, length).sum(1), np.diff(offsets[a : b + 1])):
-                    raise CacheCorruptError(f"cache shard {file}: 'counts' disagree with 'sequence_offsets'")
-                entries = read_dataset(file, f["entries"], slice(int(offsets[a]), int(offsets[b])))
-                if entries.size:
-                    max_id = max(max_id, int((entries >> Q_BITS).max()))
-                if tokens.size and (tokens.min() < 0 or tokens.max() >= cache.vocab_size):
-                    raise CacheCorruptError(f"cache shard {file}: token ids outside [0, {cache.vocab_size})")
-            tokens_total += num_seq * length
-            entries_total += num_entries
-            sequences += num_seq
+        num_seq, tokens, entries, top = _verify_shard(file, cache.seq_len, cache.vocab_size)
+        tokens_total, entries_total, sequences, max_id = (
+            tokens_total + tokens,
+            entries_total + entries,
+            sequences + num_seq,
+            max(max_id, top),
+        )
     if max_id >= limit:
         raise CacheMismatchError(
             f"teacher cache {path} holds id {max_id}, not below vocab_size={limit} "
             f"(cache vocab {cache.vocab_size}, student vocab {vocab_size})"
         )
     return {"shards": len(cache.files), "sequences": sequences, "tokens": tokens_total, "entries": entries_total}
+
+
+def _finished(path: Path):
+    """The layout of a cache and a reader of its finished shards; refused when none is finished."""
+    layout = open_layout(path)
+    if not layout.shards:
+        raise CacheIncompleteError(f"teacher cache {path} has no finished shard yet; {RESUME}")
+    return layout, TeacherCache(path, allow_partial=True)
+
+
+def damaged_shards(path: str | Path) -> tuple[int, list[tuple[Path, str]]]:
+    """Read every byte of every finished shard of a cache (see :func:`verify`); (shards read, [(shard, why), ...])
+    for each shard that fails a checksum or a consistency check, all of them (not only the first)."""
+    _, cache = _finished(Path(path))
+    damaged = []
+    for file in cache.files:
+        try:
+            _, _, _, top = _verify_shard(file, cache.seq_len, cache.vocab_size)
+        except CacheCorruptError as e:
+            why = str(e).replace(f"cache shard {file}", "").strip(" :") or "damaged"
+            checksum = re.match(r"dataset '([^']+)' is corrupt \(.*filter returned failure", why)
+            damaged.append((file, f"dataset '{checksum[1]}' fails its checksum" if checksum else why))
+            continue
+        if top >= cache.vocab_size:
+            damaged.append((file, f"holds id {top}, not below the cache's vocab_size {cache.vocab_size}"))
+    return len(cache.files), damaged
 
 
 def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards: int = 64) -> dict[str, Any]:
@@ -121,10 +158,7 @@ def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards
         sample_shards: shards scanned for storage, histogram and means.
     """
     path = Path(path)
-    layout = open_layout(path)
-    if not layout.shards:
-        raise CacheIncompleteError(f"teacher cache {path} has no finished shard yet; {RESUME}")
-    cache = TeacherCache(path, allow_partial=True)
+    layout, cache = _finished(path)
     length, k = cache.seq_len, cache.max_entries
     storage = dict.fromkeys(DATASETS, 0)
     records = [layout.shards[int(j)] for j in cache.shard_ids]
@@ -358,3 +392,49 @@ def cache_plan_command(
     print(f"  disk per GPU         {plan['disk_per_gpu_TB']:.2f} TB (+ one shard being written)")
     print(f"  write per GPU        {plan['write_MB_per_s_per_gpu']:.1f} MB/s at {teacher_tokens_per_s:.0f} tokens/s")
     print(f"  teacher time         {plan['hours']:.1f} h per GPU")
+
+
+def cache_info_command(path: str, json: bool = False, plot: str | None = None, verify: bool = True) -> None:
+    """Figures of a teacher-logit cache: tokens, entries, bytes per token / entry, kept mass, fingerprints; and,
+    by default, a check of every byte of every finished shard (the checksum of every chunk, consistency, finite
+    statistics): a damaged shard is named, with exit code 2.
+
+    Args:
+        path: the cache folder.
+        json: print one JSON object instead of a table.
+        plot: write a PNG histogram of the entries per token to this file.
+        verify: read every byte and check the checksums (default); false: the figures only, from the index and a
+            sample of the shards (fast on a cache of many TB), saying that nothing was verified.
+    """
+    import json as json_lib
+
+    if plot:
+        from pd_lightning.paths import check_output_file
+
+        check_output_file(plot, "--plot")  # before reading the cache
+    if verify:  # first: a damaged shard may also break the figures
+        read, damaged = damaged_shards(path)
+        if damaged:
+            named = "; ".join(f"{file.name} ({why})" for file, why in damaged)
+            raise CacheCorruptError(
+                f"cache-info: {len(damaged)} of {read} shards of {path} are damaged: {named}; delete "
+                f"{'them' if len(damaged) > 1 else 'it'} and {RESUME} (it rewrites the missing shards)"
+            )
+    info = cache_info(path)
+    if verify:
+        info["verified"] = True
+        info["verification"] = f"every byte of the {read} finished shards read, checksums match"
+    else:
+        info["verified"] = False
+        info["verification"] = "checksums not read: --verify false; run without it to check every byte"
+    if plot and info.get("complete"):
+        plot_entries_histogram(info, plot)
+    if json:
+        print(json_lib.dumps(info, default=str))
+        return
+    for key, value in info.items():
+        if key in ("entries_histogram", "verification"):
+            continue
+        if key == "verified":
+            value = f"{value} ({info['verification']})"
+        print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
