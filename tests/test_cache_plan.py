@@ -70,3 +70,41 @@ def test_sample_of_another_processor_is_refused(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["cache-plan", "--tokens", "1e9", "--vocab", "300", "--p", "1.5"])
     assert e.value.code == 2 and "--p" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--tokens", "1e300"], ("--tokens", "1e+300")),
+        (["--tokens", "inf"], ("--tokens", "inf")),
+        (["--tokens", "nan"], ("--tokens", "nan")),
+        (["--tokens", "0.5"], ("--tokens", "0.5")),
+        (["--shard_tokens", "0"], ("--shard_tokens", "0")),
+        (["--shard-tokens", "-5"], ("--shard_tokens", "-5")),
+        (["--teacher-tokens-per-s", "1e300"], ("--teacher_tokens_per_s",)),
+        (["--teacher_tokens_per_s", "nan"], ("--teacher_tokens_per_s", "nan")),
+        (["--gpus", "0"], ("--gpus", "0")),
+        (["--gpus", "10000000000"], ("--gpus",)),
+        (["--k", "5000"], ("--k", "5000", "--vocab 1000")),
+        (["--seq_len", "0"], ("--seq_len", "0")),
+        (["--power_gammas", "-1"], ("--power_gammas", "-1")),
+        (["--p", "nan"], ("--p", "nan")),
+    ],
+)
+def test_absurd_or_invalid_values_are_refused_in_one_line(capsys, flags, names) -> None:
+    """Issue item 12: --tokens 1e300 printed 300-digit sizes (exit 0); --shard_tokens 0 silently planned 4096."""
+    with pytest.raises(SystemExit) as e:
+        main(["cache-plan", "--tokens", "1e9", "--vocab", "1000", *flags])
+    lines = [s for s in capsys.readouterr().err.splitlines() if s.strip()]
+    assert e.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("pd-lightning: error: "), lines[0]
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+def test_the_largest_real_plans_still_work(capsys) -> None:
+    """The bounds refuse only the absurd: 1e15 tokens on 100,000 GPUs, a 2^24 vocabulary, a 1-token shard."""
+    got = plan(capsys, "--tokens", "1e15", "--vocab", str(2**24), "--gpus", "100000", "--k", "1000")
+    assert got["total_TB"] == pytest.approx(1e15 * got["bytes_per_token"] / 1e12) and got["shards"] > 0
+    got = plan(capsys, "--tokens", "1e6", "--vocab", "1000", "--shard_tokens", "1", "--seq_len", "16")
+    assert got["shard_tokens"] == 16  # a shard holds at least one whole sequence, as the writer makes it

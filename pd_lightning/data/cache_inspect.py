@@ -14,6 +14,7 @@ import numpy as np
 from pd_lightning.data.cache_format import (
     DATASETS,
     DEFAULT_SHARD_TOKENS,
+    MAX_VOCAB,
     Q_BITS,
     SCHEMA_VERSION,
     SMALL_VOCAB,
@@ -310,10 +311,7 @@ def cache_plan(
             )
         p, k = have_p, have_k
     p, k = 0.95 if p is None else p, 100 if k is None else k
-    if not 0 < p <= 1:
-        raise ValueError(f"cache-plan: --p {p} must be in (0, 1]")
-    if tokens <= 0 or vocab < 1 or k < 1 or gpus < 1 or teacher_tokens_per_s <= 0 or seq_len < 1:
-        raise ValueError("cache-plan: --tokens, --vocab, --k, --gpus, --teacher_tokens_per_s, --seq_len must be > 0")
+    _check_plan(tokens, vocab, p, k, teacher_tokens_per_s, gpus, seq_len, shard_tokens, power_gammas)
     if sample is not None:
         entries_per_token = float(sample["mean_entries_per_token"])
         source = f"measured in {from_cache} ({sample['tokens']} tokens)"
@@ -346,6 +344,39 @@ def cache_plan(
         "hours": per_gpu_tokens / teacher_tokens_per_s / 3600,
         "peak_extra_disk_GB_per_gpu": shard_tokens_eff * per_token / 1e9,
     }
+
+
+# What a plan can be about: far beyond any real run, but below the sizes where the figures stop meaning anything
+# (``--tokens 1e300`` printed 300-digit sizes). The largest published pre-training corpora are ~1.5e13 tokens.
+PLAN_LIMITS = {
+    "--tokens": (1, 1e16, "tokens"),
+    "--teacher_tokens_per_s": (1e-3, 1e9, "tokens per second per GPU"),
+    "--gpus": (1, 10_000_000, "GPUs"),
+    "--seq_len": (1, 1 << 31, "tokens per sequence"),
+    "--shard_tokens": (1, 1e16, "tokens per shard"),
+    "--power_gammas": (0, 64, "stored gammas"),
+}
+
+
+def _check_plan(tokens, vocab, p, k, teacher_tokens_per_s, gpus, seq_len, shard_tokens, power_gammas) -> None:
+    """Refuse, naming the flag, a value that is not a finite number in its range (see ``PLAN_LIMITS``)."""
+    values = {"--tokens": tokens, "--teacher_tokens_per_s": teacher_tokens_per_s, "--gpus": gpus,
+              "--seq_len": seq_len, "--shard_tokens": shard_tokens, "--power_gammas": power_gammas}  # fmt: skip
+    for flag, value in values.items():
+        low, high, what = PLAN_LIMITS[flag]
+        if not math.isfinite(value) or not low <= value <= high:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            hint = " (rounded down to whole sequences, at least one, as the writer does)"
+            hint = hint if flag == "--shard_tokens" else ""
+            raise ValueError(
+                f"cache-plan: {flag} {shown} is not a plausible number of {what}: give {low:g} to {high:g}{hint}"
+            )
+    if not 1 <= vocab <= MAX_VOCAB:
+        raise ValueError(f"cache-plan: --vocab {vocab} must lie in 1 .. {MAX_VOCAB} (the cache format's limit)")
+    if not (math.isfinite(p) and 0 < p <= 1):
+        raise ValueError(f"cache-plan: --p {p} must be in (0, 1]")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"cache-plan: --k {k} must lie in 1 .. --vocab {vocab} (top-k keeps at most the vocabulary)")
 
 
 def cache_plan_command(
