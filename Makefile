@@ -19,10 +19,15 @@ setup: $(BIN)/.installed
 # Every path comes from these variables, so the same demo-sized pipeline runs on your own corpus:
 #   make demo CORPUS="corpus/*.jsonl" DATA=data/mine RUNS=runs/mine
 # (README: "Your own corpus, demo-sized"). `make -n demo ...` prints the commands it would run; FIT_ARGS is added to
-# every `fit` (e.g. FIT_ARGS="--trainer.max_steps 50" for a quick try).
+# every `fit` (e.g. FIT_ARGS="--trainer.max_steps 50 --trainer.val_check_interval 50" for a quick try: checkpoints are
+# written at validations, so max_steps must be a multiple of val_check_interval).
+# DATA and RUNS are folders: DATA gets tokens.h5, tokenizer/, cache/; RUNS gets one folder per run: teacher/,
+# predict/, student-lm/, vanilla-pd/, pdstar/, report/ (and seeds/ for `make demo-seeds`). A trailing slash is dropped.
 CORPUS ?= builtin
 DATA ?= data/demo
 RUNS ?= runs/demo
+override DATA := $(patsubst %/,%,$(DATA))
+override RUNS := $(patsubst %/,%,$(RUNS))
 SEQ_LEN ?= 256
 VOCAB ?= 4096
 FIT_ARGS ?=
@@ -35,44 +40,44 @@ $(DATA)/tokens.h5: | $(BIN)/.installed
 
 # The teacher checkpoints at every validation (teacher.ckpt + last.ckpt) and on SIGTERM (last.ckpt); `done` marks the
 # finished fit, and a rerun after an interruption resumes from the newest last.ckpt (`--ckpt_path last`).
-$(RUNS)-teacher/done: $(DATA)/tokens.h5
+$(RUNS)/teacher/done: $(DATA)/tokens.h5
 	@echo "== teacher: preset demo (1.8M parameters), LM loss (configs/demo/teacher.yaml); a line per validation"
 	$(BIN)/pd-lightning fit --config configs/demo/teacher.yaml --data.init_args.path $(DATA)/tokens.h5 \
-		--trainer.default_root_dir $(RUNS)-teacher --trainer.callbacks.init_args.dirpath $(RUNS)-teacher \
-		$(if $(wildcard $(RUNS)-teacher/last.ckpt),--ckpt_path last) $(FIT_ARGS)
+		--trainer.default_root_dir $(RUNS)/teacher --trainer.callbacks.init_args.dirpath $(RUNS)/teacher \
+		$(if $(wildcard $(RUNS)/teacher/last.ckpt),--ckpt_path last) $(FIT_ARGS)
 	touch $@
 
-$(CACHE)/index.json: $(RUNS)-teacher/done
+$(CACHE)/index.json: $(RUNS)/teacher/done
 	@echo "== the teacher's top-0.95-100 logits of every training token"
-	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --model.teacher $(RUNS)-teacher/teacher.ckpt \
+	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --model.teacher $(RUNS)/teacher/teacher.ckpt \
 		--data.path $(DATA)/tokens.h5 --writer.output $(CACHE) --writer.overwrite true --trainer.enable_progress_bar false \
-		--trainer.default_root_dir $(RUNS)-predict
+		--trainer.default_root_dir $(RUNS)/predict
 	$(BIN)/pd-lightning cache-info $(CACHE)
 
-$(CACHE50)/index.json: $(RUNS)-teacher/done
+$(CACHE50)/index.json: $(RUNS)/teacher/done
 	@echo "== the teacher's top-0.95-50 logits of every training token"
 	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --model.processor.init_args.k 50 \
-		--model.teacher $(RUNS)-teacher/teacher.ckpt --data.path $(DATA)/tokens.h5 --writer.output $(CACHE50) \
-		--writer.overwrite true --trainer.enable_progress_bar false --trainer.default_root_dir $(RUNS)-predict
+		--model.teacher $(RUNS)/teacher/teacher.ckpt --data.path $(DATA)/tokens.h5 --writer.output $(CACHE50) \
+		--writer.overwrite true --trainer.enable_progress_bar false --trainer.default_root_dir $(RUNS)/predict
 	$(BIN)/pd-lightning cache-info $(CACHE50)
 
 # Three students of the same size, data order, token budget and learning rate; `done` marks a finished fit.
-$(RUNS)-student-lm/done: $(CACHE)/index.json
+$(RUNS)/student-lm/done: $(CACHE)/index.json
 	@echo "== student 1/3: LM loss only (the baseline)"
 	$(BIN)/pd-lightning fit --config configs/demo/student_lm.yaml --data.init_args.path $(CACHE) \
-		--trainer.default_root_dir $(RUNS)-student-lm $(STUDENT_DATA)
+		--trainer.default_root_dir $(RUNS)/student-lm $(STUDENT_DATA)
 	touch $@
 
-$(RUNS)-vanilla-pd/done: $(CACHE)/index.json
+$(RUNS)/vanilla-pd/done: $(CACHE)/index.json
 	@echo "== student 2/3: vanilla PD (top-0.95-100, NLL, tau 1, alpha 1)"
 	$(BIN)/pd-lightning fit --config configs/demo/student_vanilla_pd.yaml --data.init_args.path $(CACHE) \
-		--trainer.default_root_dir $(RUNS)-vanilla-pd $(STUDENT_DATA)
+		--trainer.default_root_dir $(RUNS)/vanilla-pd $(STUDENT_DATA)
 	touch $@
 
-$(RUNS)-pdstar/done: $(CACHE50)/index.json
+$(RUNS)/pdstar/done: $(CACHE50)/index.json
 	@echo "== student 3/3: PD* (top-0.95-50, KLD, tau 2, WSD alpha <= 0.9, WSD LR)"
 	$(BIN)/pd-lightning fit --config configs/demo/student_pdstar.yaml --data.init_args.path $(CACHE50) \
-		--trainer.default_root_dir $(RUNS)-pdstar $(STUDENT_DATA)
+		--trainer.default_root_dir $(RUNS)/pdstar $(STUDENT_DATA)
 	touch $@
 
 # Each student's lm-eval scores on the seven benchmarks (`pd-lightning validate --eval.*` on its final checkpoint).
@@ -87,32 +92,32 @@ define BENCH
 		--ckpt_path "$$(ls -t $(3)/lightning_logs/*/checkpoints/*.ckpt | head -n 1)"
 endef
 
-$(RUNS)-student-lm/bench.json: $(RUNS)-student-lm/done
-	$(call BENCH,configs/demo/student_lm.yaml,$(CACHE),$(RUNS)-student-lm)
+$(RUNS)/student-lm/bench.json: $(RUNS)/student-lm/done
+	$(call BENCH,configs/demo/student_lm.yaml,$(CACHE),$(RUNS)/student-lm)
 
-$(RUNS)-vanilla-pd/bench.json: $(RUNS)-vanilla-pd/done
-	$(call BENCH,configs/demo/student_vanilla_pd.yaml,$(CACHE),$(RUNS)-vanilla-pd)
+$(RUNS)/vanilla-pd/bench.json: $(RUNS)/vanilla-pd/done
+	$(call BENCH,configs/demo/student_vanilla_pd.yaml,$(CACHE),$(RUNS)/vanilla-pd)
 
-$(RUNS)-pdstar/bench.json: $(RUNS)-pdstar/done
-	$(call BENCH,configs/demo/student_pdstar.yaml,$(CACHE50),$(RUNS)-pdstar)
+$(RUNS)/pdstar/bench.json: $(RUNS)/pdstar/done
+	$(call BENCH,configs/demo/student_pdstar.yaml,$(CACHE50),$(RUNS)/pdstar)
 
 # The comparison: held-out loss/perplexity of the three with Δ% against LM-only, their lm-eval scores, and their
 # validation curves.
-demo: $(RUNS)-student-lm/bench.json $(RUNS)-vanilla-pd/bench.json $(RUNS)-pdstar/bench.json
-	$(BIN)/pd-lightning report --runs lm-only=$(RUNS)-student-lm vanilla-pd=$(RUNS)-vanilla-pd pd-star=$(RUNS)-pdstar \
-		--output $(RUNS)-report
-	@echo "Artefacts: tokens + tokenizer $(DATA)/, teacher $(RUNS)-teacher/teacher.ckpt, caches $(DATA)/cache/,"
-	@echo "  students $(RUNS)-{student-lm,vanilla-pd,pdstar}/ (checkpoints, metrics.csv, config.yaml, bench.json),"
-	@echo "  table $(RUNS)-report/report.md, validation curves $(RUNS)-report/curves.png"
+demo: $(RUNS)/student-lm/bench.json $(RUNS)/vanilla-pd/bench.json $(RUNS)/pdstar/bench.json
+	$(BIN)/pd-lightning report --runs lm-only=$(RUNS)/student-lm vanilla-pd=$(RUNS)/vanilla-pd pd-star=$(RUNS)/pdstar \
+		--output $(RUNS)/report
+	@echo "Artefacts: tokens + tokenizer $(DATA)/, teacher $(RUNS)/teacher/teacher.ckpt, caches $(DATA)/cache/,"
+	@echo "  students $(RUNS)/{student-lm,vanilla-pd,pdstar}/ (checkpoints, metrics.csv, config.yaml, bench.json),"
+	@echo "  table $(RUNS)/report/report.md, validation curves $(RUNS)/report/curves.png"
 
 # The demo's three students over seeds 1234, 1, 2 (weights and data order), two at a time; the paired Δ% table
 # and where the variance comes from (benchmarks/demo_seeds.py; benchmarks/RESULTS.md).
 demo-seeds: $(CACHE)/index.json $(CACHE50)/index.json
 	$(BIN)/pd-lightning sweep configs/demo/student_lm.yaml configs/demo/student_vanilla_pd.yaml \
 		configs/demo/student_pdstar.yaml --scale none --baseline configs/demo/student_lm.yaml --seeds 1234 1 2 --jobs 2 \
-		--data_dir $(DATA) --teacher $(RUNS)-teacher/teacher.ckpt --output $(RUNS)-seeds --fit_args "$(FIT_ARGS)"
-	$(BIN)/pd-lightning report $(RUNS)-seeds
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/demo_seeds.py $(RUNS)-seeds --data $(DATA)/tokens.h5
+		--data_dir $(DATA) --teacher $(RUNS)/teacher/teacher.ckpt --output $(RUNS)/seeds --fit_args "$(FIT_ARGS)"
+	$(BIN)/pd-lightning report $(RUNS)/seeds
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/demo_seeds.py $(RUNS)/seeds --data $(DATA)/tokens.h5
 
 test: setup
 	$(BIN)/pytest -q --durations=25

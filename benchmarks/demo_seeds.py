@@ -1,11 +1,12 @@
 """The demo's result over seeds, and where its variance comes from — `make demo-seeds` then
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_seeds.py runs/demo-seeds [--data data/demo/tokens.h5]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_seeds.py runs/demo/seeds [--data data/demo/tokens.h5]
 
 Reads a `pd-lightning sweep` folder (the demo's three students x seeds, `make demo-seeds`), reloads each run's
 final checkpoint and scores every validation sequence (LM loss, mean nats/token over its 255 predicted tokens) in
-fp32. Prints, per seed, the held-out loss of each student and the paired Δ% = 100·(L_lm − L)/L_lm; over seeds the
-mean Δ%, the sample std of the paired Δ% and their ratio; and the two noise sources of one demo run:
+fp32. Prints, per seed (in the order the sweep was given them: 1234, 1, 2 for `make demo-seeds`), the held-out loss
+of each student and the paired Δ% = 100·(L_lm − L)/L_lm; over seeds the mean Δ%, the sample std of the paired Δ% and
+their ratio; and the two noise sources of one demo run:
 
 - validation-set sampling: the standard error of a run's Δ% from the per-sequence paired differences (d_i =
   loss_lm,i − loss_pd,i; SE = 100·sd(d)/sqrt(n)/L_lm), with the first 32 sequences (the demo's old set) and with all;
@@ -52,13 +53,13 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep", help="the folder of `make demo-seeds` (runs/demo-seeds)")
+    p.add_argument("sweep", help="the folder of `make demo-seeds` (runs/demo/seeds)")
     p.add_argument("--data", default="data/demo/tokens.h5", help="the token file whose val split is scored")
     args = p.parse_args()
     rows = [json.loads(x) for x in (Path(args.sweep) / "results.jsonl").read_text().splitlines() if x.strip()]
     tokens = TokenFile(args.data)
     base_name = next(r["name"] for r in rows if r.get("baseline"))
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))  # the order they were given and run in (`--seeds 1234 1 2`)
     names = list(dict.fromkeys(r["name"] for r in rows))
     losses: dict[tuple[str, int], torch.Tensor] = {}
     for r in rows:

@@ -1,6 +1,6 @@
 """Table rows from finished ``pd-lightning fit`` run folders (what ``pd-lightning report --runs`` compares).
 
-    pd-lightning report --runs lm-only=runs/demo-student-lm vanilla-pd=runs/demo-vanilla-pd pd-star=runs/demo-pdstar
+    pd-lightning report --runs lm-only=runs/demo/student-lm vanilla-pd=runs/demo/vanilla-pd pd-star=runs/demo/pdstar
 
 The first run is the baseline (Δ% = ``100 · (L_first − L) / L_first``). Each folder is a fit's
 ``--trainer.default_root_dir``: its newest ``metrics.csv`` (CSVLogger) gives the validation curve, whose last point

@@ -56,16 +56,65 @@ def test_make_demo_takes_every_path_from_its_variables(tmp_path, capsys):
         paths = [s for s in strings(config) if "/" in s and not s.startswith(("pd_lightning.", "lightning."))]
         paths = [p for p in paths if "." not in p.split("/")[0] or p.startswith(str(tmp_path))]
         assert paths, config
-        for p in paths:
-            assert p.startswith((str(data), str(runs))), f"{argv[0]}: {p!r} is not under DATA or RUNS"
+        for p in paths:  # inside the folders DATA and RUNS, not beside them (RUNS is no name prefix: item 21)
+            assert p.startswith((f"{data}/", f"{runs}/")), f"{argv[0]}: {p!r} is not under DATA or RUNS"
     validates = [c for c in commands if c[0] == "validate"]  # each student's lm-eval scores, written in its run
     assert len(validates) == 3
     for v in validates:
-        assert v[v.index("--eval.output") + 1].startswith(f"{runs}-") and f"{runs}-" in v[v.index("--ckpt_path") + 1]
+        run = v[v.index("--trainer.default_root_dir") + 1]
+        assert run.startswith(f"{runs}/") and v[v.index("--eval.output") + 1] == f"{run}/bench.json"
+        assert v[v.index("--ckpt_path") + 1].startswith(f"$(ls -t {run}/lightning_logs/")
     teacher_fit = commands[1]
-    assert teacher_fit[teacher_fit.index("--trainer.callbacks.init_args.dirpath") + 1] == f"{runs}-teacher"
+    assert teacher_fit[teacher_fit.index("--trainer.callbacks.init_args.dirpath") + 1] == f"{runs}/teacher"
     for predict in (c for c in commands if c[0] == "predict"):  # the teacher fit's ModelCheckpoint writes this file
-        assert predict[predict.index("--model.teacher") + 1] == f"{runs}-teacher/teacher.ckpt"
+        assert predict[predict.index("--model.teacher") + 1] == f"{runs}/teacher/teacher.ckpt"
+    report = next(c for c in commands if c[0] == "report")
+    assert report[report.index("--output") + 1] == f"{runs}/report"
+    assert report[2:5] == [f"lm-only={runs}/student-lm", f"vanilla-pd={runs}/vanilla-pd", f"pd-star={runs}/pdstar"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_runs_is_a_folder_and_a_trailing_slash_changes_nothing(tmp_path):
+    """Item 21: RUNS (and DATA) name folders; `RUNS=out/runs/` used to give `out/runs/-teacher`."""
+    data, runs = tmp_path / "data", tmp_path / "out" / "runs"
+    plain = demo_commands(DATA=str(data), RUNS=str(runs))
+    assert demo_commands(DATA=f"{data}/", RUNS=f"{runs}/") == plain
+    for argv in plain:
+        assert not any("//" in a or "/-" in a for a in argv), argv
+        assert not any(str(runs) in a and f"{runs}/" not in a for a in argv), argv  # nothing beside the folder
+    seeds = subprocess.run(
+        ["make", "-n", "-B", "demo-seeds", f"DATA={data}/", f"RUNS={runs}/"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.replace("\\\n", " ")
+    sweep = next(shlex.split(x) for x in seeds.splitlines() if " sweep " in x)
+    assert sweep[sweep.index("--output") + 1] == f"{runs}/seeds"
+    assert sweep[sweep.index("--teacher") + 1] == f"{runs}/teacher/teacher.ckpt"
+    assert sweep[sweep.index("--data_dir") + 1] == str(data)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_defaults_are_the_configs_own_folders():
+    """`make demo` with no variables writes where each config would by itself: one folder per run in runs/demo/."""
+    fits = [c for c in demo_commands() if c[0] == "fit"]
+    assert len(fits) == 4
+    for argv in fits:
+        config_file = ROOT / argv[argv.index("--config") + 1]
+        own = yaml.safe_load(config_file.read_text())["trainer"]["default_root_dir"]
+        run = argv[argv.index("--trainer.default_root_dir") + 1]
+        assert run == own and run.startswith("runs/demo/"), (config_file.name, run, own)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_the_teacher_is_validated_on_the_students_sequences(capsys):
+    """Item 22: the teacher's validation loss is over the same sequences as the students' held-out loss (all of the
+    held-out split), so the losses `make demo` prints can be compared."""
+    fits = [c for c in demo_commands() if c[0] == "fit"]
+    val = []
+    for argv in fits:
+        with pytest.raises(SystemExit):
+            main([*argv, "--print_config"])
+        data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+        val.append((data.get("val_tokens") or data["path"], data["val_sequences"]))
+    assert val == [("data/demo/tokens.h5", None)] * 4, val
 
 
 def test_prepare_defaults_are_the_demo_settings():
