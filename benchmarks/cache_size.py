@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "pd_lightning.cli"]
 TOKENS = ROOT / "data/demo/tokens.h5"
-TEACHER = ROOT / "runs/demo-teacher/teacher.ckpt"
+TEACHER = ROOT / "runs/demo/teacher/teacher.ckpt"
 
 
 def sh(*args: str) -> str:

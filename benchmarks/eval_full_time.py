@@ -13,7 +13,7 @@ corpus, or a trained checkpoint (``--ckpt``; its tokenizer from the run). Weight
 they change how soon GSM8k generation stops: untrained weights never write "Question:", so every GSM8k answer runs
 the full 256 tokens (the worst case, said in the output).
 
-    .venv/bin/python benchmarks/eval_full_time.py [--scale 4] [--ckpt runs/demo-pdstar/…/last.ckpt]
+    .venv/bin/python benchmarks/eval_full_time.py [--scale 4] [--ckpt runs/demo/pdstar/…/last.ckpt]
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def check_validation_data(datamodule) -> None:
 
 def check_checkpoint_folder(trainer, ckpt_path) -> None:
     """``fit`` (not resuming) refuses a ModelCheckpoint folder outside ``--trainer.default_root_dir`` that already holds
-    checkpoints: a config that names its folder (the demo teacher's ``runs/demo-teacher``) would otherwise have a run
+    checkpoints: a config that names its folder (the demo teacher's ``runs/demo/teacher``) would otherwise have a run
     moved elsewhere with ``--trainer.default_root_dir`` overwrite the other run's ``teacher.ckpt`` / ``last.ckpt``."""
     if ckpt_path:
         return
