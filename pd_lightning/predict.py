@@ -12,11 +12,25 @@ A teacher too large for one device is sharded across the ranks under ``ModelPara
 
 Each rank's data loader holds exactly the sequences of that rank's unfinished shards, so the trainer must not
 shard them again: ``use_distributed_sampler`` is off in ``PredictCLI``'s defaults and refused when set.
+
+Faults (``CacheWriterCallback``):
+- One run per folder: the run's ranks hold a lock in the folder (``cache_writer.WriterLock``, rank 0 first); a
+  second ``predict`` on the same folder is refused in one line (exit 2) before anything is written.
+- Lockstep: with several ranks every rank runs as many batches as the busiest (padding rows, ``sequence_index``
+  -1; a rank without a shard idles through them), and before each batch the ranks agree, through one small
+  all-reduce, whether to stop: SIGTERM (exit 143), SIGINT / Ctrl-C (exit 130) or a writer error (a full disk; exit
+  2, one line from rank 0). So every rank stops at the same batch and none is left waiting in a collective of a
+  sharded teacher; the finished shards stay and a rerun resumes.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
+import sys
+import time
 import warnings
 
 import lightning as L
@@ -26,7 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pd_lightning.data.cache_format import DEFAULT_SHARD_TOKENS, CacheSpec, token_source_fingerprint
-from pd_lightning.data.cache_writer import BackgroundWriter, CacheWriter
+from pd_lightning.data.cache_writer import BackgroundWriter, CacheWriter, WriterLock
 from pd_lightning.data.corpus import TokenFile
 from pd_lightning.distill.processors import LogitsProcessor, position_keys
 from pd_lightning.teacher import Teacher, load_teacher
@@ -118,6 +132,9 @@ class TeacherLogits(L.LightningModule):
         self.teacher: Teacher = load_teacher(teacher, dtype, trust_remote_code)
         self.model = self.teacher.model  # registered, so Lightning moves it to the device
         self.model.requires_grad_(False)
+        # A batch of lockstep padding only skips the forward, unless the teacher is sharded (its forward is a
+        # collective every rank must join). Set by CacheWriterCallback.setup.
+        self.skip_padding_forward = False
 
     def configure_model(self) -> None:
         """A teacher sharded across the ranks under Lightning's ``ModelParallelStrategy``
@@ -144,8 +161,10 @@ class TeacherLogits(L.LightningModule):
         tokens = batch["tokens"]  # (B, L + 1)
         seq_index = batch["sequence_index"]  # (B,)
         L_ = tokens.shape[1] - 1
+        if self.skip_padding_forward and not bool((seq_index >= 0).any()):
+            return None  # an idle rank's lockstep batch (CacheWriterCallback)
         logits = self.model(tokens[:, :-1])  # (B, L, V)
-        real = seq_index >= 0  # padding rows of a sharded teacher's lockstep (CacheWriterCallback) have index -1
+        real = seq_index >= 0  # lockstep padding rows (CacheWriterCallback) have index -1
         if not bool(real.all()):
             if not bool(real.any()):
                 return None
@@ -165,16 +184,21 @@ class TeacherLogits(L.LightningModule):
         return {"sequence_index": seq_index.cpu(), "tokens": tokens.cpu(), "target": target}
 
 
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+
+
 def _lockstep_padding(trainer: L.Trainer, pending: int, batch_size: int) -> int:
-    """Rows of padding this rank's loader appends so that every rank runs as many teacher forwards as the busiest.
+    """Rows of padding this rank's loader appends so that every rank runs as many batches as the busiest.
 
-    Only with a sharded teacher (``ModelParallelStrategy``): each of its forwards all-gathers the layers on every
-    rank, so a rank that ran out of sequences must keep calling it. Padding rows have ``sequence_index`` -1; the
-    forward runs on them and ``predict_step`` drops them. 0 under any other strategy.
+    With several ranks, every batch starts with the ranks' stop agreement (an all-reduce, ``CacheWriterCallback``),
+    and a sharded teacher's forward all-gathers the layers on every rank: a rank that ran out of sequences (or had
+    none: more ranks than shards) must keep joining both. Padding rows have ``sequence_index`` -1; ``predict_step``
+    drops them, and skips the forward of a batch of padding only unless the teacher is sharded. 0 on one rank.
     """
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    if trainer.world_size == 1 or not isinstance(trainer.strategy, ModelParallelStrategy):
+    if trainer.world_size == 1:
         return 0
     import torch.distributed as dist
 
@@ -182,6 +206,47 @@ def _lockstep_padding(trainer: L.Trainer, pending: int, batch_size: int) -> int:
     most = torch.tensor(batches, device=trainer.strategy.root_device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     return 0 if batches == int(most) else int(most) * batch_size - pending
+
+
+EXIT_SIGTERM, EXIT_SIGINT = 143, 130  # 128 + the signal: what a shell reports for a process stopped by it
+_STOP_SIGINT, _STOP_SIGTERM, _STOP_ERROR = 1, 2, 3  # the agreed stop reason (all-reduced with MAX: an error wins)
+
+
+class PredictStopped(SystemExit):
+    """A predict run stopped before its end by a signal, on every rank at the same batch (exit 143 / 130)."""
+
+
+def _all_reduce_max(trainer: L.Trainer, value: int) -> int:
+    if trainer.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor(value, device=trainer.strategy.root_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def _all_gather_object(trainer: L.Trainer, obj: object) -> list:
+    if trainer.world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * trainer.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err`` as it can travel to rank 0 (pickled): its text and, for an OS error, its errno and file."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return OSError(err.errno, err.strerror, err.filename)
+    try:
+        import pickle
+
+        pickle.dumps(err)
+        return err
+    except Exception:  # noqa: BLE001 - not picklable: its message
+        return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 class CacheWriterCallback(L.Callback):
@@ -203,7 +268,105 @@ class CacheWriterCallback(L.Callback):
         self.output, self.overwrite = output, overwrite
         self.shard_tokens, self.max_pending = shard_tokens, max_pending
         self.writer: BackgroundWriter | None = None
+        self.lock: WriterLock | None = None
+        self._launcher_pid: int | None = None  # rank 0's pid (Lightning's DDP launcher starts the other ranks)
+        self._signal: int | None = None  # the first SIGTERM / SIGINT received
+        self._handlers: dict[int, object] = {}  # the handlers ours replaced
 
+    # ----------------------------------------------------------------------------------------- one run per folder
+    def _lock(self, trainer: L.Trainer) -> None:
+        """Rank 0 takes the folder's lock, tells the others (with its pid), then they join it: before anything is
+        written. A refusal is raised by rank 0 (one line); the other ranks exit with the same code, quietly."""
+        self.lock = WriterLock(self.output)
+        ok = self.lock.acquire() if trainer.global_rank == 0 else False
+        ok, launcher = trainer.strategy.broadcast((ok, (socket.gethostname(), os.getpid())), src=0)
+        self._launcher_pid = launcher[1] if launcher[0] == socket.gethostname() else None
+        if ok and trainer.global_rank != 0:
+            ok = self.lock.join()
+        if trainer.world_size > 1:
+            ok = _all_reduce_max(trainer, 0 if ok else 1) == 0
+        if not ok:
+            refusal = self.lock.refusal()
+            self.lock.release()
+            self._exit(trainer, refusal, 2)
+
+    def _exit(self, trainer: L.Trainer, err: BaseException | None, code: int) -> None:
+        """Leave the run on every rank together: rank 0 raises ``err`` (reported in one line; ``None``: a
+        ``PredictStopped(code)``), the other ranks exit ``code`` without a word, after rank 0 when it launched them
+        (Lightning's DDP launcher kills rank 0 when one of its ranks ends with a non-zero code before it)."""
+        if trainer.global_rank == 0:
+            raise err if err is not None else PredictStopped(code)
+        if self._launcher_pid is not None and os.getppid() == self._launcher_pid:
+            deadline = time.monotonic() + 60
+            while os.getppid() == self._launcher_pid and time.monotonic() < deadline:
+                time.sleep(0.05)
+        raise PredictStopped(code) if err is None else SystemExit(code)
+
+    # ----------------------------------------------------------------------------------------- signals
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._signal is None:
+            self._signal = signum
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once (a run that does not reach its next batch)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _install_signals(self) -> None:
+        if threading_main():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._handlers.setdefault(signum, signal.getsignal(signum))
+                signal.signal(signum, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        if threading_main():
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+        self._handlers = {}
+
+    def _stop_reason(self, trainer: L.Trainer, signals: bool) -> int:
+        if self.writer is not None and self.writer.error is not None:
+            return _STOP_ERROR
+        if not signals:
+            return 0
+        if self._signal == signal.SIGTERM or trainer.received_sigterm:  # Lightning's handler, before ours was set
+            return _STOP_SIGTERM
+        return _STOP_SIGINT if self._signal == signal.SIGINT else 0
+
+    def _agree(self, trainer: L.Trainer, where: str, signals: bool = True) -> None:
+        """All ranks, at the same point: stop together if any rank got a signal (``signals``) or a writer error."""
+        reason = _all_reduce_max(trainer, self._stop_reason(trainer, signals))
+        if not reason:
+            return
+        writer, self.writer = self.writer, None
+        error = writer.error if writer is not None else None
+        if writer is not None:
+            writer.close(raise_error=False)  # writes what is queued, drops the partly written shard
+        self._release()
+        if reason == _STOP_ERROR:
+            errors = _all_gather_object(trainer, None if error is None else _portable(error))
+            self._exit(trainer, self._named(next(e for e in errors if e is not None)), 2)
+        how, code = ("SIGTERM", EXIT_SIGTERM) if reason == _STOP_SIGTERM else ("SIGINT (Ctrl-C)", EXIT_SIGINT)
+        if trainer.global_rank == 0:
+            print(
+                f"pd-lightning: predict stopped by {how} {where}, before the end; the finished shards in {self.output} "
+                f"are kept: rerun the same command to resume (exit code {code})",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._exit(trainer, None, code)
+
+    def _named(self, err: BaseException) -> BaseException:
+        """A write error (a full disk) as one line naming the flag and the file."""
+        from pd_lightning.paths import describe_os_error
+
+        described = describe_os_error(err) if isinstance(err, OSError) else None
+        return err if described is None else ValueError(f"--writer.output {self.output}: {described}")
+
+    def _release(self) -> None:
+        self._restore_signals()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # ----------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
@@ -236,6 +399,7 @@ class CacheWriterCallback(L.Callback):
             shard_tokens=self.shard_tokens,
             power_gammas=pl_module.power_gammas,
         )
+        self._lock(trainer)  # before anything is written in the folder
         # Constructing the writer applies the refusals and, when nothing is left (a rerun after a kill past the
         # last shard), writes the final index: the cache is finished even though the predict loop will not run.
         writer = CacheWriter(
@@ -243,6 +407,9 @@ class CacheWriterCallback(L.Callback):
         )
         data.pending = writer.pending_sequences
         data.padding = _lockstep_padding(trainer, len(data.pending), data.batch_size)
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        pl_module.skip_padding_forward = type(trainer.strategy) in (DDPStrategy, SingleDeviceStrategy)
         ranges = [spec.shard_range(int(j)) for j in spec.rank_shards(trainer.global_rank, trainer.world_size)]
         mine = sum(b - a for a, b in ranges)
         if not len(data.pending):  # said in our own line below / by the other ranks' progress, not as a warning
@@ -254,30 +421,48 @@ class CacheWriterCallback(L.Callback):
                   f"{len(data.pending)} to go")  # fmt: skip
         self.writer = BackgroundWriter(writer, max_pending=self.max_pending)
 
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install_signals()  # here: after Lightning's own SIGTERM handler (set after setup), which ours replaces
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx=0) -> None:
+        total = trainer.num_predict_batches[dataloader_idx] if trainer.num_predict_batches else "?"
+        self._agree(trainer, f"at batch {batch_idx + 1} of {total}")
+
     def on_predict_batch_end(self, trainer, pl_module, outputs: dict, batch, batch_idx: int, dataloader_idx=0) -> None:
         if outputs is not None:  # None: a batch of lockstep padding only
-            self.writer.write(outputs["sequence_index"], outputs["tokens"], outputs["target"])
+            # A writer error is not raised here but agreed on before the next batch (or at the end), by all ranks.
+            self.writer.write(outputs["sequence_index"], outputs["tokens"], outputs["target"], raise_error=False)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.writer is not None:
+            self.writer.wait()  # a write error of the last batches is agreed on like any other
+            self._agree(trainer, "after the last batch", signals=False)  # every batch is in: finish the cache
             path = self.writer.finalize()
             self.writer = None
             print(f"wrote {path}")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # An empty predict loop (nothing pending on this rank) never calls on_predict_end: stop the thread here.
-        if self.writer is not None and stage == "predict":
-            writer, self.writer = self.writer, None
-            if writer.complete:  # finished before this run ("already complete; nothing to do"): nothing to rewrite
-                writer.close()
-            elif not len(writer.pending_sequences):
-                print(f"wrote {writer.finalize()}")
-            else:
-                writer.close()
+        if stage != "predict":
+            return
+        try:
+            if self.writer is not None:
+                writer, self.writer = self.writer, None
+                if writer.complete:  # finished before this run ("already complete; nothing to do"): nothing to rewrite
+                    writer.close()
+                elif not len(writer.pending_sequences):
+                    print(f"wrote {writer.finalize()}")
+                else:
+                    writer.close()
+        finally:
+            self._release()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self.writer is not None:
-            try:
-                self.writer.close()  # drop the partly written shard; a rerun writes it again
-            finally:
-                self.writer = None
+        try:
+            if self.writer is not None:
+                # Drop the partly written shard; a rerun writes it again. A writer error is the exception itself
+                # or was reported by rank 0 already: not raised again here.
+                self.writer.close(raise_error=False)
+        finally:
+            self.writer = None
+            self._release()

@@ -13,18 +13,31 @@ is deleted by the next run, which writes that shard again from its first sequenc
 and the index update leaves a complete shard that no index names: the next run adopts it (its attributes say it
 is complete and of this spec). Since every shard holds a fixed range of global sequences, the final content does
 not depend on the interruption history, nor on the number of writer ranks.
+
+One run at a time: :class:`WriterLock` (``flock`` on ``.pd-lightning-predict.lock`` in the folder, held by every
+rank of the run that writes it, gone with its processes) refuses a second ``pd-lightning predict`` on the same folder
+before it writes anything. Below it, a writer renames only the ``.tmp`` file it created itself (same inode), so even
+two writers that bypass the lock cannot put a half-written shard in place under a complete index.
+
+A write error (a full disk) never leaves HDF5 with a file it cannot close: the failed ``.tmp`` is closed with its
+last writes sent to ``/dev/null`` and deleted (HDF5 crashes the interpreter at exit over a file whose close failed),
+and HDF5's errors carry their ``errno`` and path as an ``OSError``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +73,7 @@ from pd_lightning.distill.target import SparseTarget
 log = logging.getLogger(__name__)
 
 OVERWRITE_HINT = "pass --writer.overwrite true to replace it, or write to another --writer.output"
+LOCK_NAME = ".pd-lightning-predict.lock"
 # Test hook: "<point>:<n>" SIGKILLs this process at <point> of the n-th shard it finishes (1-based): mid_shard
 # (the .tmp partly written), before_rename (the .tmp complete), after_rename (before the index update), after_index.
 _KILL_ENV = "PD_LIGHTNING_TEST_KILL_AT"
@@ -82,6 +96,167 @@ def _cat(pieces: list[EncodedSequences]) -> EncodedSequences:
     return EncodedSequences(**{k: np.concatenate([getattr(p, k) for p in pieces]) for k in pieces[0].as_dict()})
 
 
+@contextmanager
+def _os_errors(path: Path) -> Iterator[None]:
+    """HDF5's I/O errors (h5py raises them as ``RuntimeError``/``OSError`` whose text holds ``errno = N``) and OS
+    errors without a file name, as ``OSError(errno, strerror, path)``: ``cli`` then names the file in one line."""
+    try:
+        yield
+    except (RuntimeError, OSError) as err:
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None:
+            found = re.search(r"errno = (\d+)", str(err))
+            code = int(found[1]) if found else None
+        if code is None or (isinstance(err, OSError) and err.filename is not None):
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
+def _write_index(path: Path, document: dict[str, Any]) -> None:
+    """``write_json_atomic``, naming ``path`` in its OS errors and leaving no temporary file behind when it fails."""
+    try:
+        with _os_errors(path):
+            write_json_atomic(path, document)
+    except BaseException:
+        path.with_name(f".{path.name}.{os.getpid()}.tmp").unlink(missing_ok=True)  # write_json_atomic's
+        raise
+
+
+def _discard_h5(file: h5py.File) -> None:
+    """Close an HDF5 file that is being thrown away, whatever state its writes left it in.
+
+    After a failed write (``ENOSPC``), HDF5's close tries to flush again, fails, and the half-closed file then
+    crashes the interpreter when it is garbage-collected at exit (a segfault). Its descriptor is pointed at
+    ``/dev/null`` first, so the close succeeds: nothing of the file is kept anyway.
+    """
+    if not file:  # closed already
+        return
+    try:
+        fd = file.id.get_vfd_handle()
+    except Exception:  # noqa: BLE001 - a driver without a descriptor: close as it is
+        fd = None
+    if isinstance(fd, int) and fd >= 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    try:
+        file.close()
+    except Exception as err:  # noqa: BLE001 - the file is deleted next; nothing to report
+        log.debug("closing a discarded shard file: %s", err)
+
+
+class CacheLockedError(CacheError):
+    """Another process is writing the same cache folder."""
+
+
+class WriterLock:
+    """The lock of a cache folder that one ``pd-lightning predict`` run (all its ranks) holds while it writes there.
+
+    ``flock`` on ``<folder>/.pd-lightning-predict.lock``: the kernel drops it with the process that holds it (a
+    SIGKILL, a crash), so a stale lock never blocks a rerun. Rank 0 takes it exclusively (refused if any process holds
+    it, in any mode), writes its pid and host into the file and turns it into a shared lock; the other ranks of the
+    run, told by rank 0 that it succeeded, then take it shared too. A second run's rank 0 finds it held (by the ranks
+    of the first run, even by ones that outlive their rank 0) and is refused before anything is written. The last
+    holder to release it deletes the file. Works wherever ``flock`` does (local file systems; NFS emulates it with
+    byte-range locks).
+
+    Args:
+        cache_dir: the cache folder (created if missing).
+    """
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.path = self.cache_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _open_locked(self, mode: int) -> int | None:
+        """A descriptor of the lock file locked with ``mode`` (non-blocking); ``None`` if another holder blocks it."""
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise FileExistsError(f"--writer.output {self.cache_dir} is a file, not a folder; name a folder")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the file we locked must still be the one of that name (its last holder deletes it on release)
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def acquire(self) -> bool:
+        """Rank 0 (or a single process): take the lock for a run; ``False`` if another process holds it."""
+        if self._fd is not None:
+            return True
+        fd = self._open_locked(fcntl.LOCK_EX)
+        if fd is None:
+            return False
+        try:  # who holds it, for the refusal of a second run (best effort: a full disk must not stop the run here)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let the run's other ranks join (atomic on Linux)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def join(self) -> bool:
+        """Another rank of the run whose rank 0 holds the lock: hold it too (shared)."""
+        if self._fd is None:
+            self._fd = self._open_locked(fcntl.LOCK_SH)
+        return self._fd is not None
+
+    def holder(self) -> str:
+        """``pid N on host H`` of the run holding the lock, as its rank 0 wrote it (empty if unknown)."""
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+    def refusal(self) -> CacheLockedError:
+        holder = self.holder()
+        return CacheLockedError(
+            f"--writer.output {self.cache_dir} is being written by another pd-lightning predict"
+            f"{f' ({holder})' if holder else ''}; only one run may write a cache folder at a time: wait for that run "
+            "to end (or stop it), then rerun to resume, or choose another --writer.output"
+        )
+
+    def release(self) -> None:
+        """Drop the lock; the last holder deletes the file. Idempotent, never raises."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only when no other rank (or run) holds it any more
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 class _OpenShard:
     """The shard being written: a ``.tmp`` HDF5 file whose per-position datasets have their final size."""
 
@@ -90,7 +265,26 @@ class _OpenShard:
         self.start, self.stop = spec.shard_range(shard)
         n, length, g = self.stop - self.start, spec.seq_len, len(spec.power_gammas)
         self.tmp = path.with_name(path.name + ".tmp")
-        self.file = h5py.File(self.tmp, "w", track_order=False)
+        try:
+            with _os_errors(self.tmp):
+                self.file = h5py.File(self.tmp, "w", track_order=False)
+                stat = os.stat(self.tmp)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)  # created (or truncated) by this very call: ours
+            raise
+        self.inode = (stat.st_dev, stat.st_ino)  # the file this writer created (see ``ours``)
+        try:
+            with _os_errors(self.tmp):
+                self._create_datasets(spec, n, length, g, chunk_entries)
+        except BaseException:
+            self.abandon()
+            raise
+        self.written = 0  # sequences written
+        self.sizes: list[np.ndarray] = []  # entries per sequence
+        self.num_entries = 0
+        self.max_count = 0
+
+    def _create_datasets(self, spec: CacheSpec, n: int, length: int, g: int, chunk_entries: int) -> None:
         pos_chunk = length * _fit(n, max(1, 2048 // length))
 
         def create(name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], **kw) -> h5py.Dataset:
@@ -111,13 +305,22 @@ class _OpenShard:
             "entries", shape=(0,), maxshape=(None,), dtype=entry_dtype(spec.vocab_size), chunks=(chunk_entries,),
             fletcher32=True, track_times=False,
         )  # fmt: skip
-        self.written = 0  # sequences written
-        self.sizes: list[np.ndarray] = []  # entries per sequence
-        self.num_entries = 0
-        self.max_count = 0
+
+    def ours(self) -> bool:
+        """Whether ``.tmp`` is still the file this writer created: another writer of the same folder (one that did not
+        take the lock) may have deleted it as stale and started its own under the same name."""
+        try:
+            stat = os.stat(self.tmp)
+        except FileNotFoundError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self.inode
 
     def append(self, block: EncodedSequences) -> None:
         """Write the next consecutive sequences."""
+        with _os_errors(self.tmp):
+            self._append(block)
+
+    def _append(self, block: EncodedSequences) -> None:
         length = self.spec.seq_len
         a, b = self.written, self.written + len(block.sequence_index)
         self.tokens[a:b] = block.tokens
@@ -137,17 +340,25 @@ class _OpenShard:
 
     def finish(self) -> dict[str, Any]:
         """Tables, attributes, ``complete`` last; close and fsync the ``.tmp``. Returns the shard's index record."""
+        with _os_errors(self.tmp):
+            return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
         n = self.stop - self.start
         sizes = np.concatenate(self.sizes) if self.sizes else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (n + 1,)
         f = self.file
-        f.create_dataset(
-            "sequence_index", data=np.arange(self.start, self.stop, dtype=np.int64), chunks=(_fit(max(n, 1), 4096),),
-            fletcher32=True, track_times=False,
-        )  # fmt: skip
-        f.create_dataset(
-            "sequence_offsets", data=offsets, chunks=(_fit(n + 1, 4096),), fletcher32=True, track_times=False
-        )
+        # Both datasets are held until the file is closed: a dataset object dropped at once is closed by h5py's
+        # destructor, where a failed write of its chunks (a full disk) is only printed, never raised.
+        self.tables = [
+            f.create_dataset(
+                "sequence_index", data=np.arange(self.start, self.stop, dtype=np.int64),
+                chunks=(_fit(max(n, 1), 4096),), fletcher32=True, track_times=False,
+            ),
+            f.create_dataset(
+                "sequence_offsets", data=offsets, chunks=(_fit(n + 1, 4096),), fletcher32=True, track_times=False
+            ),
+        ]  # fmt: skip
         f.attrs.update(self.spec.to_attrs())
         record = {
             "shard": self.shard,
@@ -167,10 +378,12 @@ class _OpenShard:
         return record
 
     def abandon(self) -> None:
+        """Close and delete the ``.tmp`` (never another writer's file of the same name); never raises an I/O error."""
         try:
-            self.file.close()
+            _discard_h5(self.file)
         finally:
-            self.tmp.unlink(missing_ok=True)
+            if self.ours():
+                self.tmp.unlink(missing_ok=True)
 
 
 class CacheWriter:
@@ -300,8 +513,8 @@ class CacheWriter:
         for j in set(listed) - self._done:
             log.warning("%s: the index names %s, which is missing; it is written again", d, shard_name(j))
         if self._records:
-            write_json_atomic(self.index_path, index_document(self.spec, self._records, rank=self.rank,
-                                                              world_size=self.world_size))  # fmt: skip
+            _write_index(self.index_path, index_document(self.spec, self._records, rank=self.rank,
+                                                         world_size=self.world_size))  # fmt: skip
         done = len(self._done)
         if done == self.spec.num_shards:
             self.complete = True
@@ -444,12 +657,17 @@ class CacheWriter:
         record = shard.finish()
         self._finished_here += 1
         self._maybe_kill("before_rename", self._finished_here)
+        if not shard.ours():  # renaming by name would put the other writer's half-written file in place
+            raise CacheLockedError(
+                f"{shard.tmp} was deleted or replaced by another process writing {self.cache_dir} at the same time; "
+                "only one pd-lightning predict may write a cache folder: rerun it alone"
+            )
         os.replace(shard.tmp, shard.path)
         fsync_dir(self.cache_dir)
         self._maybe_kill("after_rename", self._finished_here)
         self._records[shard.shard] = record
-        write_json_atomic(self.index_path, index_document(self.spec, self._records, rank=self.rank,
-                                                          world_size=self.world_size))  # fmt: skip
+        _write_index(self.index_path, index_document(self.spec, self._records, rank=self.rank,
+                                                     world_size=self.world_size))  # fmt: skip
         self._maybe_kill("after_index", self._finished_here)
         self._done.add(shard.shard)
         self._open = None
@@ -499,7 +717,7 @@ class CacheWriter:
             return self.index_path
         final = self.cache_dir / INDEX_NAME
         if not layout.final:
-            write_json_atomic(final, index_document(self.spec, layout.shards, complete=True))
+            _write_index(final, index_document(self.spec, layout.shards, complete=True))
         for n in os.listdir(self.cache_dir):
             if RANK_INDEX_RE.match(n):  # everything they list is in index.json now
                 (self.cache_dir / n).unlink(missing_ok=True)
@@ -535,16 +753,25 @@ class BackgroundWriter:
     def pending_sequences(self) -> np.ndarray:
         return self.writer.pending_sequences
 
+    @property
+    def error(self) -> BaseException | None:
+        """The writer thread's error, as it was raised there (``None`` while all is well)."""
+        return self._error
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
-                return
-            if self._error is None:
-                try:
-                    self.writer.write(*item)
-                except BaseException as err:  # noqa: BLE001 - handed to the producer
-                    self._error = err
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    try:
+                        self.writer.write(*item)
+                    except BaseException as err:  # noqa: BLE001 - handed to the producer
+                        self._error = err
+                        self.writer.close()  # the partly written shard goes now: its disk space too
+            finally:
+                self._queue.task_done()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -553,8 +780,17 @@ class BackgroundWriter:
                 raise type(err)(f"background cache writer for {self.writer.path} failed: {err}") from err
             raise RuntimeError(f"background cache writer for {self.writer.path} failed: {err}") from err
 
-    def write(self, sequence_index: Tensor | np.ndarray, tokens: Tensor, target: SparseTarget) -> None:
-        """Queue whole sequences (arguments as :meth:`CacheWriter.write`)."""
+    def write(
+        self, sequence_index: Tensor | np.ndarray, tokens: Tensor, target: SparseTarget, raise_error: bool = True
+    ) -> None:
+        """Queue whole sequences (arguments as :meth:`CacheWriter.write`).
+
+        Args:
+            raise_error: raise the thread's error here; ``False``: drop the sequences once it has one and leave the
+                error to :attr:`error` (a distributed caller that must stop all ranks at the same batch).
+        """
+        if not raise_error and self._error is not None:
+            return
         self._raise()
         if not self._thread.is_alive():
             raise RuntimeError("background cache writer is closed")
@@ -563,18 +799,27 @@ class BackgroundWriter:
                 self._queue.put((sequence_index, tokens, target), timeout=0.5)
                 return
             except queue.Full:
+                if not raise_error and self._error is not None:
+                    return
                 self._raise()
 
-    def _stop(self) -> None:
+    def wait(self) -> None:
+        """Block until everything queued so far is written (or dropped after an error); raises nothing."""
+        if self._thread.is_alive():
+            self._queue.join()
+
+    def _stop(self, raise_error: bool = True) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-        self._raise()
+        if raise_error:
+            self._raise()
 
-    def close(self) -> None:
-        """Drain the queue, stop the thread and drop the partly written shard (raises a thread error)."""
+    def close(self, raise_error: bool = True) -> None:
+        """Drain the queue, stop the thread and drop the partly written shard (raises a thread error unless
+        ``raise_error`` is false)."""
         try:
-            self._stop()
+            self._stop(raise_error)
         finally:
             self.writer.close()
 
