@@ -247,9 +247,10 @@ def main() -> None:
     table, blocks = encode_v3(f_counts, zipf_ids, f_nlogp, BIG_VOCAB, bounds)
     _, cnt = np.unique(ranks, return_counts=True)
     p = cnt / cnt.sum()
+    size = (sum(map(len, blocks)) + len(table.to_bytes())) / len(f_ids)
     print(
-        f"synthetic ids ~ 1/rank over all 151,552 (real values): v3 {(sum(map(len, blocks)) + len(table.to_bytes())) / len(f_ids):.4f}"
-        f" B/entry; the ids' order-0 entropy alone is {-(p * np.log2(p)).sum() / 8:.3f} B"
+        f"synthetic ids ~ 1/rank over all 151,552 (real values): v3 {size:.4f} B/entry; the ids' order-0 entropy"
+        f" alone is {-(p * np.log2(p)).sum() / 8:.3f} B"
     )
 
     # speeds on the fp32 entries at 151k (one table, blocks of args.block positions)

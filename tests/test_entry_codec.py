@@ -200,3 +200,14 @@ def test_torch_assembly_equals_numpy(vocab):
         ref_ids, ref_nlogp = ec.decode_block(block, counts, table)
         np.testing.assert_array_equal(ids_t.numpy(), ref_ids)
         np.testing.assert_array_equal(nlogp_t.numpy(), ref_nlogp)
+
+
+def test_value_width_switches_at_2_15_codes():
+    """Differences are read as int16 while every code is below 2^15, else as int32: both exact, any order."""
+    table = ec.build_id_table([], 8)
+    step = 1e-3
+    for top, planes in ((2**15 - 1, 2), (2**15, 4)):
+        nlogp = np.array([0.0, top * step, 0.0, top * step, 1.0, top * step]) + 1e-6
+        block, out = roundtrip(np.array([2, 1, 3]), np.arange(6) % 8, nlogp, table, step=step)
+        assert ec.read_header(block).value_planes == planes
+        assert np.abs(out - nlogp).max() <= step / 2 + 1e-5

@@ -8,7 +8,7 @@ its own, given the shard's :class:`IdTable`. Row layout as in the cache: ``count
 
 - **values**: ``q = round(-log p / step)`` (integer codes; ``|error| <= step / 2`` plus float32 rounding, see
   :func:`error_bound`: under 1e-3 for the default ``step = 1.99e-3`` up to 40 nats). The block stores the
-  differences of consecutive codes modulo ``2^w`` (``w = 16``, or 32 when a code reaches ``2^16``): inside a
+  differences of consecutive codes modulo ``2^w`` (``w = 16``, or 32 when a code reaches ``2^15``): inside a
   row, where codes are sorted, these are small non-negative integers (mean ~30 on the demo teacher's
   top-0.95-100 entries); a row's first code is taken relative to the previous row's last one (it wraps).
   Decoding is one cumulative sum modulo ``2^w``, exact whatever the order of the entries: no error accumulates.
@@ -289,11 +289,11 @@ def encode_block(
     q = np.rint(nlogp.astype(np.float64) / step)  # (E,)
     if e and not np.isfinite(q).all():
         raise ValueError("-log p must be finite (an entry is NaN or inf)")
-    if e and (q.min() < 0 or q.max() >= 2.0**32):
+    if e and (q.min() < 0 or q.max() >= 2.0**31):
         bad = float(nlogp[np.argmin(q)] if q.min() < 0 else nlogp[np.argmax(q)])
-        raise ValueError(f"-log p must lie in [0, {step * (2**32 - 1):.4g}] (step {step}), got {bad:.6g}")
+        raise ValueError(f"-log p must lie in [0, {step * (2**31 - 1):.4g}] (step {step}), got {bad:.6g}")
     q = q.astype(np.int64)
-    wide = bool(e) and int(q.max()) >= 1 << 16
+    wide = bool(e) and int(q.max()) >= 1 << 15  # 16-bit differences, read as int16, need codes below 2^15
     vdtype = np.uint32 if wide else np.uint16
     delta = np.diff(q, prepend=0).astype(vdtype)  # modulo 2^w: wraps at row starts
     ranks = table.ranks(ids)  # (E,) uint32
@@ -370,6 +370,22 @@ def _decompress(frame: bytes | memoryview, size: int, what: str) -> bytes:
     return out
 
 
+def _decompress_into(frame: memoryview, dest: np.ndarray, what: str) -> None:
+    """Decompress a frame of exactly ``dest.size`` bytes into ``dest`` (its checksum verified)."""
+    try:
+        if zstandard.frame_content_size(frame) != dest.size:
+            raise ValueError(
+                f"{what} is corrupt: its zstd frame does not hold the {dest.size} bytes the header promises"
+            )
+        with _decompressor().stream_reader(frame, read_across_frames=False) as reader:
+            n = reader.readinto(memoryview(dest)) if dest.size else 0
+            tail = reader.read(1)  # reaches the frame's end: the content checksum is checked there
+    except zstandard.ZstdError as err:
+        raise ValueError(f"{what} is corrupt: {err}") from err
+    if n != dest.size or tail:
+        raise ValueError(f"{what} is corrupt: decoded {n + len(tail)}+ bytes, expected {dest.size}")
+
+
 def _workspace(name: str, dtype: type, n: int) -> np.ndarray:
     """A per-thread scratch array of ``n`` elements (grown, never shrunk; its content is garbage)."""
     spaces = _local.__dict__.setdefault("workspaces", {})
@@ -382,14 +398,16 @@ def _workspace(name: str, dtype: type, n: int) -> np.ndarray:
 
 
 def decompress_planes(
-    data: bytes | memoryview, counts: np.ndarray, table: IdTable
+    data: bytes | memoryview, counts: np.ndarray, table: IdTable, out: np.ndarray | None = None
 ) -> tuple[BlockHeader, list[np.ndarray]]:
     """The checks and the zstd part of :func:`decode_block`: the block's header and its uint8 planes.
 
     Planes, in order: the ranks' low 5 bits ``(E,)``; ``min(rank >> 5, 255)`` ``(E,)``; for the ranks escaped
     there (255), ``rank_ext_planes`` byte planes of ``(rank >> 5) - 255`` ``(n_escaped,)`` (least significant
     first); ``value_planes`` byte planes of the wrapped code differences ``(E,)``. The integer assembly
-    (:func:`assemble`, or :func:`assemble_torch` on the training device) turns them into entries.
+    (:func:`assemble`, or :func:`assemble_torch` on the training device) turns them into entries. The planes
+    are views of ``out`` (uint8, at least ``(value_planes + 2) * E + rank_ext_planes * n_escaped`` bytes) when
+    given, else of a new array.
 
     Raises:
         ValueError: truncated or corrupt block, counts or table other than the block's.
@@ -411,13 +429,21 @@ def decompress_planes(
         )
     if e == 0:
         return h, [np.zeros(0, np.uint8) for _ in h.frame_lengths]  # (no escapes either: n_escaped <= E)
+    sizes = [h.n_escaped if 2 <= k < 2 + h.rank_ext_planes else e for k in range(len(h.frame_lengths))]
+    total = sum(sizes)
+    if out is None:
+        out = np.empty(total, np.uint8)
+    elif out.dtype != np.uint8 or out.ndim != 1 or out.size < total or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous 1-D uint8 array of at least {total} bytes")
     mv = memoryview(data)
+    off = pos = 0
     off = h.header_size
     planes = []
-    for k, length in enumerate(h.frame_lengths):
-        size = h.n_escaped if 2 <= k < 2 + h.rank_ext_planes else e
-        planes.append(np.frombuffer(_decompress(mv[off : off + length], size, f"entry block plane {k}"), np.uint8))
+    for k, (length, size) in enumerate(zip(h.frame_lengths, sizes)):
+        planes.append(out[pos : pos + size])
+        _decompress_into(mv[off : off + length], planes[-1], f"entry block plane {k}")
         off += length
+        pos += size
     return h, planes
 
 
@@ -432,7 +458,11 @@ def decode_block(data: bytes | memoryview, counts: np.ndarray, table: IdTable) -
     Raises:
         ValueError: truncated or corrupt block, counts or table other than the block's.
     """
-    h, planes = decompress_planes(data, counts, table)
+    h = read_header(data)
+    n = (h.value_planes + 2) * h.n_entries + h.rank_ext_planes * h.n_escaped
+    # the planes go to a per-thread buffer: fresh ~MB arrays per call cost page faults (glibc returns freed heap
+    # tops to the OS) that took as long as the decompression on the 2-core test machine
+    h, planes = decompress_planes(data, counts, table, out=_workspace("planes", np.uint8, n))
     return assemble(h, planes, table)
 
 
@@ -441,8 +471,7 @@ def assemble(h: BlockHeader, planes: list[np.ndarray], table: IdTable) -> tuple[
     e = h.n_entries
     if e == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    # ranks: low 5 bits | byte planes above them. Temporaries live in per-thread buffers: fresh ~MB arrays per
-    # call cost page faults (glibc returns freed heap tops to the OS) that took longer than the arithmetic.
+    # ranks: low 5 bits | the plane above (| the escaped ranks' planes). Temporaries live in per-thread buffers.
     esc = h.n_escaped > 0  # ranks up to 2^31 (else < 8160)
     ranks = _workspace("ranks32" if esc else "ranks16", np.uint32 if esc else np.uint16, e)
     np.left_shift(planes[1], RANK_LO_BITS, out=ranks, dtype=ranks.dtype)
@@ -466,16 +495,16 @@ def assemble(h: BlockHeader, planes: list[np.ndarray], table: IdTable) -> tuple[
     ids = table.lookup(index, max_rank)
     # values: wrapped code differences -> one cumulative sum modulo 2^w
     vp = planes[2 + h.rank_ext_planes :]
-    codes = _workspace("codes", np.uint32, e)
-    np.copyto(codes, vp[-1])
-    for k in range(h.value_planes - 2, -1, -1):
-        np.left_shift(codes, 8, out=codes)
-        np.bitwise_or(codes, vp[k], out=codes)
-    np.cumsum(codes, dtype=np.uint32, out=codes)  # modulo 2^32 (a uint32 cumsum is ~3x faster than a uint16 one)
-    if h.value_planes == 2:
-        np.bitwise_and(codes, 0xFFFF, out=codes)
-    nlogp = codes.astype(np.float32)
-    nlogp *= np.float32(h.step)
+    delta = _workspace(f"delta{h.value_planes}", np.uint16 if h.value_planes == 2 else np.uint32, e)
+    np.left_shift(vp[-1], 8, out=delta, dtype=delta.dtype)
+    np.bitwise_or(delta, vp[-2], out=delta)
+    for k in range(h.value_planes - 3, -1, -1):
+        np.left_shift(delta, 8, out=delta)
+        np.bitwise_or(delta, vp[k], out=delta)
+    # the differences modulo 2^w read as signed: every partial sum is a code (< 2^(w-1)), so int32 sums are exact
+    codes = _workspace("codes", np.int32, e)
+    np.cumsum(delta.view(np.int16 if h.value_planes == 2 else np.int32), dtype=np.int32, out=codes)
+    nlogp = np.multiply(codes, np.float32(h.step), dtype=np.float32)
     return ids, nlogp
 
 
