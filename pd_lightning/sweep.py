@@ -69,6 +69,71 @@ class SweepError(RuntimeError):
     """A run or a cache build failed: one line naming its log, exit 1."""
 
 
+class RunInputError(ValueError):
+    """A run or a cache build refused its input (its ``pd-lightning`` exited 2): cli.main prints the cause, which
+    the run's log holds in its ``pd-lightning: error:`` line, in one line, exit 2."""
+
+
+_SAY = threading.Lock()
+
+
+def say(line: str, file=None) -> None:
+    """Print one whole line: runs side by side (``--jobs``) print from threads, and ``print`` writes the text and
+    the newline separately, so two lines could run together."""
+    stream = sys.stdout if file is None else file
+    with _SAY:
+        stream.write(line + "\n")
+        stream.flush()
+
+
+def _cause(log: Path) -> str | None:
+    """The last ``pd-lightning: error:`` line of the last command in ``log``, without that prefix."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    last = text.rfind("\n$ ")
+    lines = text[last + 1 if last >= 0 else 0 :].splitlines()
+    errors = [s.split("pd-lightning: error:", 1)[1].strip() for s in lines if "pd-lightning: error:" in s]
+    return errors[-1] if errors else None
+
+
+def _failed(what: str, rc: int, log: Path) -> Exception:
+    """The error for a subprocess that exited ``rc``: its own one-line cause, exit 2, when it refused its input."""
+    cause = _cause(log)
+    if rc == 2 and cause:
+        return RunInputError(f"sweep: {what}: {cause} (log: {log})")
+    return SweepError(f"sweep: {what} failed (exit {rc}){': ' + cause if cause else ''}; see {log}")
+
+
+def load_config(path: Path) -> dict:
+    """An experiment YAML as a mapping; one line naming the file (and line) when it cannot be one."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"sweep: config {str(path)!r}: not a UTF-8 text file (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"sweep: config {str(path)!r}: not valid YAML{where}: {problem}") from None
+    except OSError as e:
+        raise ValueError(f"sweep: config {str(path)!r}: cannot be read ({e.strerror or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"sweep: config {str(path)!r}: expected a mapping of keys (model:, data:, trainer:), "
+            f"got a {type(data).__name__}"
+        )
+    if "writer" in data:  # predict's cache writer: no fit config has one
+        raise ValueError(
+            f"sweep: config {str(path)!r} is a `pd-lightning predict` config (it has writer:), not an experiment: "
+            "give `fit` configs such as configs/paper/*.yaml"
+        )
+    return data
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (cli.main turns ValueError into that)
         raise ValueError(f"sweep: {message} (pd-lightning sweep --help)")
@@ -85,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="student and budget (default demo); none: the configs are complete (e.g. configs/demo/student_*.yaml)",
     )
     p.add_argument("--data_dir", default="data/demo", help="holds tokens.h5 and cache/top-P-K/ (default data/demo)")
-    p.add_argument("--teacher", default="runs/demo-teacher/teacher.ckpt", help="teacher for missing caches")
+    p.add_argument("--teacher", default="runs/demo/teacher/teacher.ckpt", help="teacher for missing caches")
     p.add_argument("--seeds", type=int, nargs="+", default=[1234], help="--seed_everything values (weights+order)")
     p.add_argument("--max_steps", type=int, default=None, help="override the scale's optimizer steps")
     p.add_argument("--student", default=None, help="override the scale's student preset (e.g. demo, tiny)")
@@ -122,7 +187,7 @@ def expand_configs(specs: list[str]) -> list[Path]:
 
 def cache_name(config: Path) -> str:
     """The ``top-P-K`` cache a row reads (its ``data.init_args.path`` basename); top-0.95-100 when it names none."""
-    cfg = yaml.safe_load(config.read_text()) or {}
+    cfg = load_config(config)
     path = ((cfg.get("data") or {}).get("init_args") or {}).get("path")
     if path and CACHE_RE.search(Path(path).name):
         return Path(path).name
@@ -254,13 +319,14 @@ def ensure_cache(name: str, args, log: Path, env: dict) -> Path:
         "--trainer.default_root_dir", str(log.parent / "predict"),
     ]  # fmt: skip
     missing = "" if Path(args.teacher).exists() else ", which does not exist yet"
-    print(f"sweep: writing cache {out} (teacher {args.teacher}{missing})", flush=True)
+    say(f"sweep: writing cache {out} (teacher {args.teacher}{missing})")
     if args.dry_run:
-        print(" ".join(cmd))
+        say(" ".join(cmd))
         _PLANNED.add(out)  # printed once: the runs after it would find it made
         return out
-    if _run(cmd, log, env) != 0:
-        raise SweepError(f"sweep: pd-lightning predict for {out} failed; see {log}")
+    rc = _run(cmd, log, env)
+    if rc != 0:
+        raise _failed(f"pd-lightning predict for {out}", rc, log)
     return out
 
 
@@ -286,7 +352,8 @@ def _bench(run_dir: Path, args, log: Path, env: dict) -> dict | None:
     if args.eval_limit:
         cmd += ["--eval.limit", str(args.eval_limit)]
     if _run(cmd, log, env) != 0 or not out.exists():
-        print(f"sweep: benchmark scoring of {run_dir} failed; see {log}", flush=True)
+        cause = _cause(log)
+        say(f"sweep: benchmark scoring of {run_dir} failed{': ' + cause if cause else ''}; see {log}")
         return None
     return json.loads(out.read_text())
 
@@ -348,7 +415,7 @@ def run_one(config: Path, seed: int, args, scale_file: Path, tokens: Path, env: 
         cmd += ["--model.student.preset", args.student]
     cmd += args.fit_args.split()
     if args.dry_run:
-        print(" ".join(cmd))
+        say(" ".join(cmd))
         return {}
     if run_dir.exists():  # an interrupted run restarts from its beginning
         shutil.rmtree(run_dir)
@@ -357,7 +424,7 @@ def run_one(config: Path, seed: int, args, scale_file: Path, tokens: Path, env: 
     rc = _run(cmd, run_dir / "fit.log", env)
     wall = time.perf_counter() - t0
     if rc != 0:
-        raise SweepError(f"sweep: run {name} seed {seed} failed (exit {rc}); see {run_dir / 'fit.log'}")
+        raise _failed(f"run {name} seed {seed}", rc, run_dir / "fit.log")
     config_file = next(run_dir.rglob("config.yaml"))
     resolved = yaml.safe_load(config_file.read_text())
     curve = val_curve(run_dir)
@@ -429,12 +496,15 @@ def sweep(argv: list[str]) -> list[dict]:
     if args.eval_tasks and not args.eval_data:
         raise ValueError("sweep: --eval_tasks needs --eval_data (a folder written by pd-lightning eval-data)")
     configs = expand_configs(args.configs)
+    for config in configs:  # every YAML readable and an experiment before anything runs
+        load_config(config)
     baseline = None
     if args.baseline != "none":
         base = Path(args.baseline) if args.baseline else configs[0].parent / "lm-baseline.yaml"
         if args.baseline and not base.is_file():
             raise FileNotFoundError(f"sweep: --baseline {base} does not exist (or give --baseline none)")
         if base.is_file():
+            load_config(base)
             baseline = base
             if base in configs:
                 configs.remove(base)
@@ -474,12 +544,12 @@ def sweep(argv: list[str]) -> list[dict]:
         label = f"[{i + 1}/{len(jobs)}] {config.stem} seed {seed}"
         finished = (output / "runs" / f"{config.stem}-s{seed}" / "result.json").exists()
         if not finished:
-            print(f"sweep {label} ...", flush=True)
+            say(f"sweep {label} ...")
         row = run_one(config, seed, args, scale_file, tokens, env)
         if row:
             row["baseline"] = config == baseline
             how = "already done, skipped" if finished else f"{row['wall_s']:.0f} s"
-            print(f"sweep {label}: val/loss {row['val_loss']:.4f} ({how})", flush=True)
+            say(f"sweep {label}: val/loss {row['val_loss']:.4f} ({how})")
             with lock:
                 results[i] = row
                 write_table([results[j] for j in sorted(results)], output)

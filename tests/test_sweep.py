@@ -246,3 +246,94 @@ def test_sweep_interrupted_says_so_in_one_line_and_stops_its_fits(swept, tmp_pat
     assert not (out / "runs" / "table4-alpha-1.0-s1234" / "result.json").exists()
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
     assert left.stdout.strip() == "", "a fit of the interrupted sweep is still running"
+
+
+# ---- issue items 11 and 18: bad input in one line (exit 2), whole lines from runs side by side ----------------------
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("model:\n  lr: [1, 2\n", "not valid YAML at line 3, column 1"),
+        ("- model\n- data\n", "expected a mapping of keys"),
+        ("writer:\n  output: x\nmodel:\n  teacher: t.ckpt\n", "is a `pd-lightning predict` config (it has writer:)"),
+    ],
+)
+def test_sweep_bad_config_is_one_line_exit_2(tmp_path, capsys, text, said):
+    """A malformed YAML printed a 64-line traceback (exit 1); a predict YAML failed as a run (exit 1)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    (tmp_path / "tokens.h5").write_text("")  # the data is there: the config is what is wrong
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(bad), "--output", str(tmp_path / "out"), "--data_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith(f"pd-lightning: error: sweep: config {str(bad)!r}"), err
+    assert said in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "cause"),
+    [
+        (["--student", "huge"], "unknown preset 'huge' (--model.student.preset)"),
+        (["--fit_args", "--trainer.max_steps abc"], "--trainer.max_steps: expected a int, got 'abc'"),
+    ],
+)
+def test_sweep_run_refusing_its_input_prints_the_cause_exit_2(swept, tmp_path, capsys, extra, cause):
+    """Was: exit 1 and "run … failed (exit 2); see …/fit.log"; now the run's own one-line cause, exit 2."""
+    _, data, _ = swept
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(ROOT / "configs/paper/table4-alpha-0.5.yaml"), "--scale", "tiny", "--baseline", "none",
+              "--data_dir", str(data), "--output", str(out), *extra])  # fmt: skip
+    err = [s for s in capsys.readouterr().err.splitlines() if s.strip()]
+    assert e.value.code == 2 and len(err) == 1, err
+    log = out / "runs" / "table4-alpha-0.5-s1234" / "fit.log"
+    assert err[0].startswith(f"pd-lightning: error: sweep: run table4-alpha-0.5 seed 1234: {cause}"), err[0]
+    assert err[0].endswith(f" (log: {log})"), err[0]
+
+
+class _SlowTerminal:
+    """stdout that gives the other threads a turn inside every write, as a slow terminal or pipe does."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+
+    def write(self, text: str) -> int:
+        import time
+
+        self.chunks.append(text)
+        time.sleep(0.001)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_sweep_jobs_2_prints_whole_lines(tmp_path, monkeypatch):
+    """Item 18: with --jobs 2 the "already done" lines of two threads ran together (print writes the text and the
+    newline separately)."""
+    import re
+    import sys
+
+    data = tmp_path / "data"
+    (data / "cache" / "top-0.95-100").mkdir(parents=True)
+    (data / "cache" / "top-0.95-100" / "index.json").write_text("{}")
+    (data / "tokens.h5").write_text("")
+    out = tmp_path / "out"
+    configs = []
+    for i in range(12):
+        configs.append(tmp_path / f"exp{i:02d}.yaml")
+        configs[-1].write_text("model:\n  lr: 0.001\n")
+        for seed in (1, 2):
+            run = out / "runs" / f"exp{i:02d}-s{seed}"
+            run.mkdir(parents=True)
+            (run / "result.json").write_text(json.dumps({"name": f"exp{i:02d}", "seed": seed, "val_loss": 1.5}))
+    terminal = _SlowTerminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    main(["sweep", *map(str, configs), "--scale", "tiny", "--baseline", "none", "--data_dir", str(data),
+          "--output", str(out), "--seeds", "1", "2", "--jobs", "2"])  # fmt: skip
+    monkeypatch.undo()
+    lines = "".join(terminal.chunks).splitlines()
+    done = re.compile(r"sweep \[\d+/24\] exp\d\d seed [12]: val/loss 1\.5000 \(already done, skipped\)")
+    assert sum(bool(done.fullmatch(s)) for s in lines) == 24, lines
+    assert all(done.fullmatch(s) or s.startswith("sweep: 24 runs") for s in lines), lines
