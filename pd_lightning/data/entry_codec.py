@@ -11,7 +11,8 @@ its own, given the shard's :class:`IdTable`. Row layout as in the cache: ``count
   differences of consecutive codes modulo ``2^w`` (``w = 16``, or 32 when a code reaches ``2^15``): inside a
   row, where codes are sorted, these are small non-negative integers (mean ~30 on the demo teacher's
   top-0.95-100 entries); a row's first code is taken relative to the previous row's last one (it wraps).
-  Decoding is one cumulative sum modulo ``2^w``, exact whatever the order of the entries: no error accumulates.
+  Decoding is one cumulative sum of the differences read as signed ``w``-bit integers (every partial sum is a
+  code), exact whatever the order of the entries: no error accumulates.
   Stored as byte planes (low byte, high byte).
 - **ids**: mapped to ranks through the shard's :class:`IdTable` (ids by descending frequency; ids the table does
   not list follow in increasing id order, so every id in ``[0, V)`` has a rank and the mapping is a bijection),
@@ -20,11 +21,11 @@ its own, given the shard's :class:`IdTable`. Row layout as in the cache: ``count
   The low 5 bits are close to uniform and the second plane carries the skew of the frequency distribution: on
   the demo teacher's entries 0.17 bits above the order-0 entropy of the ranks (a low/high byte split: 0.6).
   The escapes keep wide rank ranges (a real 151k vocabulary) from splitting the skew over independent planes:
-  1.3 bits above the entropy on ids ~ 1/rank over 151,552 against 2.2 for plain planes of ``rank >> 5``.
+  0.4 bits above the entropy on ranks ~ 1/rank over 151,552, against 1.3 for plain byte planes of ``rank >> 5``.
 - every plane is one zstd frame (level 1: Huffman-coded literals; levels 3 and 9 found spurious matches and were
   larger on this data) with its content size and a content checksum.
 
-Decoding (:func:`decode_block`) is :func:`decompress_planes` (checks + zstd, ~45% of the time) then
+Decoding (:func:`decode_block`) is :func:`decompress_planes` (checks + zstd, about half the time) then
 :func:`assemble` (numpy: shifts, a table lookup, one cumulative sum). :func:`assemble_torch` does the second step
 in torch, so a loader can ship the planes (4 B per entry) and assemble them on the training device.
 
