@@ -70,8 +70,9 @@ class CacheDataModule(SequenceDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1 and not self._snapshot_restored:
-            # rank 0's snapshot for every rank (a resumed run's comes from the checkpoint, the same on every rank)
+        if trainer is not None and trainer.world_size > 1 and not self._snapshot_restored and not self.cache.complete:
+            # rank 0's snapshot of an unfinished cache for every rank (a resumed run's comes from the checkpoint, the
+            # same on every rank); a complete cache is the same on every rank and needs no agreement
             shards = trainer.strategy.broadcast(self.cache.shard_ids.tolist(), src=0)
             self.cache.use_shards(shards, "rank 0's")
         return super().train_dataloader()
