@@ -19,8 +19,8 @@ spread: ``flat`` = block bytes in memory -> ``(E,)`` int64 ids + fp32 values; ``
 ``RESULT v3_bytes_per_entry_151k=... v3_max_abs_err=... v2_bytes_per_entry_151k=... megatron_bytes_per_entry_151k=...
 v3_decode_tokens_per_s=... v2_decode_tokens_per_s=...`` (decode = padded, the reader's level) plus the flat figures.
 
-Run: ``.venv/bin/python benchmarks/entry_codec_size.py --cache /tmp/codec/cache-val --fp32 /tmp/codec/fp32-val.npz
---teacher /tmp/codec/teacher.ckpt --tokens /tmp/nu/data/tokens.h5 [--alternatives]``
+Run (after ``make demo`` and ``benchmarks/cache_size.py``, whose outputs are the defaults):
+``.venv/bin/python benchmarks/entry_codec_size.py [--alternatives]``
 """
 
 from __future__ import annotations
@@ -182,16 +182,21 @@ def alternatives(counts, ids, nlogp, vocab, bounds) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache", default="/tmp/codec/cache-val", help="a schema-2 cache (pd-lightning predict)")
-    ap.add_argument("--fp32", default="/tmp/codec/fp32-val.npz", help="fp32 entries (.npz); made when missing")
-    ap.add_argument("--teacher", default="/tmp/codec/teacher.ckpt")
-    ap.add_argument("--tokens", default="/tmp/nu/data/tokens.h5")
+    # Defaults: the demo's artefacts (`make demo`) and the held-out cache benchmarks/cache_size.py writes.
+    ap.add_argument("--cache", default="data/bench/cache-val-top-0.95-100", help="a schema-2 cache (predict)")
+    ap.add_argument("--fp32", default="data/bench/fp32-val.npz", help="fp32 entries (.npz); made when missing")
+    ap.add_argument("--teacher", default="runs/demo/teacher/teacher.ckpt")
+    ap.add_argument("--tokens", default="data/demo/tokens.h5")
     ap.add_argument("--split", default="val")
     ap.add_argument("--sequences", type=int, default=512)
     ap.add_argument("--block", type=int, default=2048, help="positions per block (a reader's window)")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--alternatives", action="store_true", help="also print the sizes of the codings compared")
     args = ap.parse_args()
+    for flag, path in (("--cache", args.cache), ("--teacher", args.teacher), ("--tokens", args.tokens)):
+        if not Path(path).exists():
+            raise SystemExit(f"entry_codec_size: {flag} {path} does not exist (make demo, then "
+                             "benchmarks/cache_size.py, writes the defaults)")  # fmt: skip
 
     fp32 = Path(args.fp32)
     if not fp32.exists():
