@@ -309,3 +309,57 @@ def test_c3_truncated_json_names_the_file(tmp_path, capsys):
     bad.write_text(bad.read_text(encoding="utf-8")[:12], encoding="utf-8")  # cut inside a string
     err = _fails(capsys, ["--output", str(tmp_path / "out"), "--c3", str(folder)])
     assert f"{bad}: not valid JSON" in err and "at at" not in err and "line 1 column" in err, err
+
+
+# ---- issue item 13: random bytes and a full disk name the file --------------------------------------------------
+RANDOM = bytes(range(128, 256)) * 20  # not UTF-8 from the first byte (0x80 is a continuation byte)
+
+
+@pytest.mark.parametrize(
+    ("task", "file"),
+    [
+        ("hellaswag", "hellaswag/data/hellaswag_val.jsonl"),
+        ("gsm8k", "gsm8k/grade_school_math/data/test.jsonl"),
+        ("winogrande", "winogrande/dev.jsonl"),
+        ("piqa", "piqa/valid-labels.lst"),
+        ("mmlu", "mmlu/data/test/made_up_math_test.csv"),
+        ("ceval", "ceval/val/made_up_law_val.csv"),
+        ("c3", "c3/c3-m-dev.json"),
+    ],
+)
+def test_random_bytes_name_the_file(tmp_path, release, capsys, task, file):
+    """Was: `'utf-8' codec can't decode byte 0x84 in position 0` without the file."""
+    (release / file).write_bytes(b"ok\n" + RANDOM)
+    err = _fails(capsys, ["--output", str(tmp_path / "out"), f"--{task}", str(release / task)])
+    assert str(release / file) in err and "not UTF-8 text" in err and "line 2" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["gsm8k-test.arrow", "dataset_dict.json", "test-00000-of-00001.parquet"])
+def test_random_bytes_in_a_datasets_folder_name_the_file(tmp_path, capsys, name):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / name).write_bytes(RANDOM)
+    err = _fails(capsys, ["--output", str(tmp_path / "out"), "--gsm8k", str(tmp_path / "hf")])
+    assert str(tmp_path / "hf" / name) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_names_the_file(tmp_path, release, capsys):
+    """Was: `cannot write: no space left on device` without the path. A real full disk: a small tmpfs."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({proc.stderr.decode().strip()[:100]})")
+    try:
+        rows = [{"question": f"Question {i}: " + "words " * 50, "answer": "#### 1"} for i in range(200)]
+        _jsonl(release / "gsm8k" / "grade_school_math" / "data" / "test.jsonl", rows)  # ~70 kB > 64 kB
+        err = _fails(capsys, ["--output", str(mnt / "out"), "--gsm8k", str(release / "gsm8k")])
+        assert f"cannot write '{mnt / 'out' / 'gsm8k' / 'test.jsonl'}'" in err, err
+        assert "no space left on device" in err
+        assert not os.listdir(mnt), "the partial output was left behind"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

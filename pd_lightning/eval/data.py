@@ -93,13 +93,36 @@ def _find(root: Path, name: str, task: str, required: bool = True) -> Path | Non
     return hits[0] if hits else None
 
 
+def _not_utf8(path: Path) -> ValueError:
+    """The one line for a file that is not UTF-8 text (random bytes, a binary or another encoding): the file, the
+    line and the byte, instead of the decoder's message that names neither."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f" (line {line}, byte {e.start}: 0x{data[e.start]:02x})"
+    return ValueError(f"{path}: not UTF-8 text{where}; is it the right file? (convert it to UTF-8 if it is)")
+
+
 def _read_jsonl(path: Path) -> Rows:
     """The objects of a JSON Lines file, each with its line number as ``__line__`` (for the error messages)."""
-    return [{**row, "__line__": n} for n, row in read_jsonl(path, "benchmark")]
+    try:
+        return [{**row, "__line__": n} for n, row in read_jsonl(path, "benchmark")]
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
 
 
 def _read_labels(path: Path, n: int, allowed: tuple[str, ...]) -> list[str]:
-    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
     if len(labels) != n:
         raise ValueError(f"{path}: {len(labels)} labels for {n} rows of the questions file")
     for lineno, label in enumerate(labels, 1):
@@ -211,9 +234,12 @@ def _winogrande(src: Path) -> Files:
 
 
 def _csv_rows(path: Path, header: bool) -> list[tuple[int, dict | list]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f) if header else csv.reader(f)
-        return [(reader.line_num, row) for row in reader]
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f) if header else csv.reader(f)
+            return [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
 
 
 def _subject_csvs(src: Path, task: str, split_dir: str) -> dict[str, Path]:
@@ -336,7 +362,7 @@ def _c3_rows(paths: list[Path]) -> Rows:
     doc_index = 0
     for path in paths:
         try:
-            docs = json.loads(path.read_text(encoding="utf-8"))
+            docs = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON, truncated or damaged? ({_json_error(e)})") from None
         for d, doc in enumerate(docs if isinstance(docs, list) else [None]):
@@ -402,8 +428,13 @@ def _hf_tables(src: Path) -> dict[str, dict[str, Rows]] | None:
     datasets.disable_progress_bars()
     saved = sorted({p.parent for p in src.rglob("dataset_dict.json")})
     if saved:
-        return {str(p.relative_to(src)): {k: v.to_list() for k, v in datasets.load_from_disk(str(p)).items()}
-                for p in saved}  # fmt: skip
+        tables = {}
+        for p in saved:
+            try:
+                tables[str(p.relative_to(src))] = {k: v.to_list() for k, v in datasets.load_from_disk(str(p)).items()}
+            except Exception as e:  # noqa: BLE001 - whatever datasets raises for a damaged folder, named in one line
+                raise _unreadable(p / "dataset_dict.json", "a datasets folder (DatasetDict.save_to_disk)", e) from None
+        return tables
     files = sorted(p for p in src.rglob("*") if p.suffix in (".parquet", ".arrow") and p.is_file())
     if not files:
         return None
@@ -411,14 +442,25 @@ def _hf_tables(src: Path) -> dict[str, dict[str, Rows]] | None:
     for path in files:
         stem = _SHARD.sub("", path.stem)
         split = stem.rsplit("-", 1)[-1] if path.suffix == ".arrow" else stem  # arrow cache: <builder>-<split>
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+        try:
+            if path.suffix == ".parquet":
+                import pyarrow.parquet as pq
 
-            rows = pq.read_table(path).to_pylist()
-        else:
-            rows = datasets.Dataset.from_file(str(path)).to_list()
+                rows = pq.read_table(path).to_pylist()
+            else:
+                rows = datasets.Dataset.from_file(str(path)).to_list()
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors do not always name the file
+            kind = "a Parquet file" if path.suffix == ".parquet" else "an Arrow file"
+            raise _unreadable(path, f"{kind} of a datasets folder", e) from None
         configs.setdefault(str(path.parent.relative_to(src)), {}).setdefault(split, []).extend(rows)
     return configs
+
+
+def _unreadable(path: Path, what: str, e: Exception) -> ValueError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, UnicodeDecodeError):
+        return _not_utf8(path)
+    return ValueError(f"{path}: not readable as {what} ({reason[:200].replace(str(path), '…')})")
 
 
 def _from_hf(task: str, src: Path, configs: dict[str, dict[str, Rows]]) -> Files:
@@ -518,11 +560,14 @@ def eval_data(
         for task, files in converted.items():
             for key, rows in sorted(files.items()):
                 path = staging / task / key
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with path.open("w", encoding="utf-8") as f:
-                    for row in rows:
-                        f.write(json.dumps({k: v for k, v in row.items() if k != "__line__"}, ensure_ascii=False))
-                        f.write("\n")
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with path.open("w", encoding="utf-8") as f:
+                        for row in rows:
+                            f.write(json.dumps({k: v for k, v in row.items() if k != "__line__"}, ensure_ascii=False))
+                            f.write("\n")
+                except OSError as e:  # a failed write() names no file (a full disk): name the one being written
+                    raise OSError(e.errno, e.strerror, str(out / task / key)) from None
         # The files written are what the task definitions read: checked by the same code as --eval.data_dir.
         from pd_lightning.eval.tasks import check_data
 
