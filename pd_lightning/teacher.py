@@ -62,9 +62,21 @@ def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Teacher
     from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     try:
+        auto_map = json.loads((path / "config.json").read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        auto_map = None  # AutoConfig says what is wrong with the file
+    if auto_map and not trust_remote_code:  # transformers' own message points at a made-up hub link
+        code = ", ".join(sorted({str(v if isinstance(v, str) else v[0]) for v in auto_map.values()}))
+        raise ValueError(
+            f"--model.teacher {str(path)!r}: its model is defined by code shipped in the folder (config.json "
+            f"auto_map: {code}), which runs only with --model.trust_remote_code true; set it only if you trust "
+            "the folder's source"
+        )
+    try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--model.teacher {str(path)!r}: not a Hugging Face model folder ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--model.teacher {str(path)!r}: not a Hugging Face model folder ({first})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as e:

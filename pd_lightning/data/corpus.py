@@ -128,8 +128,17 @@ def _trained_tokenizer(units, inputs, text_field, txt_doc_chars, chunk_bytes, vo
     print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the corpus")
     tmp = work.with_name(work.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    texts = iter_documents(inputs, text_field, txt_doc_chars, chunk_bytes)
-    tok = train_bpe((piece for text in texts for piece in pieces(text)), vocab_size, tmp)  # the same word counts
+    seen = [0]
+
+    def texts():
+        for text in iter_documents(inputs, text_field, txt_doc_chars, chunk_bytes):
+            seen[0] += 1
+            yield from pieces(text)  # the same word counts as the whole text
+
+    tok = train_bpe(texts(), vocab_size, tmp)
+    if not seen[0]:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CorpusError(_no_text(inputs))
     (tmp / "key.json").write_text(json.dumps(key))
     os.replace(tmp, work)
     return tok
@@ -406,10 +415,20 @@ def _discard(out: Path, shards_dir: Path, tok_work: Path, created: list[Path]) -
     _remove_created(created)
 
 
+def _no_text(inputs: list[str]) -> str:
+    names = ", ".join(repr(name) for name in inputs)
+    return (
+        f"--input {names}: no text: every document is blank (empty, or only spaces and line breaks), so there is "
+        "nothing to tokenize; check the file(s) and --text_field"
+    )
+
+
 def _finish(
     out, shards_dir, tok, tokenizer, tok_work, tok_final, work, committed, created, inputs, seq_len, val_fraction
 ) -> dict:
     metas = committed.pop("metas")
+    if not sum(m["documents"] for m in metas):
+        raise CorpusError(_no_text(inputs))  # the caller removes this run's work
     rows = {s: sum(e["rows"] for e in committed[s]["shards"]) for s in SPLITS}
     if rows["train"] == 0:
         total = sum(m["train_tokens"] for m in metas)
