@@ -168,6 +168,54 @@ def test_validate_refuses_bad_input(tmp_path, prepared, tiny_ckpt, capsys, hf_te
     assert not root.exists() or not list(root.rglob("*.json"))
 
 
+def test_validate_refuses_before_any_scoring_what_would_fail_late(tmp_path, prepared, tiny_ckpt, capsys):
+    """Found by a new-user trial: each of these ran the held-out pass (or all the scoring) before failing, with a
+    bare Python error or none at all. Now: one line naming the flag or the file and line, exit 2, nothing written."""
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURES, data)
+    root = tmp_path / "v"
+    out = tmp_path / "res" / "r.json"
+
+    def run(*extra: str, tasks: tuple[str, ...] = ("gsm8k",), output: Path = out) -> str:
+        return _fails(capsys, _validate_args(prepared, root, tiny_ckpt, *_eval_args(data, output, *tasks), *extra))
+
+    (tmp_path / "afile").write_text("x")
+    assert "--eval.output" in run(output=tmp_path / "afile" / "x.json") and "is a file" in run(
+        output=tmp_path / "afile" / "x.json"
+    )
+    # 4,096 = the declared length of a 64-token student: no room for the prompt (lm-eval's hf model refuses it too)
+    assert "--eval.max_gen_toks 4096 leaves no room for the prompt" in run("--eval.max_gen_toks", "4096")
+    assert run("--eval.max_gen_toks", "0").endswith("--eval.max_gen_toks must be >= 1, got 0")
+    assert run("--eval.batch_size", "0").endswith("--eval.batch_size must be >= 1, got 0")
+    # Row values a task cannot map to its choices: named by file and line before any work.
+    for task, split, key, value, says in (
+        ("mmlu", "test.jsonl", "answer", 9, "answer 9 must be 0-3"),
+        ("c3", "validation.jsonl", "answer", "不在选项里", "is not one of its choices"),
+        ("c3", "validation.jsonl", "context", "男：他把自行车借给了我。", "context must be a list of strings"),
+    ):
+        path = data / task / split
+        rows = path.read_text(encoding="utf-8").splitlines()
+        row = json.loads(rows[0])
+        row[key] = value
+        path.write_text("\n".join([json.dumps(row, ensure_ascii=False), *rows[1:]]) + "\n", encoding="utf-8")
+        err = run(tasks=(task,))
+        assert f"{path}:1: {task} row: " in err and says in err, err
+        shutil.copytree(FIXTURES / task, data / task, dirs_exist_ok=True)
+    ceval = data / "ceval" / "high_school_physics" / "val.jsonl"
+    rows = ceval.read_text(encoding="utf-8").splitlines()
+    ceval.write_text("\n".join([rows[0].replace('"answer": "', '"answer": "E'), *rows[1:]]) + "\n", encoding="utf-8")
+    assert "must be one of A, B, C, D" in run(tasks=("ceval",))
+    shutil.copytree(FIXTURES / "ceval", data / "ceval", dirs_exist_ok=True)
+    (data / "mmlu" / "dev.jsonl").write_text('{"question": "unterminated\n', encoding="utf-8")
+    err = run(tasks=("mmlu",))
+    assert "dev.jsonl:1: not valid JSON (" in err and " at column " in err and "at at" not in err
+    shutil.copytree(FIXTURES / "mmlu", data / "mmlu", dirs_exist_ok=True)
+    assert "is a file, not a folder" in _fails(
+        capsys, _validate_args(prepared, root, tiny_ckpt, *_eval_args(data / "piqa" / "validation.jsonl", out, "piqa"))
+    )
+    assert not out.exists() and (not root.exists() or not list(root.rglob("*.json")))
+
+
 def test_scoring_modules_do_not_import_each_other():
     """The callback and validate share their pieces through pd_lightning.eval.scoring: neither imports the other."""
     import ast

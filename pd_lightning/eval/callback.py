@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from pd_lightning.eval.scoring import (  # noqa: F401  (preserved_training_state: imported from here before)
+    check_generation_settings,
     check_limit_and_shots,
     length_note,
     preserved_training_state,
@@ -73,6 +74,8 @@ class LMEvalCallback(L.Callback):
         if every_n_steps < 0:
             raise ValueError(f"LMEvalCallback every_n_steps must be >= 0, got {every_n_steps}")
         check_limit_and_shots(limit, num_fewshot, "LMEvalCallback limit", "LMEvalCallback num_fewshot")
+        check_generation_settings(self.tasks, batch_size, max_gen_toks, max_length or 10**9,
+                                  "LMEvalCallback batch_size", "LMEvalCallback max_gen_toks")  # fmt: skip
         self.data_dir, self.every_n_steps, self.on_checkpoint = data_dir, every_n_steps, on_checkpoint
         self.limit, self.num_fewshot, self.seed = limit, num_fewshot, seed
         self.batch_size, self.max_length, self.max_gen_toks = batch_size, max_length, max_gen_toks
@@ -89,6 +92,11 @@ class LMEvalCallback(L.Callback):
 
         shots = shots_per_task(self.num_fewshot, self.tasks)
         check_data(self.data_dir, self.tasks, shots)  # a missing file fails before training, not at the first score
+        from pd_lightning.model.config import declared_max_length
+
+        length = self.max_length or declared_max_length(getattr(trainer.datamodule, "seq_len", None))
+        check_generation_settings(self.tasks, self.batch_size, self.max_gen_toks, length,
+                                  "LMEvalCallback batch_size", "LMEvalCallback max_gen_toks")  # fmt: skip
         flag = "LMEvalCallback tokenizer"
         self._tok = load_tokenizer(resolve_tokenizer(self.tokenizer, trainer.datamodule, flag), flag=flag)
 

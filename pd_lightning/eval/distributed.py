@@ -124,8 +124,8 @@ class ShardedLM(LM):
     one-integer all-reduce of "still working", and a rank that has finished runs one-token dummy forwards until every
     rank has: each rank takes part in every forward, as FSDP's parameter all-gathers need. The wrapped LM must call
     the model's output head (its own FSDP2 unit when untied) exactly once after each forward, as a dummy forward does
-    (``StudentLM`` does: after each scoring forward, each prefill of a shared prefix, each decoding step). ``lockstep=None`` turns
-    it on when the model's parameters are sharded (``is_sharded``).
+    (``StudentLM`` does: after each scoring forward, each prefill of a shared prefix, each decoding step).
+    ``lockstep=None`` turns it on when the model's parameters are sharded (``is_sharded``).
     """
 
     def __init__(self, lm: LM, group=None, lockstep: bool | None = None) -> None:

@@ -66,6 +66,36 @@ def check_limit_and_shots(
             raise ValueError(f"{shots_flag} must be >= 0, got {n}" + (f" for {task}" if task else ""))
 
 
+def check_generation_settings(
+    tasks: list[str], batch_size: int, max_gen_toks: int, max_length: int, batch_flag: str, gen_flag: str
+) -> None:
+    """A batch of at least one row; ``max_gen_toks`` of at least one token and, when a task generates (GSM8k),
+    below the scoring length (lm-eval's ``hf`` model refuses the same: no room would be left for the prompt)."""
+    if batch_size < 1:
+        raise ValueError(f"{batch_flag} must be >= 1, got {batch_size}")
+    if max_gen_toks < 1:
+        raise ValueError(f"{gen_flag} must be >= 1, got {max_gen_toks}")
+    if "gsm8k" in tasks and max_gen_toks >= max_length:
+        raise ValueError(
+            f"{gen_flag} {max_gen_toks} leaves no room for the prompt in the student's maximum length {max_length} "
+            f"(GSM8k generates); give a value below {max_length}"
+        )
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file whose folder cannot be made (an existing file in the way)."""
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    if p.is_dir():
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path!r}: {str(parent)!r} is a file, so the folder cannot be made")
+            break
+
+
 def shots_per_task(num_fewshot: int | dict[str, int] | None, tasks: list[str]) -> dict[str, int] | None:
     """``num_fewshot`` as ``{task: shots}``: one int for every task, a mapping for the tasks it names (the others
     keep the paper's default), None for the defaults."""
@@ -106,7 +136,7 @@ def length_note(summary: dict) -> str:
             f"requests (longest {summary['longest']:,} tokens)"
         )
     elif trained:
-        line += f"; every one of {n:,} requests fits its {trained:,}-token training length"
+        line += f"; no request runs past its {trained:,}-token training length"
     if summary["cut"]:
         line += f"; {summary['cut']:,} requests longer than {summary['max_length']:,} were cut from the left"
     return line

@@ -87,11 +87,51 @@ def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                where = f"column {e.colno}" if e.msg.endswith(" at") else f"at column {e.colno}"
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} {where})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{n}: a {what} row must be a JSON object")
             rows.append((n, row))
     return rows
+
+
+def _is_texts(value, sizes: Sequence[int]) -> bool:
+    return isinstance(value, list) and len(value) in sizes and all(isinstance(v, str) for v in value)
+
+
+def _value_problem(task: str, row: dict) -> str | None:
+    """What is wrong with a row's values for its benchmark's prompt and answer (None if nothing): an answer the
+    task cannot map to a choice would otherwise stop scoring half-way with a bare Python error."""
+    if task == "hellaswag":
+        if not _is_texts(row["endings"], (4,)):
+            return "endings must be a list of 4 strings"
+        if str(row["label"]) not in ("0", "1", "2", "3"):
+            return f"label {row['label']!r} must be 0-3"
+    elif task == "winogrande":
+        if str(row["answer"]) not in ("1", "2"):
+            return f"answer {row['answer']!r} must be '1' or '2'"
+    elif task == "piqa":
+        if row["label"] not in (0, 1, "0", "1"):
+            return f"label {row['label']!r} must be 0 or 1"
+    elif task == "mmlu":
+        if not _is_texts(row["choices"], (4,)):
+            return "choices must be a list of 4 strings"
+        if row["answer"] not in (0, 1, 2, 3):
+            return f"answer {row['answer']!r} must be 0-3 (the index of the right choice)"
+    elif task == "ceval":
+        if row["answer"] not in ("A", "B", "C", "D"):
+            return f"answer {row['answer']!r} must be one of A, B, C, D"
+    elif task == "c3":
+        if not _is_texts(row["context"], range(1, 10_000)):
+            return "context must be a list of strings (the dialogue turns or the passage), as in the clue/c3 schema"
+        if not _is_texts(row["choice"], (2, 3, 4)):
+            return "choice must be a list of 2-4 strings"
+        if row["answer"] not in row["choice"]:
+            return f"answer {row['answer']!r} is not one of its choices {row['choice']}"
+    elif task == "gsm8k":
+        if not isinstance(row["answer"], str) or "####" not in row["answer"]:
+            return "answer must be a string ending in '#### <number>'"
+    return None
 
 
 def _check_rows(path: Path, task: str, fields: Sequence[str]) -> list[dict]:
@@ -102,6 +142,9 @@ def _check_rows(path: Path, task: str, fields: Sequence[str]) -> list[dict]:
             raise ValueError(
                 f"{path}:{n}: {task} row lacks field(s) {', '.join(missing)} (expected {', '.join(fields)})"
             )
+        problem = _value_problem(task, row)
+        if problem:
+            raise ValueError(f"{path}:{n}: {task} row: {problem}")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: holds no {task} rows")
@@ -173,6 +216,8 @@ def check_data(
     """
     names = resolve_tasks(tasks)
     root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"eval data folder {str(root)!r} is a file, not a folder of <task>/<split>.jsonl")
     if not root.is_dir():
         raise FileNotFoundError(
             f"eval data folder {str(root)!r} does not exist (write it with `pd-lightning eval-data`)"

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from pd_lightning.eval.scoring import (  # noqa: F401  (check_limit_and_shots, shots_per_task: imported from here before)
+    check_generation_settings,
     check_limit_and_shots,
+    check_output_path,
     length_note,
     resolve_tokenizer,
     score_module,
@@ -116,6 +118,18 @@ def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist")
     check_limit_and_shots(opts.limit, opts.num_fewshot, "--eval.limit", "--eval.num_fewshot")
+    from pd_lightning.model.config import declared_max_length
+
+    max_length = declared_max_length(getattr(datamodule, "seq_len", None))
+    check_generation_settings(opts.tasks, opts.batch_size, opts.max_gen_toks, max_length, "--eval.batch_size",
+                              "--eval.max_gen_toks")  # fmt: skip
+    if opts.output:
+        check_output_path(opts.output, "--eval.output")
+    if isinstance(opts.num_fewshot, dict):
+        unused = sorted(set(opts.num_fewshot) - set(opts.tasks))
+        if unused:
+            print(f"pd-lightning: warning: --eval.num_fewshot names {', '.join(unused)}, which --eval.tasks does not "
+                  "score; ignored", file=sys.stderr)  # fmt: skip
     check_data(opts.data_dir, opts.tasks, shots_per_task(opts.num_fewshot, opts.tasks))
     baseline = load_baseline(opts.baseline, opts.tasks) if opts.baseline else None
     if opts.baseline:
