@@ -939,8 +939,6 @@ LATE_CASES = [
             str(_other_tokenizer_tokens(e)),
         ),  # fmt: skip
         ("--data.val_tokens", "other-tokenizer"),
-        owner="cache_datamodule.py (CacheDataModule checks --data.val_tokens through the cache's check_compatible, "
-        "whose message names the cache)",
     ),
 ]
 CASES += LATE_CASES  # counted by test_catalogue_size_and_coverage (and the README)

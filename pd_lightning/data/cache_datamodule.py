@@ -8,6 +8,7 @@ import sys
 
 from torch.utils.data import DataLoader, Dataset
 
+from pd_lightning.data.cache_format import CacheMismatchError
 from pd_lightning.data.cache_reader import TeacherCache
 from pd_lightning.data.corpus import TokenFile
 from pd_lightning.data.datamodule import SequenceDataModule, TokenDataset
@@ -47,7 +48,12 @@ class CacheDataModule(SequenceDataModule):
         self.val_file = None
         if val_tokens is not None:
             self.val_file = TokenFile(val_tokens, flag="--data.val_tokens")
-            self.cache.check_compatible(tokenizer_fingerprint=self.val_file.fingerprint, seq_len=None)
+            theirs, ours = self.val_file.fingerprint, self.cache.spec.tokenizer_fingerprint
+            if theirs != ours:  # named by the flag the user set (check_compatible's message names the cache)
+                raise CacheMismatchError(
+                    f"--data.val_tokens {val_tokens!r} was tokenized with tokenizer {theirs}, the teacher cache "
+                    f"{path} with {ours}: give the token file of the cache's tokenizer (the one predict read)"
+                )
 
     @property
     def vocab_size(self) -> int:
