@@ -138,10 +138,12 @@ gpu-check: setup
 bench: setup
 	$(BIN)/python benchmarks/loader_throughput.py
 	$(BIN)/python benchmarks/cache_size.py
+	$(BIN)/python benchmarks/entry_codec_size.py
 	$(BIN)/python benchmarks/cache_write_overhead.py
 	$(BIN)/python benchmarks/kd_overhead.py
 	$(BIN)/python benchmarks/loss_memory.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/eval_full_time.py --scale 2
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/prepare_scaling.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/recorder_overhead.py --hidden 2048 --layers 1 --reps 7
 
