@@ -83,6 +83,10 @@ def run_with_fault(tokens: Path, root: Path, at: str, step: int, env: dict | Non
     args = [*fit_args(tokens, root), "--trainer.callbacks+=tests.faults.Fault", f"--trainer.callbacks.at={at}"]
     args.append(f"--trainer.callbacks.step={step}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    if preexec_fn is None:  # SIGINT at its default, whatever this process inherited (a background CI job ignores it)
+        import signal
+
+        preexec_fn = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     return subprocess.run(
         [sys.executable, "-m", "pd_lightning.cli", *args],
         env=env,
