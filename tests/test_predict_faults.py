@@ -122,7 +122,8 @@ def reference_one_shard(tmp_path_factory, hf_teacher, prepared) -> Path:
 
 
 # ---- item 1: two writers on one folder ------------------------------------------------------------------------------
-@pytest.mark.parametrize("ranks", [1, 2], ids=["1-rank", "2-rank"])
+# Kept short for `make test`: the 1-rank twin of a 2-rank case runs with `make test-slow`.
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), 2], ids=["1-rank", "2-rank"])
 def test_a_second_predict_on_the_same_folder_is_refused(tmp_path, hf_teacher, prepared, reference_cache, ranks):
     """A user re-launching a job that is still running (or two array jobs on one folder): the second run is
     refused in one line, exit 2, before it writes anything, and the first finishes the cache as if alone. With 2
@@ -184,7 +185,7 @@ def tmpfs(tmp_path):
 
 @pytest.mark.parametrize(
     "shard_tokens,ranks",
-    [(2048, 1), (1 << 23, 1), (2048, 2)],
+    [(2048, 1), pytest.param(1 << 23, 1, marks=pytest.mark.slow), (2048, 2)],
     ids=["small-shards", "default-shards", "2-rank-small-shards"],
 )
 def test_a_full_disk_ends_in_one_line_and_a_rerun_finishes_the_same_cache(
@@ -229,7 +230,12 @@ def test_two_ranks_on_a_cache_of_one_shard(tmp_path, hf_teacher, prepared, refer
 # ---- item 8: SIGTERM and Ctrl-C -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "ranks,signum",
-    [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGTERM), (2, signal.SIGINT)],
+    [
+        (1, signal.SIGTERM),
+        pytest.param(1, signal.SIGINT, marks=pytest.mark.slow),
+        pytest.param(2, signal.SIGTERM, marks=pytest.mark.slow),
+        (2, signal.SIGINT),
+    ],  # fmt: skip
     ids=["1-rank-SIGTERM", "1-rank-SIGINT", "2-rank-SIGTERM", "2-rank-SIGINT"],
 )
 def test_a_signal_stops_every_rank_and_a_rerun_resumes(tmp_path, hf_teacher, prepared, reference_cache, ranks, signum):
