@@ -1,6 +1,6 @@
 """Overhead of caching a teacher's logits, and what writing the cache costs in disk traffic and disk space.
 
-    .venv/bin/python benchmarks/cache_write_overhead.py [--reps 7] [--sequences 24]
+    .venv/bin/python benchmarks/cache_write_overhead.py [--reps 9] [--sequences 24] [--real-sequences 32] [--threads N]
 
 Time: (teacher forward + TopPK processing with the stored statistics + background HDF5 writing, finalisation
 included) ÷ the teacher forward alone, over the same tokens, in one run, at two teacher shapes:
@@ -9,7 +9,8 @@ included) ÷ the teacher forward alone, over the same tokens, in one run, at two
 - ``realistic``: the parameters per vocabulary entry of a real teacher/tokenizer pair (GLM-4-9B: 9.4e9 / 151,552
   ≈ 62k) scaled down to what a CPU runs: hidden 640, 7 layers, vocab 480 (~63k per entry). The cost of top-p-k
   and of writing grows with the vocabulary, the forward with the parameters, so this ratio is what it would be on
-  a real teacher.
+  a real teacher. 32 sequences (8,192 tokens, ~9 s of forward on one thread) per repetition: with 8 the paired
+  ratios spread from 0.89 to 1.08 (and 1.01 to 1.30 in another run).
 
 Disk (write-once cache, measured on the small shape's write runs): ``bytes_written_ratio`` = bytes the process
 passed to write(2) during the run (``/proc/self/io`` ``wchar``) ÷ the final cache size; ``peak_disk_ratio`` = the
@@ -18,7 +19,17 @@ size.
 
 CPU-time ratios (``time.process_time``, all threads) are printed too: on this shared machine they are far less
 sensitive to other processes than wall time, and they count the writer thread's work, which on a GPU machine runs on
-an otherwise idle host core. Random weights (the cost does not depend on them). Repetitions alternate the variants;
+an otherwise idle host core. ``--threads`` sets torch's thread count; the default, all cores but one, leaves a core to
+the writer thread, as a GPU machine's host has idle cores (with ``--threads 2`` on a 2-core CPU the writer thread
+competes with the forward's threads).
+
+The process runs with glibc's malloc keeping freed memory (``GLIBC_TUNABLES`` ``mmap_max=0``, ``trim_threshold``
+64 GiB, set by re-executing itself; ``--system-malloc`` runs without): otherwise freed memory goes back to the kernel
+(large tensors are unmapped on free, the heap's top is trimmed) and is faulted in and zeroed again on the next
+use, ~10 % of a run here, at a cost that varies with what ran before (this VM reports freed pages to its host) --
+noise larger than the effect measured. The minor page faults per
+run are printed, with the torch thread count and the load average. Random weights (the cost does not depend on
+them). Repetitions alternate the variants (the realistic shape's three in an order rotated every repetition);
 ratios are medians of paired ratios, with their min/max. Last line: ``RESULT write_overhead_ratio=... forward_s=...
 forward_process_write_s=... process_only_ratio=... bytes_written_ratio=... peak_disk_ratio=...
 realistic_write_ratio=... realistic_write_cpu_ratio=...``.
@@ -27,8 +38,11 @@ realistic_write_ratio=... realistic_write_cpu_ratio=...``.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -43,6 +57,16 @@ from pd_lightning.model.config import StudentConfig
 from pd_lightning.model.transformer import Transformer
 
 GAMMAS = (0.5,)  # what `pd-lightning predict` stores by default
+KEEP_FREED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def keep_freed_memory() -> None:
+    """Re-execute this script once with glibc's malloc keeping freed memory (no page faults per run)."""
+    if "--system-malloc" in sys.argv or os.environ.get("PD_BENCH_MALLOC") == "kept":
+        return
+    os.environ["GLIBC_TUNABLES"] = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), KEEP_FREED) if t)
+    os.environ["PD_BENCH_MALLOC"] = "kept"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def wchar() -> int:
@@ -78,6 +102,7 @@ def run(
     watcher = threading.Thread(target=watch, daemon=True) if watch_disk else None
     if watcher is not None:
         watcher.start()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     w0, t0, c0 = wchar(), time.perf_counter(), time.process_time()
     with torch.no_grad():
         for index, tokens in batches:
@@ -89,11 +114,12 @@ def run(
     if writer is not None:
         writer.finalize()
     seconds, cpu, written = time.perf_counter() - t0, time.process_time() - c0, wchar() - w0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     if watcher is not None:
         stop.set()
         watcher.join()
         peak[0] = max(peak[0], folder_bytes(out))
-    result = {"s": seconds, "cpu": cpu}
+    result = {"s": seconds, "cpu": cpu, "faults": faults}
     if out is not None:
         final = folder_bytes(out)
         result.update(written=written / final, peak=peak[0] / final, size=final)
@@ -131,23 +157,48 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--sequences", type=int, default=24)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--real-vocab", type=int, default=480)
     ap.add_argument("--real-hidden", type=int, default=640)
     ap.add_argument("--real-layers", type=int, default=7)
-    ap.add_argument("--real-sequences", type=int, default=8)
+    ap.add_argument("--real-sequences", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores but one, for the writer)")
+    ap.add_argument("--realistic-only", action="store_true", help="skip the small shape (RESULT fields: na)")
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's default malloc (page faults every run)")
     args = ap.parse_args()
-    print(f"torch threads: {torch.get_num_threads()}")
+    torch.set_num_threads(args.threads if args.threads > 0 else max(1, (os.cpu_count() or 2) - 1))
+    load0 = os.getloadavg()
+    malloc = "glibc default" if args.system_malloc else "keeps freed memory"
+    print(f"torch threads: {torch.get_num_threads()}; malloc {malloc}")
 
     small = setup(args.vocab, args.hidden, args.layers, args.sequences, args.seq, args.batch)
     real = setup(args.real_vocab, args.real_hidden, args.real_layers, args.real_sequences, args.seq, args.batch)
     tmp = Path(tempfile.mkdtemp(prefix="pd-bench-"))
     fwd, full, proc, ratios, written, peak, real_ratios, real_proc = [], [], [], [], [], [], [], []
-    cpu_ratios, real_cpu = [], []
+    cpu_ratios, real_cpu, real_faults = [], [], {"forward": [], "write": [], "process": []}
+    shapes = (real,) if args.realistic_only else (small, real)
     try:
-        for _, teacher, batches, *_ in (small, real):
+        for _, teacher, batches, *_ in shapes:
             run(teacher, batches[:1])  # warm-up
         for r in range(args.reps):
+            _, teacher, batches, processor, spec = real
+            realistic = {  # the three variants, run in an order rotated every repetition
+                "forward": (),
+                "write": (processor, tmp / f"real{r}", spec),
+                "process": (processor,),
+            }
+            names = list(realistic)
+            names = names[r % 3 :] + names[: r % 3]
+            got = {k: run(teacher, batches, *realistic[k]) for k in names}
+            for k, v in got.items():
+                real_faults[k].append(v["faults"])
+            d_run, e, f = got["forward"], got["write"], got["process"]
+            real_cpu.append(e["cpu"] / d_run["cpu"])
+            real_ratios.append(e["s"] / d_run["s"])
+            real_proc.append(f["s"] / d_run["s"])
+            shutil.rmtree(tmp / f"real{r}", ignore_errors=True)
+            if args.realistic_only:
+                continue
             _, teacher, batches, processor, spec = small
             a_run = run(teacher, batches)
             a = a_run["s"]
@@ -162,26 +213,32 @@ def main() -> None:
             written.append(b["written"])
             peak.append(disk["peak"])
             size = b["size"]
-            _, teacher, batches, processor, spec = real
-            d_run = run(teacher, batches)
-            d = d_run["s"]
-            e = run(teacher, batches, processor, tmp / f"real{r}", spec)
-            real_cpu.append(e["cpu"] / d_run["cpu"])
-            f = run(teacher, batches, processor)["s"]
-            real_ratios.append(e["s"] / d)
-            real_proc.append(f / d)
             shutil.rmtree(tmp / f"small{r}", ignore_errors=True)
             shutil.rmtree(tmp / f"disk{r}", ignore_errors=True)
-            shutil.rmtree(tmp / f"real{r}", ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for name, (cfg, _, batches, _, spec) in (("small", small), ("realistic", real)):
+    load1 = os.getloadavg()
+    print(f"load average (1 min): {load0[0]:.2f} before, {load1[0]:.2f} after; {args.reps} repetitions")
+    for name, (cfg, _, batches, _, spec) in (("small", small), ("realistic", real))[1 if args.realistic_only else 0 :]:
         n = sum(t.shape[0] for _, t in batches) * args.seq
         print(
             f"{name:>9} teacher: {cfg.num_parameters() / 1e6:.1f}M params, vocab {cfg.vocab_size} "
             f"({cfg.num_parameters() / cfg.vocab_size / 1e3:.1f}k params per entry), {n} tokens, "
             f"{spec.num_shards} shards"
         )
+    print("realistic: minor page faults per run (median): "
+          + ", ".join(f"{k} {statistics.median(v):,.0f}" for k, v in real_faults.items()))  # fmt: skip
+    print(f"realistic: (forward+process+write) / forward {spread(real_ratios)}")
+    print(f"realistic: (forward+process) / forward       {spread(real_proc)}")
+    print(f"realistic: CPU time (all threads), (forward+process+write) / forward {spread(real_cpu)}")
+    if args.realistic_only:
+        print(
+            "RESULT write_overhead_ratio=na forward_s=na forward_process_write_s=na process_only_ratio=na "
+            "bytes_written_ratio=na peak_disk_ratio=na "
+            f"realistic_write_ratio={statistics.median(real_ratios):.4f} "
+            f"realistic_write_cpu_ratio={statistics.median(real_cpu):.4f}"
+        )
+        return
     tokens_n = args.sequences * args.seq
     print(f"small: forward only {statistics.median(fwd):.2f} s ({tokens_n / statistics.median(fwd):,.0f} tok/s); "
           f"cache {size / 1e6:.2f} MB")  # fmt: skip
@@ -189,10 +246,7 @@ def main() -> None:
     print(f"small: (forward+process) / forward         {spread(proc)}")
     print(f"small: bytes written / final size          {spread(written)}")
     print(f"small: peak disk / final size              {spread(peak)}")
-    print(f"realistic: (forward+process+write) / forward {spread(real_ratios)}")
-    print(f"realistic: (forward+process) / forward       {spread(real_proc)}")
-    print(f"CPU time (all threads), (forward+process+write) / forward: small {spread(cpu_ratios)}")
-    print(f"                                                       realistic {spread(real_cpu)}")
+    print(f"small: CPU time (all threads), (forward+process+write) / forward {spread(cpu_ratios)}")
     print(
         f"RESULT write_overhead_ratio={statistics.median(ratios):.4f} forward_s={statistics.median(fwd):.3f} "
         f"forward_process_write_s={statistics.median(full):.3f} process_only_ratio={statistics.median(proc):.4f} "
@@ -203,4 +257,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     main()
