@@ -50,8 +50,8 @@ from pathlib import Path
 
 import torch
 
-from pd_lightning.data.cache_format import CacheSpec
-from pd_lightning.data.cache_writer import BackgroundWriter, CacheWriter
+from pd_lightning.cache.format import CacheSpec
+from pd_lightning.cache.writer import BackgroundWriter, CacheWriter
 from pd_lightning.distill.processors import TopPK, position_keys
 from pd_lightning.model.config import StudentConfig
 from pd_lightning.model.transformer import Transformer

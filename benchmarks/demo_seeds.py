@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pd_lightning.data.corpus import TokenFile
+from pd_lightning.corpus.prepare import TokenFile
 from pd_lightning.eval.lm import load_student_checkpoint
 
 

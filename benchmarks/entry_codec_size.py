@@ -1,4 +1,4 @@
-"""Bytes per cached entry and decode speed: the entry codec (``pd_lightning/data/entry_codec.py``, "v3") against
+"""Bytes per cached entry and decode speed: the entry codec (``pd_lightning/cache/codec.py``, "v3") against
 schema 2 (``id << 14 | q`` in a uint32, "v2") and a Megatron-like coding (fp16 log p + bit-packed ids, zstd), on
 the same real teacher entries.
 
@@ -37,8 +37,8 @@ import h5py
 import numpy as np
 import zstandard
 
-from pd_lightning.data import entry_codec as ec
-from pd_lightning.data.cache_format import Q_BITS, Q_MAX, decode
+from pd_lightning.cache import codec as ec
+from pd_lightning.cache.format import Q_BITS, Q_MAX, decode
 
 BIG_VOCAB = 151_552
 

@@ -56,8 +56,8 @@ def main() -> None:
             lm = StudentLM.from_checkpoint(args.ckpt, batch_size=args.batch_size, progress=False)
             what = f"checkpoint {args.ckpt}"
         else:
-            from pd_lightning.data.builtin_corpus import builtin_documents
-            from pd_lightning.data.tokenizer import train_bpe
+            from pd_lightning.corpus.builtin import builtin_documents
+            from pd_lightning.corpus.tokenizer import train_bpe
             from pd_lightning.model.config import StudentConfig
             from pd_lightning.model.transformer import Transformer
 

@@ -42,7 +42,7 @@ def _texts() -> list[str]:
 
 
 def build(workdir: Path, args) -> tuple:
-    from pd_lightning.data.tokenizer import train_bpe
+    from pd_lightning.corpus.tokenizer import train_bpe
     from pd_lightning.model.config import StudentConfig
     from pd_lightning.model.hf import export_hf
     from pd_lightning.model.transformer import Transformer

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.kd_overhead import sparse_targets
-from pd_lightning.data.cache_format import CacheSpec
-from pd_lightning.data.cache_writer import BackgroundWriter, CacheWriter
+from pd_lightning.cache.format import CacheSpec
+from pd_lightning.cache.writer import BackgroundWriter, CacheWriter
 from pd_lightning.distill.losses import KLD
 from pd_lightning.distill.processors import TopPK, position_keys
 from pd_lightning.distill.schedules import Constant

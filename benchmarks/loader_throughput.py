@@ -29,8 +29,8 @@ import h5py
 import numpy as np
 import torch
 
-from pd_lightning.data.cache import CacheSpec, CacheWriter, TeacherCache
-from pd_lightning.data.cache_format import DATASETS, decode
+from pd_lightning.cache import CacheSpec, CacheWriter, TeacherCache
+from pd_lightning.cache.format import DATASETS, decode
 from pd_lightning.distill.processors import TopPK
 from pd_lightning.distill.target import SparseTarget
 

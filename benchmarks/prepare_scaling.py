@@ -42,7 +42,7 @@ import psutil
 
 
 def write_corpus(path: Path, copies: int) -> int:
-    from pd_lightning.data.builtin_corpus import builtin_documents
+    from pd_lightning.corpus.builtin import builtin_documents
 
     lines = [json.dumps({"text": t}) + "\n" for t in builtin_documents()]
     with path.open("w", encoding="utf-8") as f:
@@ -89,7 +89,7 @@ def main() -> None:
 
     import torch
 
-    from pd_lightning.data.corpus import prepare
+    from pd_lightning.corpus.prepare import prepare
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"torch threads: {torch.get_num_threads()}, CPUs available: {len(os.sched_getaffinity(0))}, "

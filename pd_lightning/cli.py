@@ -33,7 +33,7 @@ COMMANDS = (*TRAIN_COMMANDS, "predict", *FUNCTION_COMMANDS, "sweep", "report")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pd_lightning.data.cache_format import CacheError
+    from pd_lightning.cache.format import CacheError
 
     return (*USER_ERRORS, CacheError)
 
@@ -71,20 +71,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_config_files(argv)  # a missing or malformed --config YAML, named with its line
         if command == "prepare":
-            from pd_lightning.data.corpus import prepare
+            from pd_lightning.corpus.prepare import prepare
 
             _function_cli(prepare, prepare_argv(argv[1:]))
         elif command == "cache-info":
-            from pd_lightning.data.cache_inspect import cache_info_command
+            from pd_lightning.cache.inspect import cache_info_command
 
             _function_cli(cache_info_command, argv[1:])
         elif command == "cache-plan":  # --from-cache / --teacher-tokens-per-s spelled either way
-            from pd_lightning.data.cache_inspect import cache_plan_command
+            from pd_lightning.cache.inspect import cache_plan_command
 
             flags = ["--" + a[2:].replace("-", "_") if a.startswith("--") else a for a in argv[1:]]
             _function_cli(cache_plan_command, flags)
         elif command == "cache-upgrade":
-            from pd_lightning.data.cache_upgrade import cache_upgrade_command
+            from pd_lightning.cache.upgrade import cache_upgrade_command
 
             _function_cli(cache_upgrade_command, argv[1:])
         elif command == "export-hf":

@@ -57,7 +57,7 @@ def export_checkpoint(
             checkpoint records (checkpoints written since it was recorded), if it still exists.
         dtype: float32, bfloat16 or float16.
     """
-    from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from pd_lightning.corpus.tokenizer import load_tokenizer, tokenizer_fingerprint
     from pd_lightning.model.hf import export_hf
     from pd_lightning.paths import check_output_dir
     from pd_lightning.teacher import load_teacher

@@ -150,7 +150,12 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.student.vocab_size", apply_on="instantiate")
         parser.link_arguments("trainer.max_steps", "model.max_steps", compute_fn=_positive_or_none)
         parser.set_defaults(
-            {"data": {"class_path": "pd_lightning.data.datamodule.TokenDataModule", "init_args": {"path": DEMO_TOKENS}}}
+            {
+                "data": {
+                    "class_path": "pd_lightning.corpus.datamodule.TokenDataModule",
+                    "init_args": {"path": DEMO_TOKENS},
+                }
+            }
         )
 
     def _parse_ckpt_path(self) -> None:
@@ -205,7 +210,7 @@ class TrainCLI(LightningCLI):
         DataLoader itself has no ``state_dict``; a ``SequenceDataModule`` keeps the position (epoch, samples
         consumed per rank, shuffle seed) in the checkpoint and its sampler resumes exactly
         (``tests/test_train.py::test_exact_resume``). Exactly that message is silenced (for this fit only)."""
-        from pd_lightning.data.datamodule import SequenceDataModule
+        from pd_lightning.corpus.datamodule import SequenceDataModule
 
         if isinstance(self.datamodule, SequenceDataModule):
             warnings.filterwarnings(
@@ -327,7 +332,7 @@ class TrainCLI(LightningCLI):
 
 
 def train_cli(args: list[str] | None = None, run: bool = True) -> TrainCLI:
-    from pd_lightning.data.datamodule import SequenceDataModule
+    from pd_lightning.corpus.datamodule import SequenceDataModule
     from pd_lightning.module import DistillationModule
 
     quiet_lightning()

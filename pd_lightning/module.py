@@ -361,7 +361,7 @@ class DistillationModule(L.LightningModule):
             if max(alphas, default=0.0) > 0:
                 raise ValueError(
                     f"--model.alpha reaches {max(alphas):.3g} > 0 but --data ({type(data).__name__}) provides no "
-                    "teacher targets: train from a logits cache (pd_lightning.data.cache_datamodule.CacheDataModule)"
+                    "teacher targets: train from a logits cache (pd_lightning.cache.datamodule.CacheDataModule)"
                 )
 
     def _check_online_teacher(self, data) -> None:

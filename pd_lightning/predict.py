@@ -39,9 +39,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pd_lightning.data.cache_format import DEFAULT_SHARD_TOKENS, CacheSpec, token_source_fingerprint
-from pd_lightning.data.cache_writer import BackgroundWriter, CacheWriter, WriterLock
-from pd_lightning.data.corpus import TokenFile
+from pd_lightning.cache.format import DEFAULT_SHARD_TOKENS, CacheSpec, token_source_fingerprint
+from pd_lightning.cache.writer import BackgroundWriter, CacheWriter, WriterLock
+from pd_lightning.corpus.prepare import TokenFile
 from pd_lightning.distill.processors import LogitsProcessor, position_keys
 from pd_lightning.teacher import Teacher, load_teacher
 

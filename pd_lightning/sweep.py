@@ -202,7 +202,7 @@ def scale_yaml(scale: Scale, tokens: str) -> dict:
     return {
         "model": {"student": {"preset": scale.student}, "lr": scale.lr},
         "data": {
-            "class_path": "pd_lightning.data.cache_datamodule.CacheDataModule",
+            "class_path": "pd_lightning.cache.datamodule.CacheDataModule",
             "init_args": {"val_tokens": tokens, "batch_size": scale.batch_size, "val_sequences": scale.val_sequences},
         },
         "trainer": {
@@ -332,7 +332,7 @@ def ensure_cache(name: str, args, log: Path, env: dict) -> Path:
 
 def cache_bytes_per_token(cache: Path) -> float | None:
     try:
-        from pd_lightning.data.cache_inspect import cache_info
+        from pd_lightning.cache.inspect import cache_info
 
         return float(cache_info(str(cache))["bytes_per_token"])
     except Exception:  # a figure for the table only

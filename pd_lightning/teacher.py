@@ -59,7 +59,7 @@ def _file_fingerprint(paths: list[Path], extra: bytes = b"") -> str:
 def _load_hf(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> Teacher:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from pd_lightning.corpus.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     try:
         auto_map = json.loads((path / "config.json").read_text(encoding="utf-8")).get("auto_map")

@@ -43,7 +43,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, corpus_dir) -> dict:
     """A token file (seq_len 64) and the BPE tokenizer (vocab 512) trained on the corpus by `prepare`."""
-    from pd_lightning.data.corpus import prepare
+    from pd_lightning.corpus.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "tokens.h5"
     summary = prepare(

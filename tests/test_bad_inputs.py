@@ -232,7 +232,7 @@ def env(tmp_path_factory, prepared, corpus_dir) -> Env:
     (inputs / "empty-folder").mkdir()
     (inputs / "corpus.csv").write_text("text\nhello world\n")
     (inputs / "small.txt").write_bytes((corpus_dir / "a.txt").read_bytes())
-    from pd_lightning.data.corpus import prepare
+    from pd_lightning.corpus.prepare import prepare
 
     e.noval = root / "noval" / "tokens.h5"  # the same tokenizer, no validation part
     prepare(input=[str(corpus_dir / "a.txt")], output=str(e.noval), seq_len=32, tokenizer=str(prepared["tokenizer"]),
@@ -421,9 +421,7 @@ FIT_CASES = [
     ),
     Case(
         "fit-cache-path-is-file",
-        lambda e, o: fit(
-            e, o, "--data", "pd_lightning.data.cache_datamodule.CacheDataModule", "--data.path", str(e.afile)
-        ),
+        lambda e, o: fit(e, o, "--data", "pd_lightning.cache.datamodule.CacheDataModule", "--data.path", str(e.afile)),
         ("a-file", "is a file"),
     ),
     Case(
@@ -457,7 +455,7 @@ VALIDATE_CASES = [
             "--model.student.preset",
             "tiny",
             "--data",
-            "pd_lightning.data.cache_datamodule.CacheDataModule",
+            "pd_lightning.cache.datamodule.CacheDataModule",
             "--data.path",
             str(e.cache),
             "--ckpt_path",
@@ -880,7 +878,7 @@ def _random_gsm8k(e: Env) -> Path:
 
 def _other_tokenizer_tokens(e: Env) -> Path:
     """A token file of the catalogue's text with another tokenizer (a BPE of 300 entries trained on it)."""
-    from pd_lightning.data.corpus import prepare
+    from pd_lightning.corpus.prepare import prepare
 
     out = e.root / "other-tokenizer" / "tokens.h5"
     if not out.exists():
@@ -932,7 +930,7 @@ LATE_CASES = [
             e,
             o,
             "--data",
-            "pd_lightning.data.cache_datamodule.CacheDataModule",
+            "pd_lightning.cache.datamodule.CacheDataModule",
             "--data.path",
             str(e.cache),
             "--data.val_tokens",

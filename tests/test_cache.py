@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pd_lightning.data.cache import (
+from pd_lightning.cache import (
     BackgroundWriter,
     CacheCorruptError,
     CacheIncompleteError,
@@ -199,7 +199,7 @@ def test_multi_shard_any_reader_layout(tmp_path: Path) -> None:
             for i in range(r, 11, readers):
                 assert_matches(cache[i], *refs[i])
     # at most MAX_OPEN_SHARDS files stay open per process, whatever the number of shards read
-    from pd_lightning.data import cache_reader
+    from pd_lightning.cache import reader as cache_reader
 
     cache, limit = TeacherCache(tmp_path), cache_reader.MAX_OPEN_SHARDS
     try:
@@ -222,8 +222,8 @@ def test_multi_shard_any_reader_layout(tmp_path: Path) -> None:
 def test_n_writers_m_readers_and_partial_reading(tmp_path: Path, capsys) -> None:
     """3 writer ranks, one of them unfinished: refused by default, readable with allow_partial over the finished
     shards; the rank-aware sampler of 1, 2 and 3 reader ranks gives every finished sequence exactly once."""
-    from pd_lightning.data.cache_datamodule import CacheDataModule
-    from pd_lightning.data.sampler import ResumableSampler
+    from pd_lightning.cache.datamodule import CacheDataModule
+    from pd_lightning.corpus.sampler import ResumableSampler
 
     proc = TopPK(0.9, 12)
     spec = make_spec(proc, 300, 16, 14, shard_tokens=2 * 16)  # 7 shards; rank r of 3 writes r, r + 3, ...
@@ -262,7 +262,7 @@ def test_n_writers_m_readers_and_partial_reading(tmp_path: Path, capsys) -> None
 def test_partial_snapshot_is_checkpointed_and_a_resume_reads_it(tmp_path: Path, capsys) -> None:
     """allow_partial: a resumed run reads the shards its checkpoint trained on, also after the cache grew (said in one
     warning); a snapshot whose shards are not finished in the folder is refused with one message."""
-    from pd_lightning.data.cache_datamodule import CacheDataModule, _spec_digest
+    from pd_lightning.cache.datamodule import CacheDataModule, _spec_digest
 
     proc = TopPK(0.9, 12)
     spec = make_spec(proc, 300, 16, 14, shard_tokens=2 * 16)  # 7 shards of 2 sequences
@@ -526,7 +526,7 @@ def test_checksum_independent_of_order_and_layout(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- resume after SIGKILL
 WRITER_SCRIPT = """
 import sys, time, torch
-from pd_lightning.data.cache import CacheSpec, CacheWriter
+from pd_lightning.cache import CacheSpec, CacheWriter
 from pd_lightning.distill.processors import TopPK
 
 folder, sleep = sys.argv[1], float(sys.argv[2])

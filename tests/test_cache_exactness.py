@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pd_lightning.data.cache import CacheSpec, CacheWriter, TeacherCache
+from pd_lightning.cache import CacheSpec, CacheWriter, TeacherCache
 from pd_lightning.distill.losses import KLD
 from pd_lightning.distill.processors import Full, LogitsProcessor, TopPK
 from pd_lightning.distill.target import SparseTarget

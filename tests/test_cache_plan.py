@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from pd_lightning.cache import CacheSpec, CacheWriter, cache_info
 from pd_lightning.cli import main
-from pd_lightning.data.cache import CacheSpec, CacheWriter, cache_info
 from pd_lightning.distill.processors import TopPK
 
 

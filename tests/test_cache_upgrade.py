@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from pd_lightning.cache import CacheSpec, CacheWriter, TeacherCache, verify
 from pd_lightning.cli import main
-from pd_lightning.data.cache import CacheSpec, CacheWriter, TeacherCache, verify
 from pd_lightning.distill.processors import TopPK
 
 

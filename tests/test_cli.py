@@ -69,7 +69,7 @@ def test_export_hf_saves_the_recorded_tokenizer_by_default(tmp_path, student_ckp
 
 def test_export_hf_refuses_another_tokenizer(tmp_path, student_ckpt, corpus_dir, capsys):
     """The tokenizer saved beside the weights must be the one the student was trained with (fingerprints)."""
-    from pd_lightning.data.corpus import prepare
+    from pd_lightning.corpus.prepare import prepare
 
     other = tmp_path / "other" / "tokens.h5"
     prepare(input=[str(corpus_dir / "a.txt")], output=str(other), seq_len=16, vocab_size=300, workers=0)

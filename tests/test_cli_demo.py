@@ -121,7 +121,7 @@ def test_prepare_defaults_are_the_demo_settings():
     """`pd-lightning prepare` with no flags writes what `make demo` writes (README: the demo's defaults)."""
     import inspect
 
-    from pd_lightning.data.corpus import prepare
+    from pd_lightning.corpus.prepare import prepare
 
     defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items()}
     argv = demo_commands()[0]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from pd_lightning.cli import main
-from pd_lightning.data.corpus import TokenFile, prepare
-from pd_lightning.data.prepare_inputs import iter_documents, txt_documents
-from pd_lightning.data.prepare_worker import is_val
-from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pd_lightning.corpus.inputs import iter_documents, txt_documents
+from pd_lightning.corpus.prepare import TokenFile, prepare
+from pd_lightning.corpus.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pd_lightning.corpus.workers import is_val
 
 
 def _stream_rows(ids: list[int], L: int) -> np.ndarray:

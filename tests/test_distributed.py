@@ -201,7 +201,7 @@ def test_predict_with_a_teacher_sharded_across_two_ranks_equals_one_process(cach
     """``pd-lightning predict`` under FSDP2 (``fsdp2.yaml``, 2 CPU ranks, gloo): the HF teacher's weights are sharded
     across the ranks, each rank predicts its own shards (7 and 6 of the 13: the rank with fewer batches pads with
     lockstep forwards, which write nothing), and the cache's content equals the 1-process cache's."""
-    from pd_lightning.data.cache_format import content_checksum
+    from pd_lightning.cache.format import content_checksum
 
     out = tmp_path / "cache"
     flags = ["--config", str(ROOT / "configs/trainer/fsdp2.yaml"), "--trainer.accelerator", "cpu"]

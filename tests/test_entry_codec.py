@@ -1,11 +1,11 @@
-"""The entry codec (pd_lightning/data/entry_codec.py): exact ids, |Δ log p| <= 1e-3 against fp64, corrupt blocks."""
+"""The entry codec (pd_lightning/cache/codec.py): exact ids, |Δ log p| <= 1e-3 against fp64, corrupt blocks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pd_lightning.data import entry_codec as ec
+from pd_lightning.cache import codec as ec
 
 BOUND = 1e-3
 

@@ -24,7 +24,7 @@ eval_ckpt = eval_fixtures.eval_ckpt  # the module-scoped checkpoint fixture
 
 @pytest.fixture(scope="module")
 def tok(prepared):
-    from pd_lightning.data.tokenizer import load_tokenizer
+    from pd_lightning.corpus.tokenizer import load_tokenizer
 
     return load_tokenizer(prepared["tokenizer"])
 
@@ -116,7 +116,7 @@ def test_training_mode_and_rng_are_restored(tok):
 
 
 def test_checkpoint_loading_and_refusals(eval_ckpt, tmp_path, prepared, tok):
-    from pd_lightning.data.tokenizer import tokenizer_fingerprint, train_bpe
+    from pd_lightning.corpus.tokenizer import tokenizer_fingerprint, train_bpe
 
     lm = StudentLM.from_checkpoint(eval_ckpt, progress=False)  # tokenizer found through the run's config.yaml
     assert tokenizer_fingerprint(lm.tokenizer) == tokenizer_fingerprint(tok)

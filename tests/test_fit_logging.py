@@ -47,7 +47,7 @@ def test_val_ppl_is_exp_of_token_weighted_mean_loss(tokens, tmp_path):
     val_loss, val_ppl = column(tmp_path, "val/loss"), column(tmp_path, "val/ppl")
     ckpt = next(tmp_path.rglob("*.ckpt"))
     module = DistillationModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).double().eval()
-    from pd_lightning.data.corpus import TokenFile
+    from pd_lightning.corpus.prepare import TokenFile
 
     data = torch.from_numpy(TokenFile(tokens).rows("val", slice(0, 10)).astype("int64"))
     with torch.no_grad():

@@ -38,7 +38,7 @@ def fit_args(tokens: Path, teacher: Path, root: Path, batch: int, *extra: str) -
         "--model.loss", "pd_lightning.distill.losses.KLD",
         "--model.alpha", "pd_lightning.distill.schedules.Constant", "--model.alpha.alpha", "0.5",
         "--model.teacher", str(teacher),
-        "--data.class_path", "pd_lightning.data.datamodule.TokenDataModule",
+        "--data.class_path", "pd_lightning.corpus.datamodule.TokenDataModule",
         "--data.init_args.path", str(tokens),
         "--data.init_args.batch_size", str(batch),
         *quiet_trainer_args(root, STEPS),

@@ -32,7 +32,7 @@ def teacher_args(tokens: Path, root: Path, steps: int, *extra: str) -> list[str]
         "--model.student.preset", "tiny",
         "--model.lr", "3e-3",
         "--model.loss_chunk_size", "40",  # several chunks per batch: the recorder sees the loss chunk by chunk
-        "--data.class_path", "pd_lightning.data.datamodule.TokenDataModule",
+        "--data.class_path", "pd_lightning.corpus.datamodule.TokenDataModule",
         "--data.init_args.path", str(tokens),
         "--data.init_args.batch_size", "4",
         *quiet_trainer_args(root, steps),
@@ -70,7 +70,7 @@ def reference_target(ckpt: Path, tokens: np.ndarray, k: int, gamma: float = 0.5)
 
 
 def cached(cache_dir: Path) -> list[dict[str, np.ndarray]]:
-    from pd_lightning.data.cache_reader import TeacherCache
+    from pd_lightning.cache.reader import TeacherCache
 
     cache = TeacherCache(str(cache_dir))
     return [{k: v.numpy() for k, v in cache[i].items()} for i in range(len(cache))]
@@ -128,7 +128,7 @@ def test_recorder_leaves_training_unchanged_latest_visit_wins_and_a_student_trai
         "fit", "--seed_everything", "1", "--model.student.preset", "tiny",
         "--model.loss", "pd_lightning.distill.losses.KLD",
         "--model.alpha", "pd_lightning.distill.schedules.Constant", "--model.alpha.alpha", "0.9",
-        "--data.class_path", "pd_lightning.data.cache_datamodule.CacheDataModule",
+        "--data.class_path", "pd_lightning.cache.datamodule.CacheDataModule",
         "--data.init_args.path", str(tmp_path / "cache"), "--data.init_args.batch_size", "4",
         *quiet_trainer_args(student, 4), "--trainer.limit_val_batches", "0",
     ])  # fmt: skip
@@ -159,7 +159,7 @@ def in_step_args(tokens: Path, root: Path, steps: int, *extra: str) -> list[str]
         "--model.student.preset", "tiny",
         "--model.loss", "pd_lightning.distill.losses.KLD",
         "--model.alpha", "pd_lightning.distill.schedules.Constant", "--model.alpha.alpha", "0.5",
-        "--data.class_path", "pd_lightning.data.datamodule.TokenDataModule",
+        "--data.class_path", "pd_lightning.corpus.datamodule.TokenDataModule",
         "--data.init_args.path", str(tokens),
         "--data.init_args.batch_size", "4",
         *quiet_trainer_args(root, steps),
@@ -171,8 +171,8 @@ def in_step_args(tokens: Path, root: Path, steps: int, *extra: str) -> list[str]
 def assert_in_step_equals_cache(teacher: Path, tokens: Path, cache_dir: Path) -> None:
     """The training step's own code path (DistillationModule._online_target) on the cache's first 4 sequences equals
     the cached targets within the cache's precision."""
-    from pd_lightning.data.corpus import TokenFile
-    from pd_lightning.data.datamodule import TokenDataset
+    from pd_lightning.corpus.datamodule import TokenDataset
+    from pd_lightning.corpus.prepare import TokenFile
     from pd_lightning.distill.processors import TopPK
     from pd_lightning.model.config import StudentConfig
     from pd_lightning.module import DistillationModule
@@ -282,7 +282,7 @@ def one_line(err: str) -> str:
 
 
 def test_bad_input_window_outside_the_run_and_a_folder_holding_another_cache(tmp_path, prepared, hf_teacher, capsys):
-    from pd_lightning.data.cache_format import content_checksum
+    from pd_lightning.cache.format import content_checksum
 
     tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
     outside = recorder_config(tmp_path / "r1.yaml", tmp_path / "rec1", start_step=4, end_step=20)
@@ -294,7 +294,7 @@ def test_bad_input_window_outside_the_run_and_a_folder_holding_another_cache(tmp
     assert code == 2 and "last_tokens=1000000" in one_line(err)
     # A teacher trained from a cache (no token-file sequence indices to record by): refused before the first step.
     main(predict_args(hf_teacher, tokens, tmp_path / "other"))
-    from_cache = ["--data.class_path", "pd_lightning.data.cache_datamodule.CacheDataModule",
+    from_cache = ["--data.class_path", "pd_lightning.cache.datamodule.CacheDataModule",
                   "--data.init_args.path", str(tmp_path / "other")]  # fmt: skip
     code, err = run([*teacher_args(tokens, tmp_path / "t4", 6), *from_cache, "--config", str(outside)], capsys)
     assert code == 2 and "TokenDataModule" in one_line(err) and not (tmp_path / "rec1").exists()
@@ -342,7 +342,7 @@ def test_recorder_killed_mid_window_resumes_to_the_uninterrupted_cache(tmp_path,
     import subprocess
     import sys
 
-    from pd_lightning.data.cache_format import content_checksum
+    from pd_lightning.cache.format import content_checksum
 
     root = Path(__file__).resolve().parents[1]
     tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
@@ -443,7 +443,7 @@ def test_a_fresh_unrelated_teacher_run_does_not_adopt_a_finished_recording(tmp_p
     teacher run (other seed and learning rate, same shape, window and data, not resumed) into the same output is
     refused in one line naming ``overwrite: true``, the cache byte for byte unchanged; the recording run resumed from
     a checkpoint older than its finish keeps it; with ``overwrite: true`` the other run records its own logits."""
-    from pd_lightning.data.cache_format import content_checksum
+    from pd_lightning.cache.format import content_checksum
 
     tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)
     out = tmp_path / "cache"
@@ -477,7 +477,7 @@ def test_recorder_map_is_written_before_the_index_and_a_complete_cache_without_i
     import subprocess
     import sys
 
-    from pd_lightning.data.cache_format import content_checksum, read_layout
+    from pd_lightning.cache.format import content_checksum, read_layout
 
     root = Path(__file__).resolve().parents[1]
     tokens = small_token_file(prepared, tmp_path / "tokens.h5", n_train=8, n_val=4)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pd_lightning.cache.format import content_checksum
 from pd_lightning.cli import main
-from pd_lightning.data.cache_format import content_checksum
 from tests.test_train import quiet_trainer_args, tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def shard_files(folder: Path) -> list[Path]:
 
 def val_shards(prepared) -> tuple[int, int]:
     """Validation sequences of the prepared token file and the shards (32 sequences each) a cache of them has."""
-    from pd_lightning.data.corpus import TokenFile
+    from pd_lightning.corpus.prepare import TokenFile
 
     n = TokenFile(str(prepared["tokens"]), flag="--data.path").lengths["val"]
     return n, -(-n // 32)
@@ -78,7 +78,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, hf_teacher, prepared
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "index.json").exists(), "a killed run must not look finished"
     # The half-written cache is refused by readers, naming the remedy.
-    from pd_lightning.data.cache_reader import TeacherCache
+    from pd_lightning.cache.reader import TeacherCache
 
     with pytest.raises(Exception, match="predict"):
         TeacherCache(out)
@@ -109,8 +109,8 @@ def test_two_writer_ranks_then_one_and_two_reader_ranks(tmp_path, hf_teacher, pr
     cache is then read by 1 and by 2 reader ranks, every sequence once."""
     from types import SimpleNamespace
 
-    from pd_lightning.data.cache_datamodule import CacheDataModule
-    from pd_lightning.data.corpus import TokenFile
+    from pd_lightning.cache.datamodule import CacheDataModule
+    from pd_lightning.corpus.prepare import TokenFile
 
     out = tmp_path / "cache"
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -179,7 +179,7 @@ def test_teacher_refusals(tmp_path, hf_teacher, prepared, corpus_dir, capsys):
     (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8, "num_layers": 1, "num_heads": 1}))
     fails(predict_args(t5, prepared["tokens"], out), "not a causal language model")
     # A token file from another tokenizer than the teacher's.
-    from pd_lightning.data.corpus import prepare
+    from pd_lightning.corpus.prepare import prepare
 
     other = tmp_path / "other" / "tokens.h5"
     prepare(input=[str(corpus_dir / "a.txt")], output=str(other), seq_len=16, vocab_size=300)
@@ -208,7 +208,7 @@ def fit_from_cache(cache: Path, tokens: Path, root: Path, max_steps: int, *extra
         "--model.temperature.tau", "2.0",
         "--model.alpha", "pd_lightning.distill.schedules.Constant",
         "--model.alpha.alpha", "0.9",
-        "--data.class_path", "pd_lightning.data.cache_datamodule.CacheDataModule",
+        "--data.class_path", "pd_lightning.cache.datamodule.CacheDataModule",
         "--data.init_args.path", str(cache),
         "--data.init_args.val_tokens", str(tokens),
         "--data.init_args.batch_size", "4",
@@ -265,9 +265,9 @@ def test_cache_info_plot(reference_cache, tmp_path, capsys):
 
 
 def test_cache_datamodule_refuses_other_tokenizer(tmp_path, reference_cache, corpus_dir):
-    from pd_lightning.data.cache_datamodule import CacheDataModule
-    from pd_lightning.data.cache_format import CacheMismatchError
-    from pd_lightning.data.corpus import prepare
+    from pd_lightning.cache.datamodule import CacheDataModule
+    from pd_lightning.cache.format import CacheMismatchError
+    from pd_lightning.corpus.prepare import prepare
 
     other = tmp_path / "other" / "tokens.h5"
     prepare(input=[str(corpus_dir / "a.txt")], output=str(other), seq_len=16, vocab_size=300)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pd_lightning.cache.format import content_checksum, read_layout
 from pd_lightning.cli import main
-from pd_lightning.data.cache_format import content_checksum, read_layout
 from tests.test_predict import predict_args, shard_files, val_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,8 +149,8 @@ def test_a_writer_never_renames_a_shard_file_it_did_not_write(tmp_path):
     """Defence in depth below the lock: a second writer of the same shard (here in one process, the first writer's
     .tmp removed as stale by the second one's start, then written again by it) must not make the first writer
     rename the second one's half-written file into place and index it as complete."""
-    from pd_lightning.data.cache_format import CacheError
-    from pd_lightning.data.cache_writer import CacheWriter
+    from pd_lightning.cache.format import CacheError
+    from pd_lightning.cache.writer import CacheWriter
     from pd_lightning.distill.processors import TopPK
     from tests.test_cache import make_spec, sequence_data
 

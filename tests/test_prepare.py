@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pd_lightning.cache.format import token_source_fingerprint
 from pd_lightning.cli import main
-from pd_lightning.data.cache_format import token_source_fingerprint
-from pd_lightning.data.corpus import TokenFile, prepare
-from pd_lightning.data.prepare_inputs import Unit, plan_units, unit_documents
+from pd_lightning.corpus.inputs import Unit, plan_units, unit_documents
+from pd_lightning.corpus.prepare import TokenFile, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 PD = str(Path(sys.executable).with_name("pd-lightning"))
@@ -110,7 +110,7 @@ def _prepare_cmd(inputs: list[Path], out: Path, workers: int) -> list[str]:
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A real SIGKILL of prepare (and its workers) mid-run; the rerun keeps the finished parts and shards (it says
     how many) and ends with exactly the rows and tokenizer of an uninterrupted run."""
-    from pd_lightning.data.builtin_corpus import builtin_documents
+    from pd_lightning.corpus.builtin import builtin_documents
 
     corpus = tmp_path / "docs.jsonl"
     with corpus.open("w") as f:
@@ -217,7 +217,7 @@ def test_failed_prepare_leaves_nothing_that_blocks_the_rerun(tmp_path, capsys, c
 def test_interrupted_at_any_part_resumes_to_the_same_rows(tmp_path, formats, prepared, monkeypatch, stop_after):
     """Interrupted (KeyboardInterrupt) after ``stop_after`` part files were packed, with tiny shards so that train and
     val stand at different parts: the rerun redoes only the unfinished parts and gives the uninterrupted rows."""
-    import pd_lightning.data.corpus as corpus
+    import pd_lightning.corpus.prepare as corpus
 
     kw = dict(input=[str(formats / "x.jsonl"), str(formats / "book.txt")], seq_len=16, workers=0, chunk_mb=0.005,
               tokenizer=str(prepared["tokenizer"]), shard_tokens=17 * 40, val_fraction=0.2)  # fmt: skip
@@ -252,7 +252,7 @@ def test_interrupted_at_any_part_resumes_to_the_same_rows(tmp_path, formats, pre
 def test_killed_between_moving_the_tokenizer_and_writing_the_index(tmp_path, corpus_dir, monkeypatch):
     """The last steps: the trained tokenizer is moved to tokenizer/, then the index is written. Interrupted in
     between, the same command (no --overwrite) must still finish, with the same tokenizer and rows."""
-    import pd_lightning.data.corpus as corpus
+    import pd_lightning.corpus.prepare as corpus
 
     kw = dict(input=[str(corpus_dir / "c.jsonl")], seq_len=32, vocab_size=300, workers=0)
     prepare(output=str(tmp_path / "ref" / "tokens.h5"), **kw)
@@ -273,7 +273,7 @@ def test_killed_between_moving_the_tokenizer_and_writing_the_index(tmp_path, cor
 
 
 def test_the_embedded_corpus_in_units_is_the_same_documents():
-    from pd_lightning.data.builtin_corpus import builtin_documents
+    from pd_lightning.corpus.builtin import builtin_documents
 
     units = plan_units(["builtin"], 1 << 20)
     assert len(units) > 1

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pd_lightning.data.corpus import TokenFile, prepare
+from pd_lightning.corpus.prepare import TokenFile, prepare
 
 CLI = [sys.executable, "-m", "pd_lightning.cli"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_full_disk_one_line_then_the_rerun_gives_the_same_file(tmp_path, tmpfs, 
 
 def test_index_write_error_names_the_output(tmp_path, monkeypatch):
     """The index is written through the same guarded file: a failing write there names --output, nothing is left."""
-    from pd_lightning.data import token_shards
+    from pd_lightning.corpus import token_shards
 
     real = token_shards.GuardedFile.write
 

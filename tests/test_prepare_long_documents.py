@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from pd_lightning.cli import main
-from pd_lightning.data.corpus import TokenFile
-from pd_lightning.data.prepare_inputs import PIECE_CHARS, pieces
-from pd_lightning.data.tokenizer import load_tokenizer
+from pd_lightning.corpus.inputs import PIECE_CHARS, pieces
+from pd_lightning.corpus.prepare import TokenFile
+from pd_lightning.corpus.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_a_long_document_is_one_document_with_the_ids_of_the_whole(tmp_path, pre
 
 _PEAK = """
 import resource, sys
-from pd_lightning.data.corpus import prepare
+from pd_lightning.corpus.prepare import prepare
 prepare(input=[sys.argv[1]], output=sys.argv[2], tokenizer=sys.argv[3], seq_len=256, workers=0)
 print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -34,7 +34,7 @@ def tiny_fit_args(tokens: Path, root: Path, max_steps: int, *extra: str) -> list
         "--seed_everything", "7",
         "--model.student.preset", "tiny",
         "--model.lr", "3e-3",
-        "--data.class_path", "pd_lightning.data.datamodule.TokenDataModule",
+        "--data.class_path", "pd_lightning.corpus.datamodule.TokenDataModule",
         "--data.init_args.path", str(tokens),
         "--data.init_args.batch_size", "4",
         "--data.init_args.val_sequences", "8",
@@ -83,7 +83,7 @@ def small_token_file(prepared: dict, out: Path, n_train: int = 104, n_val: int =
     ``limit_train_batches``."""
     import h5py
 
-    from pd_lightning.data.corpus import TokenFile
+    from pd_lightning.corpus.prepare import TokenFile
 
     src = TokenFile(prepared["tokens"])
     with h5py.File(out, "w") as dst:
@@ -137,7 +137,7 @@ def test_exact_resume(tmp_path, prepared, resume_step):
 
 
 def test_sampler_visits_each_sequence_once_per_epoch():
-    from pd_lightning.data.sampler import ResumableSampler
+    from pd_lightning.corpus.sampler import ResumableSampler
 
     ranks = [ResumableSampler(23, True, 5, r, 3) for r in range(3)]
     seen = [i for s in ranks for i in s]

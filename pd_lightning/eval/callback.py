@@ -87,7 +87,7 @@ class LMEvalCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from pd_lightning.data.tokenizer import load_tokenizer
+        from pd_lightning.corpus.tokenizer import load_tokenizer
         from pd_lightning.eval.tasks import check_data
 
         shots = shots_per_task(self.num_fewshot, self.tasks)

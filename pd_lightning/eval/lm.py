@@ -59,7 +59,7 @@ def _tokenizer_from_run_config(ckpt: Path) -> str | None:
     """The tokenizer folder of the token file named in the LightningCLI ``config.yaml`` saved beside the run."""
     import yaml
 
-    from pd_lightning.data.corpus import TokenFile
+    from pd_lightning.corpus.prepare import TokenFile
 
     for folder in (ckpt.parent, ckpt.parent.parent):
         cfg_file = folder / "config.yaml"
@@ -124,7 +124,7 @@ def load_student_checkpoint(path: str | os.PathLike, flag: str = "checkpoint") -
 def check_tokenizer(tokenizer, model: Transformer, fingerprint: str | None, source: str) -> None:
     """Refuse a tokenizer that is not the one the student was trained with: a different fingerprint (vocabulary,
     merges, normaliser, pre-tokeniser) than ``fingerprint``, or more ids than the student's vocabulary."""
-    from pd_lightning.data.tokenizer import tokenizer_fingerprint
+    from pd_lightning.corpus.tokenizer import tokenizer_fingerprint
 
     if fingerprint:
         got = tokenizer_fingerprint(tokenizer)
@@ -182,7 +182,7 @@ class StudentLM(TemplateLM):
         **kwargs,
     ) -> None:
         super().__init__()
-        from pd_lightning.data.tokenizer import load_tokenizer
+        from pd_lightning.corpus.tokenizer import load_tokenizer
 
         ignored = sorted(set(kwargs) - {"max_batch_size", "trust_remote_code", "parallelize"})
         if ignored:
@@ -206,7 +206,7 @@ class StudentLM(TemplateLM):
                         "pass tokenizer=<folder>"
                     )
         elif pretrained is not None:
-            from pd_lightning.data.tokenizer import tokenizer_fingerprint
+            from pd_lightning.corpus.tokenizer import tokenizer_fingerprint
             from pd_lightning.model.hf import import_hf
 
             if not Path(pretrained, "config.json").is_file():

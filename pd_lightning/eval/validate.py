@@ -106,7 +106,7 @@ def baseline_setting_differences(opts: BenchmarkOptions) -> list[str]:
 
 def check(opts: BenchmarkOptions, ckpt_path: str | None, datamodule) -> dict:
     """Refuse bad input before the run; returns what ``score`` needs (tokenizer, baseline scores, output path)."""
-    from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from pd_lightning.corpus.tokenizer import load_tokenizer, tokenizer_fingerprint
     from pd_lightning.eval.report import load_baseline
     from pd_lightning.eval.tasks import KNOWN_TASKS, check_data
 

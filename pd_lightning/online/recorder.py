@@ -13,7 +13,7 @@ Each recorded micro-batch is spooled to ``<output>/.recording/part-*.pt`` (uncom
 ``K * 8 + 20`` bytes per position). **A sequence seen more than once in the window is recorded once: its latest
 visit wins** (the logits of the most trained teacher). When the window ends, the distinct recorded sequences, in
 ascending order of their index in the token file, become the sequences ``0 .. M-1`` of a cache written through the
-offline :class:`~pd_lightning.data.cache_writer.CacheWriter` (same format, same shards and index), the spool is
+offline :class:`~pd_lightning.cache.writer.CacheWriter` (same format, same shards and index), the spool is
 deleted, and ``recorded_sequences.npy`` beside the cache maps cache sequence -> token-file sequence. A student then
 trains from it exactly as from an offline cache (``CacheDataModule``).
 
@@ -43,7 +43,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from pd_lightning.data.cache_format import (
+from pd_lightning.cache.format import (
     DEFAULT_SHARD_TOKENS,
     CacheError,
     CacheMismatchError,
@@ -53,7 +53,7 @@ from pd_lightning.data.cache_format import (
     token_source_fingerprint,
     write_json_atomic,
 )
-from pd_lightning.data.cache_writer import CacheWriter
+from pd_lightning.cache.writer import CacheWriter
 from pd_lightning.distill.processors import LogitsProcessor, TopPK, position_keys
 from pd_lightning.distill.target import SparseTarget
 from pd_lightning.online.collect import TargetCollector, _pad
@@ -135,7 +135,7 @@ class LogitRecorder(L.Callback):
         if not hasattr(trainer.datamodule, "tokens"):
             raise ValueError(
                 f"{where} records a teacher pre-trained on a token file: use --data "
-                f"pd_lightning.data.datamodule.TokenDataModule (got {type(trainer.datamodule).__name__})"
+                f"pd_lightning.corpus.datamodule.TokenDataModule (got {type(trainer.datamodule).__name__})"
             )
         total = trainer.max_steps if trainer.max_steps > 0 else pl_module.total_steps
         tokens = self.last_tokens if self.last_tokens is not None else self.first_tokens

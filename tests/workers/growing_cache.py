@@ -18,8 +18,8 @@ from pathlib import Path
 
 import lightning as L
 
-from pd_lightning.data.cache_datamodule import CacheDataModule
-from pd_lightning.data.cache_format import CacheSpec, index_document, rank_index_name, shard_name, write_json_atomic
+from pd_lightning.cache.datamodule import CacheDataModule
+from pd_lightning.cache.format import CacheSpec, index_document, rank_index_name, shard_name, write_json_atomic
 
 INDEX = rank_index_name(0, 1)
 

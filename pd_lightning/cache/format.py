@@ -575,7 +575,7 @@ def token_source_fingerprint(tokens_path: Path | str, split: str, sample_rows: i
         split: dataset name in it (``train`` or ``val``).
         sample_rows: rows hashed in full.
     """
-    from pd_lightning.data.corpus import TokenFile  # lazy: corpus.py is the reader of both token layouts
+    from pd_lightning.corpus.prepare import TokenFile  # lazy: corpus.py is the reader of both token layouts
 
     # TokenFile checks that every shard of a sharded token file is there and belongs to it. For a legacy single
     # file (int32 datasets) the digest is byte for byte what it was, so existing caches keep matching their tokens.

@@ -1,6 +1,6 @@
 """Writing a teacher cache once, in bounded self-contained shards: resumable, crash-safe, optionally in a thread.
 
-Writer rank ``r`` of ``W`` writes the shards ``j = r, r + W, ...`` (see :mod:`pd_lightning.data.cache_format`), one
+Writer rank ``r`` of ``W`` writes the shards ``j = r, r + W, ...`` (see :mod:`pd_lightning.cache.format`), one
 at a time, streaming whole sequences into ``shard-{j:06d}.h5.tmp`` as they arrive. When the shard's last sequence
 is in, the writer stores the per-sequence tables and the attributes, sets ``complete=True`` last, fsyncs, renames
 the file into place (atomic), fsyncs the folder, and records the shard in the rank's index
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pd_lightning.data.cache_format import (
+from pd_lightning.cache.format import (
     INDEX_NAME,
     RANK_INDEX_RE,
     SCHEMA1_RE,

@@ -1,6 +1,6 @@
 """Reading a teacher cache: a map-style ``Dataset`` over the sequences of its finished shards.
 
-The reader takes the union of the cache's indexes (see :mod:`pd_lightning.data.cache_format`), i.e. the finished
+The reader takes the union of the cache's indexes (see :mod:`pd_lightning.cache.format`), i.e. the finished
 shards of any number of writer ranks, and checks every shard's header (it exists, opens, is complete and of the
 index's spec). Only small per-shard tables are loaded, lazily; HDF5 handles are opened lazily, once per process, so
 the dataset works in DataLoader workers started by fork or spawn (handles are never pickled or shared).
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pd_lightning.data.cache_format import (
+from pd_lightning.cache.format import (
     SHARD_RE,
     CacheCorruptError,
     CacheError,

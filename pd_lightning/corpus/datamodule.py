@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pd_lightning.data.corpus import TokenFile
-from pd_lightning.data.sampler import ResumableSampler
+from pd_lightning.corpus.prepare import TokenFile
+from pd_lightning.corpus.sampler import ResumableSampler
 
 DEFAULT_DATA_SEED = 1234  # the shuffle seed when neither --data.seed nor --seed_everything gives one
 

@@ -8,10 +8,10 @@ import sys
 
 from torch.utils.data import DataLoader, Dataset
 
-from pd_lightning.data.cache_format import CacheMismatchError
-from pd_lightning.data.cache_reader import TeacherCache
-from pd_lightning.data.corpus import TokenFile
-from pd_lightning.data.datamodule import SequenceDataModule, TokenDataset
+from pd_lightning.cache.format import CacheMismatchError
+from pd_lightning.cache.reader import TeacherCache
+from pd_lightning.corpus.datamodule import SequenceDataModule, TokenDataset
+from pd_lightning.corpus.prepare import TokenFile
 
 
 class CacheDataModule(SequenceDataModule):

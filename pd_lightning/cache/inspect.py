@@ -11,7 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pd_lightning.data.cache_format import (
+from pd_lightning.cache.format import (
     DATASETS,
     DEFAULT_SHARD_TOKENS,
     MAX_VOCAB,
@@ -24,7 +24,7 @@ from pd_lightning.data.cache_format import (
     CacheMismatchError,
     read_dataset,
 )
-from pd_lightning.data.cache_reader import RESUME, TeacherCache, open_layout
+from pd_lightning.cache.reader import RESUME, TeacherCache, open_layout
 
 _BLOCK_TOKENS = 1 << 20  # positions scanned per step
 

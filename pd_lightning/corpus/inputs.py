@@ -112,7 +112,7 @@ def plan_units(inputs: list[str], chunk_bytes: int, text_field: str = "text") ->
     units = []
     for name in inputs:
         if name == BUILTIN:
-            from pd_lightning.data.builtin_corpus import builtin_sources
+            from pd_lightning.corpus.builtin import builtin_sources
 
             n = len(builtin_sources())
             units.extend(Unit(BUILTIN, BUILTIN, a, min(a + BUILTIN_FILES, n), 1) for a in range(0, n, BUILTIN_FILES))
@@ -261,7 +261,7 @@ def _compressed_lines(unit: Unit) -> Iterator[tuple[int, str]]:
 def unit_documents(unit: Unit, text_field: str = "text", txt_doc_chars: int = 4096) -> Iterator[str]:
     """The documents of one unit, in order (empty ones included; the caller skips them)."""
     if unit.kind == BUILTIN:
-        from pd_lightning.data.builtin_corpus import builtin_documents
+        from pd_lightning.corpus.builtin import builtin_documents
 
         yield from builtin_documents(unit.start, unit.stop)
     elif unit.kind == ".txt":

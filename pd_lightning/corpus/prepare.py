@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pd_lightning.data.prepare_inputs import (
+from pd_lightning.corpus.inputs import (
     BUILTIN,
     CorpusError,
     Unit,
@@ -42,9 +42,9 @@ from pd_lightning.data.prepare_inputs import (
     pieces,
     plan_units,
 )
-from pd_lightning.data.prepare_worker import SPLITS, PartSpec, init_worker, part_paths, read_part_meta, tokenize_unit
-from pd_lightning.data.token_shards import ShardedRows, SplitPacker, write_index
-from pd_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe, vocab_size_of
+from pd_lightning.corpus.token_shards import ShardedRows, SplitPacker, write_index
+from pd_lightning.corpus.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe, vocab_size_of
+from pd_lightning.corpus.workers import SPLITS, PartSpec, init_worker, part_paths, read_part_meta, tokenize_unit
 from pd_lightning.paths import WRITE_ERRNOS
 
 TOKEN_SCHEMA_VERSION = 2

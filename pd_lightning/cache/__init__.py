@@ -1,12 +1,12 @@
 """The HDF5 teacher-logits cache: one import for its public API.
 
-Format, encoding and index: :mod:`pd_lightning.data.cache_format`; writing (bounded shards written once,
+Format, encoding and index: :mod:`pd_lightning.cache.format`; writing (bounded shards written once,
 resumable, crash-safe, background):
-:mod:`pd_lightning.data.cache_writer`; reading: :mod:`pd_lightning.data.cache_reader`; verification and
-statistics: :mod:`pd_lightning.data.cache_inspect`.
+:mod:`pd_lightning.cache.writer`; reading: :mod:`pd_lightning.cache.reader`; verification and
+statistics: :mod:`pd_lightning.cache.inspect`.
 """
 
-from pd_lightning.data.cache_format import (
+from pd_lightning.cache.format import (
     SCHEMA_VERSION,
     CacheCorruptError,
     CacheError,
@@ -18,9 +18,9 @@ from pd_lightning.data.cache_format import (
     shard_name,
     token_source_fingerprint,
 )
-from pd_lightning.data.cache_inspect import cache_info, plot_entries_histogram, verify
-from pd_lightning.data.cache_reader import TeacherCache
-from pd_lightning.data.cache_writer import BackgroundWriter, CacheWriter
+from pd_lightning.cache.inspect import cache_info, plot_entries_histogram, verify
+from pd_lightning.cache.reader import TeacherCache
+from pd_lightning.cache.writer import BackgroundWriter, CacheWriter
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pd_lightning.data.prepare_inputs import PIECE_CHARS, Unit, pieces, unit_documents
+from pd_lightning.corpus.inputs import PIECE_CHARS, Unit, pieces, unit_documents
 
 SPLITS = ("train", "val")
 BATCH_CHARS = 1 << 20  # characters of text encoded per batch

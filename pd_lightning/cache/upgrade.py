@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import torch
 
-from pd_lightning.data.cache_format import (
+from pd_lightning.cache.format import (
     DEFAULT_SHARD_TOKENS,
     FORMAT_NAME,
     NLOGP_MAX,
@@ -26,7 +26,7 @@ from pd_lightning.data.cache_format import (
     decode,
     read_dataset,
 )
-from pd_lightning.data.cache_writer import CacheWriter
+from pd_lightning.cache.writer import CacheWriter
 from pd_lightning.distill.target import SparseTarget
 
 OLD_SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
