@@ -145,7 +145,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/eval_full_time.py --scale 2
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/prepare_scaling.py
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/recorder_overhead.py --reps 7
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/recorder_overhead.py --reps 21
 
 clean:
 	rm -rf runs lightning_logs data/demo data/bench
