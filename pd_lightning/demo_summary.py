@@ -4,7 +4,7 @@
 
 The first run is the baseline (Δ% = ``100 · (L_first − L) / L_first``). Each folder is a fit's
 ``--trainer.default_root_dir``: its newest ``metrics.csv`` (CSVLogger) gives the validation curve, whose last point
-is the held-out loss; its ``config.yaml`` gives the seed, the student and the plug-ins; a ``bench.json`` in it
+is the held-out loss (and its last ``val/bpb`` the held-out bits per byte); its ``config.yaml`` gives the seed, the student and the plug-ins; a ``bench.json`` in it
 (``pd-lightning validate --eval.output``) gives the benchmark average. The rows have the shape of
 ``pd-lightning sweep``'s ``results.jsonl``, so the same table and figures apply.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pd_lightning.sweep import CACHE_RE, cache_bytes_per_token, describe, val_curve
+from pd_lightning.sweep import CACHE_RE, cache_bytes_per_token, describe, last_val_bpb, val_curve
 
 BENCH_FILE = "bench.json"  # a run's benchmark scores (pd-lightning validate --eval.output <run>/bench.json)
 
@@ -56,6 +56,7 @@ def row_from_run(name: str, run_dir: str | Path, baseline: bool = False) -> dict
         "cache_bytes_per_token": cache_bytes_per_token(cache) if m and not baseline else None,
         "val_loss": curve[-1][1],
         "val_ppl": math.exp(curve[-1][1]),
+        "val_bpb": last_val_bpb(run_dir),
         "val_curve": curve,
         "tokens": tokens,
         "bench_average": bench.get("average"),

@@ -5,7 +5,8 @@ With ``loss=None`` (the default) and alpha = 0 this is plain LM pre-training.
 
 Logged: ``train/loss``, ``train/lm_loss``, ``train/kd_loss`` ... of each step; ``train/ppl`` = exp(token-weighted
 mean LM loss over the steps since the last logged one); ``val/loss`` = token-weighted mean LM loss over the whole
-validation set and ``val/ppl`` = exp(``val/loss``) (``TokenMeanLoss``). Throughput figures come from
+validation set and ``val/ppl`` = exp(``val/loss``) (``TokenMeanLoss``); ``val/bpb`` = the same validation nats / ln 2 /
+the UTF-8 bytes of the target tokens (``pd_lightning.crosstok.bytes``), when the data names its tokenizer. Throughput figures come from
 ``pd_lightning.throughput.TrainThroughput``, which ``pd-lightning fit`` adds to the trainer. A non-finite loss, or
 a step that makes the weights non-finite, stops the run (``NonFiniteLossError``) before any checkpoint holds them.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from pd_lightning.crosstok.bytes import BitsPerByte, byte_lengths, target_bytes, tokenizer_folder
 from pd_lightning.distill.losses import DistillLoss
 from pd_lightning.distill.lr import WSDLR, Cosine, LRSchedule
 from pd_lightning.distill.objective import lm_kd_loss
@@ -159,6 +161,10 @@ class DistillationModule(L.LightningModule):
         # last logged one (train/ppl; this rank's, like train/loss). Metric states are not in the state_dict.
         self.val_lm = TokenMeanLoss()
         self.train_lm_window = TokenMeanLoss(sync_on_compute=False)
+        # Bits per byte of the validation set (val/bpb): nats and bytes summed over batches and ranks, then divided.
+        # The bytes per token id come from the data's tokenizer, read once per run in `setup` (None: not logged).
+        self.val_bpb = BitsPerByte()
+        self.token_byte_lengths: Tensor | None = None  # (V,) int64
         self.logit_observer = None  # set during its window by pd_lightning.online.recorder.LogitRecorder
         self._init_online_teacher(teacher, co_train, teacher_processor, teacher_power_gammas, teacher_dtype)
 
@@ -298,15 +304,25 @@ class DistillationModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self._loss(batch, 0.0)
-        self.val_lm.update(out.lm, self._lm_tokens(batch))
+        tokens = self._lm_tokens(batch)
+        self.val_lm.update(out.lm, tokens)
+        if self.token_byte_lengths is not None:
+            if self.token_byte_lengths.device != batch["labels"].device:  # once per run, not per batch
+                self.token_byte_lengths = self.token_byte_lengths.to(batch["labels"].device)
+            self.val_bpb.update(out.lm.double() * tokens, target_bytes(batch["labels"], self.token_byte_lengths))
 
     def on_validation_epoch_end(self) -> None:
         """``val/loss`` = token-weighted mean LM loss over the whole validation set (all ranks); ``val/ppl`` = its
-        exp. Logged once per validation run."""
+        exp; ``val/bpb`` = the validation set's nats / ln 2 / its target tokens' bytes (all ranks' sums, divided
+        once). Logged once per validation run."""
         loss = self.val_lm.compute()  # sums over ranks
         self.val_lm.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
+        if self.token_byte_lengths is not None:
+            bpb = self.val_bpb.compute()  # sums over ranks
+            self.val_bpb.reset()
+            self.log("val/bpb", bpb)
 
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
@@ -354,6 +370,7 @@ class DistillationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         data = self._trainer.datamodule if self._trainer is not None else None
+        self._load_token_bytes(data)
         if self.frozen_teacher is not None or self.teacher_model is not None:
             self._check_online_teacher(data)
         elif stage == "fit" and data is not None and not getattr(data, "provides_teacher_targets", False):
@@ -363,6 +380,24 @@ class DistillationModule(L.LightningModule):
                     f"--model.alpha reaches {max(alphas):.3g} > 0 but --data ({type(data).__name__}) provides no "
                     "teacher targets: train from a logits cache (pd_lightning.cache.datamodule.CacheDataModule)"
                 )
+
+    def _load_token_bytes(self, data) -> None:
+        """Bytes per token id for ``val/bpb``, from the data's tokenizer folder (once per run and folder). Without a
+        tokenizer folder (data that names none, or one since moved) ``val/bpb`` is not logged, with a warning."""
+        import sys
+        from pathlib import Path
+
+        folder = tokenizer_folder(data) if data is not None else None
+        if folder is None:
+            self.token_byte_lengths = None
+            return
+        if not Path(folder).is_dir():
+            if self._trainer is None or self.trainer.is_global_zero:
+                print(f"pd-lightning: warning: the data's tokenizer folder {folder} does not exist; val/bpb is not "
+                      "logged", file=sys.stderr)  # fmt: skip
+            self.token_byte_lengths = None
+            return
+        self.token_byte_lengths = byte_lengths(str(Path(folder).resolve()))
 
     def _check_online_teacher(self, data) -> None:
         """The in-step teacher must read the student's tokens: same vocabulary, same tokenizer."""

@@ -3,7 +3,9 @@
     pd-lightning report runs/sweeps/alpha            # the sweep folder (or its results.jsonl)
 
 Δ% of a run = ``100 · (L_lm − L) / L_lm``: its held-out LM loss ``L`` against the LM-only baseline's ``L_lm`` of
-the same student and seed (paired), positive = better than LM-only, as the paper's ↑. Over seeds: the mean and the
+the same student and seed (paired), positive = better than LM-only, as the paper's ↑. Where the runs logged
+``val/bpb`` (held-out bits per byte, which compares students with different tokenizers) the table shows its mean and
+the paired Δ% of bits per byte too. Over seeds: the mean and the
 sample standard deviation of the paired Δ%. The paper's Δ% is on its benchmark average (GLM students, 100B
 tokens); ours is on held-out loss at a small scale, so the two are compared by direction, not size.
 
@@ -94,8 +96,10 @@ def is_baseline(row: dict) -> bool:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One entry per config: mean held-out loss, Δ% (paired with the baseline of the same student and seed)."""
+    """One entry per config: mean held-out loss, Δ% (paired with the baseline of the same student and seed), and the
+    same two for bits per byte where the runs logged it."""
     base = {(r.get("student"), r["seed"]): r["val_loss"] for r in rows if is_baseline(r)}
+    base_bpb = {(r.get("student"), r["seed"]): r["val_bpb"] for r in rows if is_baseline(r) and r.get("val_bpb")}
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["name"], r.get("student"))].append(r)
@@ -107,6 +111,12 @@ def summarize(rows: list[dict]) -> list[dict]:
             if (student, r["seed"]) in base
         ]
         losses = [r["val_loss"] for r in rs]
+        bpbs = [r["val_bpb"] for r in rs if r.get("val_bpb") is not None]
+        deltas_bpb = [
+            100.0 * (base_bpb[(student, r["seed"])] - r["val_bpb"]) / base_bpb[(student, r["seed"])]
+            for r in rs
+            if (student, r["seed"]) in base_bpb and r.get("val_bpb") is not None
+        ]
         bench = [r["bench_average"] for r in rs if r.get("bench_average") is not None]
         first = rs[0]
         out.append(
@@ -118,6 +128,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "val_ppl": math.exp(statistics.fmean(losses)),
                 "delta": statistics.fmean(deltas) if deltas else None,
                 "delta_std": statistics.stdev(deltas) if len(deltas) > 1 else None,
+                "val_bpb": statistics.fmean(bpbs) if bpbs else None,
+                "delta_bpb": statistics.fmean(deltas_bpb) if deltas_bpb else None,
                 "bench_average": statistics.fmean(bench) if bench else None,
                 "cache_bytes_per_token": None if first.get("loss") == "LM only" else first.get("cache_bytes_per_token"),
                 "tokens": first.get("tokens"),
@@ -134,8 +146,9 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """The table of every config: held-out loss/ppl, Δ% over LM-only (± std over seeds), the paper's Δ%, benchmark
-    average, cache bytes/token, tokens, wall time; a column empty for every config is left out."""
+    """The table of every config: held-out loss/ppl, Δ% over LM-only (± std over seeds), held-out bits per byte and
+    its Δ%, the paper's Δ%, benchmark average, cache bytes/token, tokens, wall time; a column empty for every config
+    is left out."""
     columns = [
         ("config", lambda s: s["name"]),
         ("student", lambda s: s["student"] or ""),
@@ -144,6 +157,8 @@ def markdown_table(summary: list[dict]) -> str:
         ("ppl", lambda s: f"{s['val_ppl']:.1f}"),
         ("Δ% vs LM-only", lambda s: "baseline" if s["baseline"] else _fmt(s["delta"], "+.2f")),
         ("± std", lambda s: "" if s["baseline"] else _fmt(s["delta_std"], ".2f")),
+        ("bits/byte", lambda s: _fmt(s.get("val_bpb"), ".4f")),
+        ("Δ% bits/byte", lambda s: "" if s["baseline"] else _fmt(s.get("delta_bpb"), "+.2f")),
         ("paper Δ%", lambda s: _fmt(s["paper_delta"], "+.1f")),
         ("bench avg %", lambda s: _fmt(s["bench_average"], ".2f")),
         ("cache B/token", lambda s: _fmt(s["cache_bytes_per_token"], ".1f")),

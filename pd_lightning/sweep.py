@@ -61,7 +61,7 @@ SCALES = {
 }
 CSV_FIELDS = [
     "name", "seed", "student", "loss", "tau", "alpha", "lr_schedule", "cache", "p", "k", "cache_bytes_per_token",
-    "val_loss", "val_ppl", "bench_average", "tokens", "wall_s", "config_file",
+    "val_loss", "val_ppl", "val_bpb", "bench_average", "tokens", "wall_s", "config_file",
 ]  # fmt: skip
 
 
@@ -233,6 +233,13 @@ def val_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
     """``(optimizer step, val/loss)`` of every validation run, in order. Lightning's CSV ``step`` column counts from
     0 (a validation after 50 optimizer steps is logged at step 49), so 1 is added: the step the run printed."""
     return [(int(r["step"]) + 1, r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r]
+
+
+def last_val_bpb(run_dir: str | os.PathLike) -> float | None:
+    """The last ``val/bpb`` (bits per byte, ``pd_lightning.crosstok.bytes``) the run logged, or ``None`` (a run whose
+    data names no tokenizer, or one from before val/bpb was logged)."""
+    values = [r["val/bpb"] for r in read_metrics(run_dir) if "val/bpb" in r]
+    return values[-1] if values else None
 
 
 def _plugin(cfg: dict, key: str) -> tuple[str | None, dict]:
@@ -447,6 +454,7 @@ def run_one(config: Path, seed: int, args, scale_file: Path, tokens: Path, env: 
         "cache_bytes_per_token": cache_bytes_per_token(cache),
         "val_loss": curve[-1][1],
         "val_ppl": math.exp(curve[-1][1]),
+        "val_bpb": last_val_bpb(run_dir),
         "val_curve": curve,
         "tokens": int(trainer["max_steps"]) * int(data["batch_size"]) * seq_len
         * int(trainer.get("accumulate_grad_batches") or 1) * int(trainer.get("devices") or 1),

@@ -294,6 +294,35 @@ def encode_block(
         bad = float(nlogp[np.argmin(q)] if q.min() < 0 else nlogp[np.argmax(q)])
         raise ValueError(f"-log p must lie in [0, {step * (2**31 - 1):.4g}] (step {step}), got {bad:.6g}")
     q = q.astype(np.int64)
+    return _encode(c, ids, q, table, step, level)
+
+
+def encode_codes(
+    counts: np.ndarray, ids: np.ndarray, codes: np.ndarray, table: IdTable, step: float, level: int = ZSTD_LEVEL
+) -> bytes:
+    """:func:`encode_block` from integer codes: ``-log p = codes * step`` exactly as given (no re-rounding).
+
+    The cache writer codes the schema-2 quantised values (``q``, ``0 <= q < 2^14``) this way, so a schema-3 cache
+    decodes to exactly the values a schema-2 cache of the same teacher holds.
+    """
+    c = _counts(counts)
+    ids = np.asarray(ids).reshape(-1).astype(np.int64, copy=False)
+    q = np.asarray(codes).reshape(-1).astype(np.int64, copy=False)
+    e = int(c.sum(dtype=np.int64))
+    if ids.size != e or q.size != e:
+        raise ValueError(f"counts sum to {e} entries but ids has {ids.size} and codes {q.size}")
+    if not (np.isfinite(step) and step > 0):
+        raise ValueError(f"step must be a positive finite number, got {step!r}")
+    v = table.vocab_size
+    if e and (int(ids.min()) < 0 or int(ids.max()) >= v):
+        raise ValueError(f"ids must lie in [0, vocab_size={v}), got [{int(ids.min())}, {int(ids.max())}]")
+    if e and (int(q.min()) < 0 or int(q.max()) >= 1 << 31):
+        raise ValueError(f"codes must lie in [0, 2^31), got [{int(q.min())}, {int(q.max())}]")
+    return _encode(c, ids, q, table, step, level)
+
+
+def _encode(c: np.ndarray, ids: np.ndarray, q: np.ndarray, table: IdTable, step: float, level: int) -> bytes:
+    e = q.size
     wide = bool(e) and int(q.max()) >= 1 << 15  # 16-bit differences, read as int16, need codes below 2^15
     vdtype = np.uint32 if wide else np.uint16
     delta = np.diff(q, prepend=0).astype(vdtype)  # modulo 2^w: wraps at row starts
@@ -309,7 +338,18 @@ def encode_block(
     frames = [comp.compress(p) for p in planes]
     counts_crc = zlib.crc32(c.astype("<u4").tobytes())
     head = _FIXED.pack(
-        MAGIC, VERSION, RANK_LO_BITS, n_ext, delta.itemsize, c.size, e, rest.size, v, float(step), table.crc, counts_crc
+        MAGIC,
+        VERSION,
+        RANK_LO_BITS,
+        n_ext,
+        delta.itemsize,
+        c.size,
+        e,
+        rest.size,
+        table.vocab_size,
+        float(step),
+        table.crc,
+        counts_crc,
     ) + struct.pack(f"<{len(frames)}I", *(len(f) for f in frames))
     return b"".join([head, struct.pack("<I", zlib.crc32(head)), *frames])
 

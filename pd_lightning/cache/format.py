@@ -61,7 +61,10 @@ from pd_lightning.distill.processors import DEFAULT_NLOGP_MAX, LogitsProcessor
 from pd_lightning.distill.target import SparseTarget
 
 FORMAT_NAME = "pd-lightning-teacher-cache"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # what writers write by default
+SCHEMAS = (2, 3)  # what readers read (schema 1: `pd-lightning cache-upgrade`)
+BLOCK_POSITIONS = 2048  # schema 3: positions per coded entry block (a sequence's blocks never span sequences)
+TABLE_POSITIONS = 2048  # schema 3: the shard's id table counts the ids of its first sequences covering this many
 Q_BITS = 14  # bits of the quantised -log p in a packed entry
 Q_MAX = (1 << Q_BITS) - 1
 NLOGP_MAX = DEFAULT_NLOGP_MAX  # -log p range of truncating processors; smaller probabilities are clamped to 1e-6
@@ -74,6 +77,10 @@ RANK_INDEX_RE = re.compile(r"^index-(\d{5})-of-(\d{5})\.json$")
 SCHEMA1_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.(h5|parts)$")
 DATASETS = (
     "sequence_index", "sequence_offsets", "tokens", "counts", "entries", "std", "entropy", "tail", "power_sum",
+)  # fmt: skip
+DATASETS3 = (
+    "sequence_index", "sequence_offsets", "tokens", "counts", "id_table", "blocks", "block_offsets", "std", "entropy",
+    "tail", "power_sum",
 )  # fmt: skip
 STAT_DATASETS = ("std", "entropy", "tail", "power_sum")
 
@@ -240,12 +247,17 @@ class CacheSpec:
         except (TypeError, ValueError) as err:
             raise CacheCorruptError(f"{path}: unreadable cache spec ({err})") from err
 
-    def to_attrs(self) -> dict[str, Any]:
+    def to_attrs(self, schema: int = SCHEMA_VERSION) -> dict[str, Any]:
         """Root attributes (including format name, schema version and the encoding constants)."""
-        attrs = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, **asdict(self)}
+        check_schema(schema)
+        attrs = {"format": FORMAT_NAME, "schema_version": schema, **asdict(self)}
         attrs["max_entries"] = self.max_entries or 0
         attrs["power_gammas"] = json.dumps(list(self.power_gammas))
-        attrs.update(quant_bits=Q_BITS, entry_dtype=str(entry_dtype(self.vocab_size)))
+        attrs.update(quant_bits=Q_BITS)
+        if schema == 2:
+            attrs.update(entry_dtype=str(entry_dtype(self.vocab_size)))
+        else:
+            attrs.update(entry_coding="pde3", block_positions=BLOCK_POSITIONS, table_positions=TABLE_POSITIONS)
         return attrs
 
     @classmethod
@@ -253,8 +265,11 @@ class CacheSpec:
         """Read a spec back from a shard's attributes, refusing other formats and schema versions."""
         if attrs.get("format") != FORMAT_NAME:
             raise CacheCorruptError(f"{path} is not a pd-lightning teacher cache shard (format={attrs.get('format')})")
-        if int(attrs["schema_version"]) != SCHEMA_VERSION:
+        schema = int(attrs["schema_version"])
+        if schema == 1:
             raise CacheMismatchError(schema1_message(Path(path).parent))
+        if schema not in SCHEMAS:
+            raise CacheMismatchError(unknown_schema_message(path, schema))
         values = {}
         for f in fields(cls):
             value = attrs[f.name]
@@ -272,10 +287,32 @@ class CacheSpec:
         )
 
 
+def check_schema(schema: int) -> int:
+    """``schema`` if this version writes it, else a ``ValueError`` naming ``--writer.schema``."""
+    if isinstance(schema, bool) or schema not in SCHEMAS:
+        raise ValueError(f"--writer.schema must be one of {list(SCHEMAS)}, got {schema!r}")
+    return int(schema)
+
+
+def unknown_schema_message(path: Path | str, schema: int) -> str:
+    return (
+        f"{path} is a schema-{schema} teacher cache; this pd-lightning reads schemas {', '.join(map(str, SCHEMAS))} "
+        "(written by a newer pd-lightning? upgrade pd-lightning, or write the cache again with `pd-lightning predict`)"
+    )
+
+
+def shard_schema(attrs: Any) -> int:
+    """The schema version of a shard from its root attributes (0 when it has none)."""
+    try:
+        return int(attrs.get("schema_version", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def schema1_message(path: Path) -> str:
     return (
         f"{path} is a schema-1 teacher cache (written by an older pd-lightning, one merged shard per rank); this "
-        f"version reads schema {SCHEMA_VERSION}: convert it with `pd-lightning cache-upgrade {path} --output NEW` "
+        f"version reads schemas 2 and 3: convert it with `pd-lightning cache-upgrade {path} --output NEW` "
         "or write it again with `pd-lightning predict`"
     )
 
@@ -309,16 +346,21 @@ def read_json(path: Path) -> dict[str, Any]:
         ) from err
     if not isinstance(value, dict) or value.get("format") != FORMAT_NAME:
         raise CacheCorruptError(f"{path} is not a pd-lightning teacher cache index")
-    if int(value.get("schema_version", 0)) != SCHEMA_VERSION:
+    schema = int(value.get("schema_version", 0))
+    if schema in (0, 1):
         raise CacheMismatchError(schema1_message(path.parent))
+    if schema not in SCHEMAS:
+        raise CacheMismatchError(unknown_schema_message(path, schema))
     return value
 
 
-def index_document(spec: CacheSpec, shards: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def index_document(
+    spec: CacheSpec, shards: dict[int, dict[str, Any]], schema: int = SCHEMA_VERSION, **extra: Any
+) -> dict[str, Any]:
     """The JSON of an index: spec and the records of finished shards (keys: shard numbers as strings)."""
     return {
         "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": check_schema(schema),
         "spec": spec.to_json(),
         "shards": {str(j): shards[j] for j in sorted(shards)},
         **extra,
@@ -334,12 +376,14 @@ class CacheLayout:
         spec: the cache spec.
         shards: ``{shard: record}`` of finished shards (``sequences``, ``entries``, ``max_count``, ``bytes``).
         final: whether ``index.json`` (written once every shard is finished) exists.
+        schema: the schema version of every shard (a folder never mixes two).
     """
 
     path: Path
     spec: CacheSpec
     shards: dict[int, dict[str, Any]]
     final: bool
+    schema: int = SCHEMA_VERSION
 
     @property
     def complete(self) -> bool:
@@ -367,7 +411,7 @@ def read_layout(path: Path | str, check_files: bool = True) -> CacheLayout | Non
     indexes = ([path / INDEX_NAME] if INDEX_NAME in names else []) + [path / n for n in names if RANK_INDEX_RE.match(n)]
     if not indexes:
         return None
-    spec, first, shards = None, None, {}
+    spec, first, shards, schema = None, None, {}, None
     for index in indexes:
         try:
             doc = read_json(index)
@@ -376,8 +420,15 @@ def read_layout(path: Path | str, check_files: bool = True) -> CacheLayout | Non
                 continue
             raise
         this = CacheSpec.from_json(doc.get("spec", {}), index)
+        this_schema = int(doc["schema_version"])
         if spec is None:
-            spec, first = this, index
+            spec, first, schema = this, index, this_schema
+        elif this_schema != schema:
+            raise CacheMismatchError(
+                f"{path} mixes schema-{schema} and schema-{this_schema} shards ({first.name}, {index.name}); a cache "
+                "folder holds one schema: finish it with the schema it was started with (`--writer.schema "
+                f"{schema}`), or convert it with `pd-lightning cache-upgrade`"
+            )
         elif this != spec:
             raise CacheMismatchError(
                 f"{path} mixes two caches: {index.name} was written with other parameters than {first.name} "
@@ -395,7 +446,7 @@ def read_layout(path: Path | str, check_files: bool = True) -> CacheLayout | Non
                 f"{path}: the index names {shard_name(j)}, which is missing; rerun `pd-lightning predict` with the "
                 "same arguments to write it again"
             )
-    return CacheLayout(path, spec, shards, INDEX_NAME in names)
+    return CacheLayout(path, spec, shards, INDEX_NAME in names, schema)
 
 
 @dataclass
@@ -499,7 +550,8 @@ def _prefix_table(k: int) -> np.ndarray:
 def decode(
     counts: np.ndarray, entries: np.ndarray, max_entries: int, nlogp_max: float = NLOGP_MAX
 ) -> tuple[np.ndarray, np.ndarray]:
-    """CSR entries -> padded ``ids`` ``(W, K)`` int64 (padding 0) and ``logprobs`` ``(W, K)`` fp32 (padding -inf).
+    """Schema-2 CSR entries -> padded ``ids`` ``(W, K)`` int64 (padding 0) and ``logprobs`` ``(W, K)`` fp32 (padding
+    -inf).
 
     Args:
         counts: ``(W,)`` entries per position.
@@ -507,10 +559,18 @@ def decode(
         max_entries: ``K``.
         nlogp_max: the cache's ``-log p`` range (``spec.nlogp_max``).
     """
-    w, k = counts.shape[0], max_entries
     ids_flat = (entries >> Q_BITS).astype(np.int64)  # (E,)
     lp_flat = (entries & Q_MAX).astype(np.float32) * np.float32(-nlogp_max / Q_MAX)  # (E,)
-    if entries.shape[0] == w * k:  # every position full: a reshape, no scatter
+    return pad_entries(counts, ids_flat, lp_flat, max_entries)
+
+
+def pad_entries(
+    counts: np.ndarray, ids_flat: np.ndarray, lp_flat: np.ndarray, max_entries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat entries (row after row, ``counts[t]`` in row ``t``) -> padded ``ids`` ``(W, K)`` int64 (padding 0) and
+    ``logprobs`` ``(W, K)`` fp32 (padding -inf)."""
+    w, k = counts.shape[0], max_entries
+    if ids_flat.shape[0] == w * k:  # every position full: a reshape, no scatter
         return ids_flat.reshape(w, k), lp_flat.reshape(w, k)
     ids = np.zeros((w, k), dtype=np.int64)
     logprobs = np.full((w, k), -np.inf, dtype=np.float32)
@@ -521,6 +581,62 @@ def decode(
     ids[mask] = ids_flat
     logprobs[mask] = lp_flat
     return ids, logprobs
+
+
+# ------------------------------------------------------------------------------------------------ schema 3 entries
+def code_step(nlogp_max: float) -> float:
+    """The ``-log p`` step of a cache's quantised values (both schemas): ``nlogp_max / (2^14 - 1)``."""
+    return nlogp_max / Q_MAX
+
+
+def blocks_per_sequence(seq_len: int) -> int:
+    """Schema 3: coded entry blocks per sequence (positions ``[b * 2048, (b + 1) * 2048)`` of it in block ``b``)."""
+    return -(-seq_len // BLOCK_POSITIONS)
+
+
+def table_sequences(seq_len: int) -> int:
+    """Schema 3: a shard's id table counts the ids of its first ``table_sequences(L)`` sequences (fewer when the
+    shard holds fewer), whatever the batches they were written in: the table, and so the shard's bytes, are a
+    function of the shard's content alone."""
+    return -(-TABLE_POSITIONS // seq_len)
+
+
+def shard_id_table(entries: np.ndarray, vocab_size: int):
+    """The :class:`~pd_lightning.cache.codec.IdTable` of a shard whose first sequences hold the packed ``entries``
+    (schema-2 packing: ``id << 14 | q``)."""
+    from pd_lightning.cache.codec import build_id_table
+
+    return build_id_table((entries >> Q_BITS).astype(np.int64), vocab_size)
+
+
+def encode_sequence_blocks(
+    counts: np.ndarray, entries: np.ndarray, seq_len: int, table, nlogp_max: float
+) -> list[bytes]:
+    """Schema 3: the coded blocks of whole sequences (packed schema-2 entries in, the same values out).
+
+    Args:
+        counts: ``(S * L,)`` entries per position of ``S`` whole sequences.
+        entries: ``(sum(counts),)`` packed entries (``id << 14 | q``), row after row.
+        seq_len: ``L``.
+        table: the shard's id table.
+        nlogp_max: the cache's ``-log p`` range (the step is :func:`code_step`).
+    """
+    from pd_lightning.cache.codec import encode_codes
+
+    step = code_step(nlogp_max)
+    n_seq = counts.shape[0] // seq_len
+    starts = np.arange(0, seq_len, BLOCK_POSITIONS)  # block starts inside a sequence
+    bounds = (np.arange(n_seq)[:, None] * seq_len + starts[None, :]).reshape(-1)  # (S * nb,) position starts
+    edges = np.concatenate([bounds, [counts.shape[0]]])
+    first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[edges]  # entry offset of every block edge
+    ids = (entries >> Q_BITS).astype(np.int64)
+    codes = (entries & Q_MAX).astype(np.int64)
+    return [
+        encode_codes(
+            counts[edges[b] : edges[b + 1]], ids[first[b] : first[b + 1]], codes[first[b] : first[b + 1]], table, step
+        )  # fmt: skip
+        for b in range(len(bounds))
+    ]
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
@@ -557,7 +673,7 @@ def content_checksum(path: Path | str, block: int = 1 << 22) -> str:
         with h5py.File(file, "r") as f:
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
             digest.update(json.dumps(attrs, sort_keys=True, default=str).encode())
-            for name in DATASETS:
+            for name in DATASETS3 if shard_schema(f.attrs) == 3 else DATASETS:
                 dset = f[name]
                 digest.update(f"{name}:{dset.dtype.str}:{dset.shape}".encode())
                 row = max(1, int(np.prod(dset.shape[1:])))

@@ -12,17 +12,21 @@ import h5py
 import numpy as np
 
 from pd_lightning.cache.format import (
+    BLOCK_POSITIONS,
     DATASETS,
+    DATASETS3,
     DEFAULT_SHARD_TOKENS,
     MAX_VOCAB,
     Q_BITS,
-    SCHEMA_VERSION,
     SMALL_VOCAB,
     STAT_DATASETS,
     CacheCorruptError,
     CacheIncompleteError,
     CacheMismatchError,
+    blocks_per_sequence,
+    code_step,
     read_dataset,
+    shard_schema,
 )
 from pd_lightning.cache.reader import RESUME, TeacherCache, open_layout
 
@@ -55,25 +59,62 @@ def _verify_shard(file: Path, length: int, vocab_size: int) -> tuple[int, int, i
     """Read every byte of one shard, checking it (see :func:`verify`); (sequences, tokens, entries, max id)."""
     max_id = -1
     with h5py.File(file, "r") as f:
-        for name in DATASETS:  # the small ones in full; big ones block by block below
+        schema = shard_schema(f.attrs)
+        for name in DATASETS3 if schema == 3 else DATASETS:  # the small ones in full; big ones block by block below
             if name not in f:
                 raise CacheCorruptError(f"cache shard {file} lacks dataset '{name}'")
         offsets = read_dataset(file, f["sequence_offsets"])
-        num_seq, num_entries = len(offsets) - 1, f["entries"].shape[0]
+        num_seq = len(offsets) - 1
+        num_entries = int(offsets[-1]) if schema == 3 else f["entries"].shape[0]
         read_dataset(file, f["sequence_index"])
         if offsets[0] != 0 or offsets[-1] != num_entries or (np.diff(offsets) < 0).any():
             raise CacheCorruptError(f"cache shard {file}: sequence_offsets inconsistent with 'entries'")
         if f["tokens"].shape != (num_seq, length + 1) or f["counts"].shape[0] != num_seq * length:
             raise CacheCorruptError(f"cache shard {file}: dataset shapes do not match {num_seq} sequences")
+        if schema == 3:
+            from pd_lightning.cache.codec import IdTable, decode_block
+
+            nb = blocks_per_sequence(length)
+            block_offsets = read_dataset(file, f["block_offsets"])
+            if (
+                len(block_offsets) != num_seq * nb + 1
+                or block_offsets[0] != 0
+                or block_offsets[-1] != f["blocks"].shape[0]
+                or (np.diff(block_offsets) <= 0).any()
+            ):
+                raise CacheCorruptError(f"cache shard {file}: 'block_offsets' inconsistent with 'blocks'")
+            try:
+                table = IdTable.from_bytes(read_dataset(file, f["id_table"]).tobytes())
+            except ValueError as err:
+                raise CacheCorruptError(f"cache shard {file}: dataset 'id_table' is corrupt ({err})") from err
+            if table.vocab_size != vocab_size:
+                raise CacheCorruptError(f"cache shard {file}: its id table is for vocab_size {table.vocab_size}")
         for a, b in _blocks(offsets, length):
             _check_finite(file, f, a * length, b * length)
             tokens = read_dataset(file, f["tokens"], slice(a, b))
             counts = read_dataset(file, f["counts"], slice(a * length, b * length)).astype(np.int64)
             if not np.array_equal(counts.reshape(-1, length).sum(1), np.diff(offsets[a : b + 1])):
                 raise CacheCorruptError(f"cache shard {file}: 'counts' disagree with 'sequence_offsets'")
-            entries = read_dataset(file, f["entries"], slice(int(offsets[a]), int(offsets[b])))
-            if entries.size:
-                max_id = max(max_id, int((entries >> Q_BITS).max()))
+            if schema == 3:
+                lo, hi = int(block_offsets[a * nb]), int(block_offsets[b * nb])
+                data = memoryview(read_dataset(file, f["blocks"], slice(lo, hi)))
+                for blk in range(a * nb, b * nb):  # decode every block: the codec's own checks catch the rest
+                    s, q = divmod(blk, nb)
+                    p0 = s * length + q * BLOCK_POSITIONS
+                    c = counts[p0 - a * length : min(p0 + BLOCK_POSITIONS, (s + 1) * length) - a * length]
+                    x, y = int(block_offsets[blk]) - lo, int(block_offsets[blk + 1]) - lo
+                    try:
+                        ids, _ = decode_block(data[x:y], c, table)
+                    except ValueError as err:
+                        raise CacheCorruptError(
+                            f"cache shard {file}: entry block {blk} (sequence {s}) is corrupt ({err})"
+                        ) from err
+                    if ids.size:
+                        max_id = max(max_id, int(ids.max()))
+            else:
+                entries = read_dataset(file, f["entries"], slice(int(offsets[a]), int(offsets[b])))
+                if entries.size:
+                    max_id = max(max_id, int((entries >> Q_BITS).max()))
             if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
                 raise CacheCorruptError(f"cache shard {file}: token ids outside [0, {vocab_size})")
     return num_seq, num_seq * length, int(num_entries), max_id
@@ -161,7 +202,8 @@ def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards
     path = Path(path)
     layout, cache = _finished(path)
     length, k = cache.seq_len, cache.max_entries
-    storage = dict.fromkeys(DATASETS, 0)
+    names = DATASETS3 if layout.schema == 3 else DATASETS
+    storage = dict.fromkeys(names, 0)
     records = [layout.shards[int(j)] for j in cache.shard_ids]
     tokens = sum(int(r["num_tokens"]) for r in records)
     entries = sum(int(r["num_entries"]) for r in records)
@@ -175,7 +217,7 @@ def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards
     for file in files:
         with h5py.File(file, "r") as f:
             offsets = read_dataset(file, f["sequence_offsets"])
-            for name in DATASETS:
+            for name in names:
                 storage[name] += f[name].id.get_storage_size()
             sampled_shard_tokens += int(f.attrs["num_tokens"])
             budget = int(f.attrs["num_tokens"]) if sample_tokens is None else sample_tokens
@@ -195,10 +237,14 @@ def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards
     storage = {name: value * scale for name, value in storage.items()}
     index_bytes = sum(p.stat().st_size for p in path.glob("index*.json"))
     spec = cache.meta
+    entry_storage = (
+        storage["entries"] if layout.schema == 2 else sum(storage[n] for n in ("blocks", "block_offsets", "id_table"))
+    )
     info = {
         "path": str(path),
         "complete": layout.complete,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": layout.schema,
+        "entry_coding": "packed id << 14 | q (4 or 8 B)" if layout.schema == 2 else "coded blocks (pde3, zstd planes)",
         **{key: spec[key] for key in ("teacher_fingerprint", "tokenizer_fingerprint", "source_fingerprint")},
         "processor": spec["processor"],
         "power_gammas": list(cache.spec.power_gammas),
@@ -214,7 +260,9 @@ def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards
         "entries": entries,
         "bytes": total_bytes + index_bytes,
         "bytes_per_token": (total_bytes + index_bytes) / max(tokens, 1),
-        "bytes_per_entry": storage["entries"] / max(entries, 1),
+        "bytes_per_entry": entry_storage / max(entries, 1),
+        # the stored -log p are q * step (both schemas): |error| <= step / 2 for p >= 1e-6 (smaller p are clamped)
+        "max_abs_logprob_error": code_step(cache.spec.nlogp_max) / 2,
         "bookkeeping_bytes_per_token": sum(storage[n] for n in ("counts", "sequence_index", "sequence_offsets"))
         / max(tokens, 1),
         "stats_bytes_per_token": sum(storage[n] for n in STAT_DATASETS) / max(tokens, 1),

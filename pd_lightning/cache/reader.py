@@ -27,11 +27,14 @@ from pd_lightning.cache.format import (
     CacheLayout,
     CacheMismatchError,
     CacheSpec,
+    blocks_per_sequence,
     decode,
+    pad_entries,
     read_attrs,
     read_dataset,
     read_layout,
     schema1_message,
+    shard_schema,
 )
 from pd_lightning.distill.target import (
     TEACHER_ENTROPY,
@@ -54,12 +57,13 @@ class _Shard(NamedTuple):
     file: h5py.File
     tokens: h5py.Dataset
     counts: h5py.Dataset
-    entries: h5py.Dataset
+    entries: h5py.Dataset  # schema 2: packed entries; schema 3: the coded blocks (bytes)
     std: h5py.Dataset
     entropy: h5py.Dataset
     tail: h5py.Dataset
     power_sum: h5py.Dataset
-    offsets: np.ndarray  # (S_j + 1,)
+    offsets: np.ndarray  # (S_j + 1,) schema 2: entry offset of each sequence; schema 3: byte offset of each block
+    table: Any = None  # schema 3: the shard's IdTable
 
 
 def open_layout(path: str | Path) -> CacheLayout:
@@ -174,7 +178,15 @@ class TeacherCache(Dataset):
         try:
             spec = CacheSpec.from_attrs(attrs, file)
         except CacheMismatchError as err:
-            raise CacheMismatchError(schema1_message(self.path)) from err
+            if shard_schema(attrs) == 1:
+                raise CacheMismatchError(schema1_message(self.path)) from err
+            raise
+        if shard_schema(attrs) != self.layout.schema:
+            raise CacheMismatchError(
+                f"{file} is a schema-{shard_schema(attrs)} shard in a schema-{self.layout.schema} cache ({self.path}); "
+                "a cache folder holds one schema: delete the shard and rerun `pd-lightning predict` with the same "
+                "arguments, or keep the caches in separate folders"
+            )
         if spec != self.spec:
             raise CacheMismatchError(
                 f"{file} was written with other parameters than {self.path}'s index "
@@ -263,9 +275,19 @@ class TeacherCache(Dataset):
                 f = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
             except OSError as err:
                 raise CacheCorruptError(f"cannot open cache shard {path} (truncated or not HDF5): {err}") from err
-            offsets = read_dataset(path, f["sequence_offsets"])
-            shard = _Shard(f, f["tokens"], f["counts"], f["entries"], f["std"], f["entropy"], f["tail"],
-                           f["power_sum"], offsets)  # fmt: skip
+            try:
+                if self.layout.schema == 2:
+                    offsets, table, entries = read_dataset(path, f["sequence_offsets"]), None, f["entries"]
+                else:
+                    from pd_lightning.cache.codec import IdTable
+
+                    offsets, entries = read_dataset(path, f["block_offsets"]), f["blocks"]
+                    table = IdTable.from_bytes(read_dataset(path, f["id_table"]).tobytes())
+            except (KeyError, ValueError) as err:
+                f.close()
+                raise CacheCorruptError(f"cache shard {path} is corrupt: {err}; delete it and {RESUME}") from err
+            shard = _Shard(f, f["tokens"], f["counts"], entries, f["std"], f["entropy"], f["tail"],
+                           f["power_sum"], offsets, table)  # fmt: skip
             self._shards[j] = shard
         return shard
 
@@ -290,10 +312,13 @@ class TeacherCache(Dataset):
         base = r * length
         try:
             tokens = shard.tokens[r, start : stop + 1]  # (W + 1,)
-            counts = shard.counts[base : base + stop]  # from the sequence start: the prefix gives the offset
-            first = int(shard.offsets[r]) + int(counts[:start].sum(dtype=np.int64))
-            counts = counts[start:]  # (W,)
-            entries = shard.entries[first : first + int(counts.sum(dtype=np.int64))]  # (E_w,)
+            if shard.table is None:
+                counts = shard.counts[base : base + stop]  # from the sequence start: the prefix gives the offset
+                first = int(shard.offsets[r]) + int(counts[:start].sum(dtype=np.int64))
+                counts = counts[start:]  # (W,)
+                entries = shard.entries[first : first + int(counts.sum(dtype=np.int64))]  # (E_w,)
+            else:
+                counts, ids, logprobs = self._read_blocks(shard, j, i, r, start, stop)
             stats = {
                 TEACHER_STD: shard.std[base + start : base + stop],
                 TEACHER_ENTROPY: shard.entropy[base + start : base + stop],
@@ -311,7 +336,10 @@ class TeacherCache(Dataset):
                     f"cache shard {self.layout.file(j)} holds a non-finite teacher statistic ({name}) in sequence {i}; "
                     f"delete the shard and {RESUME}"
                 )
-        ids, logprobs = decode(counts, entries, self.max_entries, self.spec.nlogp_max)
+        if shard.table is None:
+            ids, logprobs = decode(counts, entries, self.max_entries, self.spec.nlogp_max)
+        else:
+            ids, logprobs = pad_entries(counts, ids, logprobs, self.max_entries)
         full = counts.astype(np.int64) == self.spec.vocab_size  # rows covering the whole vocabulary: sum to 1
         if full.any():
             rows = logprobs[full].astype(np.float64)
@@ -326,6 +354,42 @@ class TeacherCache(Dataset):
         }
         item.update({k: torch.from_numpy(v.astype(np.float32)) for k, v in stats.items()})
         return item
+
+    def _read_blocks(
+        self, shard: _Shard, j: int, i: int, r: int, start: int, stop: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Schema 3: ``counts`` ``(W,)``, flat ``ids`` and ``logprobs`` of positions ``[start, stop)`` of row ``r``."""
+        from pd_lightning.cache.codec import decode_block
+        from pd_lightning.cache.format import BLOCK_POSITIONS
+
+        length = self.spec.seq_len
+        nb = blocks_per_sequence(length)
+        b0, b1 = start // BLOCK_POSITIONS, (stop - 1) // BLOCK_POSITIONS + 1  # blocks [b0, b1) of the sequence
+        p0, p1 = b0 * BLOCK_POSITIONS, min(b1 * BLOCK_POSITIONS, length)  # the positions they cover
+        counts = shard.counts[r * length + p0 : r * length + p1]  # (p1 - p0,)
+        offsets = shard.offsets[r * nb + b0 : r * nb + b1 + 1]  # (b1 - b0 + 1,) byte offsets
+        data = shard.entries[int(offsets[0]) : int(offsets[-1])]  # one read of the blocks' bytes
+        view = memoryview(data)
+        ids, nlogp = [], []
+        for b in range(b0, b1):
+            a = b * BLOCK_POSITIONS - p0
+            c = counts[a : a + BLOCK_POSITIONS]
+            lo, hi = int(offsets[b - b0] - offsets[0]), int(offsets[b - b0 + 1] - offsets[0])
+            try:
+                block_ids, block_nlogp = decode_block(view[lo:hi], c, shard.table)
+            except ValueError as err:
+                raise CacheCorruptError(
+                    f"cache shard {self.layout.file(j)} is corrupt (sequence {i}, entry block {b}): {err}; delete the "
+                    f"shard and {RESUME}"
+                ) from err
+            ids.append(block_ids)
+            nlogp.append(block_nlogp)
+        ids_flat = ids[0] if len(ids) == 1 else np.concatenate(ids)
+        nlogp_flat = nlogp[0] if len(nlogp) == 1 else np.concatenate(nlogp)
+        skip = int(counts[: start - p0].sum(dtype=np.int64))  # entries of the first block before the window
+        counts = counts[start - p0 : stop - p0]
+        keep = slice(skip, skip + int(counts.sum(dtype=np.int64)))
+        return counts, ids_flat[keep], np.negative(nlogp_flat[keep])
 
     def close(self) -> None:
         """Close this process's file handles."""

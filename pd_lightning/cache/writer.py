@@ -50,14 +50,18 @@ from pd_lightning.cache.format import (
     INDEX_NAME,
     RANK_INDEX_RE,
     SCHEMA1_RE,
+    SCHEMA_VERSION,
     SHARD_RE,
     CacheError,
     CacheIncompleteError,
     CacheMismatchError,
     CacheSpec,
     EncodedSequences,
+    blocks_per_sequence,
+    check_schema,
     count_dtype,
     encode,
+    encode_sequence_blocks,
     entry_dtype,
     fsync_dir,
     index_document,
@@ -65,7 +69,10 @@ from pd_lightning.cache.format import (
     read_attrs,
     read_layout,
     schema1_message,
+    shard_id_table,
     shard_name,
+    shard_schema,
+    table_sequences,
     write_json_atomic,
 )
 from pd_lightning.distill.target import SparseTarget
@@ -260,8 +267,10 @@ class WriterLock:
 class _OpenShard:
     """The shard being written: a ``.tmp`` HDF5 file whose per-position datasets have their final size."""
 
-    def __init__(self, path: Path, spec: CacheSpec, shard: int, chunk_entries: int) -> None:
-        self.path, self.spec, self.shard = path, spec, shard
+    def __init__(
+        self, path: Path, spec: CacheSpec, shard: int, chunk_entries: int, schema: int = SCHEMA_VERSION
+    ) -> None:
+        self.path, self.spec, self.shard, self.schema = path, spec, shard, check_schema(schema)
         self.start, self.stop = spec.shard_range(shard)
         n, length, g = self.stop - self.start, spec.seq_len, len(spec.power_gammas)
         self.tmp = path.with_name(path.name + ".tmp")
@@ -283,6 +292,12 @@ class _OpenShard:
         self.sizes: list[np.ndarray] = []  # entries per sequence
         self.num_entries = 0
         self.max_count = 0
+        # schema 3: the id table (built from the shard's first table_sequences(L) sequences), the sequences waiting
+        # for it, and the byte length of every coded block written
+        self.table = None
+        self.pending: list[EncodedSequences] = []
+        self.block_sizes: list[int] = []
+        self.entry_bytes = 0
 
     def _create_datasets(self, spec: CacheSpec, n: int, length: int, g: int, chunk_entries: int) -> None:
         pos_chunk = length * _fit(n, max(1, 2048 // length))
@@ -301,10 +316,16 @@ class _OpenShard:
             name: create(name, (n * length,), np.float16, (pos_chunk,)) for name in ("std", "entropy", "tail")
         }
         self.power = create("power_sum", (n * length, g), np.float16, (pos_chunk, max(g, 1)))
-        self.entries = self.file.create_dataset(
-            "entries", shape=(0,), maxshape=(None,), dtype=entry_dtype(spec.vocab_size), chunks=(chunk_entries,),
-            fletcher32=True, track_times=False,
-        )  # fmt: skip
+        if self.schema == 2:
+            self.entries = self.file.create_dataset(
+                "entries", shape=(0,), maxshape=(None,), dtype=entry_dtype(spec.vocab_size), chunks=(chunk_entries,),
+                fletcher32=True, track_times=False,
+            )  # fmt: skip
+        else:  # the coded blocks, back to back (chunks of the byte size of schema 2's entry chunks)
+            self.entries = self.file.create_dataset(
+                "blocks", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(4 * chunk_entries,), fletcher32=True,
+                track_times=False,
+            )  # fmt: skip
 
     def ours(self) -> bool:
         """Whether ``.tmp`` is still the file this writer created: another writer of the same folder (one that did not
@@ -330,13 +351,37 @@ class _OpenShard:
         if self.power.shape[1]:
             self.power[a * length : b * length] = block.power_sum
         e = len(block.entries)
-        if e:
-            self.entries.resize((self.num_entries + e,))
-            self.entries[self.num_entries :] = block.entries
+        if self.schema == 2:
+            if e:
+                self.entries.resize((self.num_entries + e,))
+                self.entries[self.num_entries :] = block.entries
+        else:
+            self.pending.append(block)
+            if self.table is not None or b >= min(table_sequences(length), self.stop - self.start):
+                self._code_pending()
         self.num_entries += e
         self.sizes.append(block.sequence_entries(length))
         self.max_count = max(self.max_count, int(block.counts.max()) if block.counts.size else 0)
         self.written = b
+
+    def _code_pending(self) -> None:
+        """Schema 3: code the sequences waiting in :attr:`pending` (building the id table first if needed)."""
+        if not self.pending:
+            return
+        length = self.spec.seq_len
+        counts = np.concatenate([p.counts for p in self.pending])
+        entries = np.concatenate([p.entries for p in self.pending])
+        if self.table is None:
+            first = int(counts[: table_sequences(length) * length].sum(dtype=np.int64))
+            self.table = shard_id_table(entries[:first], self.spec.vocab_size)
+        blocks = encode_sequence_blocks(counts, entries, length, self.table, self.spec.nlogp_max)
+        data = np.frombuffer(b"".join(blocks), dtype=np.uint8)
+        if data.size:
+            self.entries.resize((self.entry_bytes + data.size,))
+            self.entries[self.entry_bytes :] = data
+        self.entry_bytes += data.size
+        self.block_sizes.extend(len(x) for x in blocks)
+        self.pending = []
 
     def finish(self) -> dict[str, Any]:
         """Tables, attributes, ``complete`` last; close and fsync the ``.tmp``. Returns the shard's index record."""
@@ -345,6 +390,8 @@ class _OpenShard:
 
     def _finish(self) -> dict[str, Any]:
         n = self.stop - self.start
+        if self.schema == 3:
+            self._code_pending()  # a shard of fewer sequences than the table's sample
         sizes = np.concatenate(self.sizes) if self.sizes else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (n + 1,)
         f = self.file
@@ -359,7 +406,19 @@ class _OpenShard:
                 "sequence_offsets", data=offsets, chunks=(_fit(n + 1, 4096),), fletcher32=True, track_times=False
             ),
         ]  # fmt: skip
-        f.attrs.update(self.spec.to_attrs())
+        if self.schema == 3:
+            nb = n * blocks_per_sequence(self.spec.seq_len)
+            if len(self.block_sizes) != nb:
+                raise RuntimeError(f"{self.tmp}: {len(self.block_sizes)} entry blocks coded, expected {nb}")
+            block_offsets = np.concatenate([[0], np.cumsum(self.block_sizes, dtype=np.int64)]).astype(np.int64)
+            table = np.frombuffer(self.table.to_bytes(), dtype=np.uint8)
+            self.tables += [
+                f.create_dataset("block_offsets", data=block_offsets, chunks=(_fit(nb + 1, 4096),), fletcher32=True,
+                                 track_times=False),
+                f.create_dataset("id_table", data=table, chunks=(_fit(table.size, 1 << 16),), fletcher32=True,
+                                 track_times=False),
+            ]  # fmt: skip
+        f.attrs.update(self.spec.to_attrs(self.schema))
         record = {
             "shard": self.shard,
             "first_sequence": self.start,
@@ -368,6 +427,8 @@ class _OpenShard:
             "num_entries": self.num_entries,
             "max_count": self.max_count,
         }
+        if self.schema == 3:
+            record["entry_bytes"] = self.entry_bytes
         f.attrs.update(record)
         f.flush()
         f.attrs["complete"] = True  # last: everything above is flushed before the mark
@@ -408,6 +469,8 @@ class CacheWriter:
         chunk_entries: HDF5 chunk length of the ``entries`` dataset (elements).
         write_sequences: sequences gathered in memory before they are written into the open shard.
         progress: called with the number of sequences accepted by each :meth:`write` (e.g. ``tqdm.update``).
+        schema: the shard format: 3 (the default: coded entry blocks, ~2.2 B per entry) or 2 (4 B per packed entry).
+            A folder holding the other schema's cache of the same spec is refused like another cache.
     """
 
     def __init__(
@@ -421,7 +484,9 @@ class CacheWriter:
         chunk_entries: int = 1 << 14,
         write_sequences: int = 64,
         progress: Callable[[int], object] | None = None,
+        schema: int = SCHEMA_VERSION,
     ) -> None:
+        self.schema = check_schema(schema)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if chunk_entries < 1 or write_sequences < 1:
@@ -471,8 +536,15 @@ class CacheWriter:
             layout = None
             if self.rank == 0:
                 self._remove_other_cache(names)
-        if layout is not None and layout.spec != self.spec:
+        if layout is not None and (layout.spec != self.spec or layout.schema != self.schema):
             if not overwrite:
+                if layout.spec == self.spec:
+                    raise CacheMismatchError(
+                        f"--writer.output {d} holds a schema-{layout.schema} cache of this teacher and data "
+                        f"({len(layout.shards)} of {self.spec.num_shards} shards finished); this run writes schema "
+                        f"{self.schema}: finish it with --writer.schema {layout.schema}, convert a finished one with "
+                        f"`pd-lightning cache-upgrade`, or {OVERWRITE_HINT}"
+                    )
                 raise CacheMismatchError(
                     f"--writer.output {d} holds a teacher cache written with other parameters "
                     f"({layout.spec.describe_difference(self.spec)}); {OVERWRITE_HINT}"
@@ -513,7 +585,7 @@ class CacheWriter:
         for j in set(listed) - self._done:
             log.warning("%s: the index names %s, which is missing; it is written again", d, shard_name(j))
         if self._records:
-            _write_index(self.index_path, index_document(self.spec, self._records, rank=self.rank,
+            _write_index(self.index_path, index_document(self.spec, self._records, self.schema, rank=self.rank,
                                                          world_size=self.world_size))  # fmt: skip
         done = len(self._done)
         if done == self.spec.num_shards:
@@ -531,11 +603,12 @@ class CacheWriter:
                 log.warning("removing unreadable unindexed %s (%s); it is written again", path, err)
                 _remove(path)
             return None
-        if spec != self.spec:
+        if spec != self.spec or shard_schema(attrs) != self.schema:
             if not overwrite:
+                what = spec.describe_difference(self.spec) or f"schema {shard_schema(attrs)} != {self.schema}"
                 raise CacheMismatchError(
                     f"--writer.output {self.cache_dir} mixes two caches: {path.name} was written with other parameters "
-                    f"({spec.describe_difference(self.spec)}); {OVERWRITE_HINT}"
+                    f"({what}); {OVERWRITE_HINT}"
                 )
             if self.rank == 0:
                 _remove(path)
@@ -543,6 +616,7 @@ class CacheWriter:
         if not attrs.get("complete", False) or int(attrs.get("shard", -1)) != shard:
             return None
         keys = ("shard", "first_sequence", "num_shard_sequences", "num_tokens", "num_entries", "max_count")
+        keys += ("entry_bytes",) if "entry_bytes" in attrs else ()
         return {**{k: int(attrs[k]) for k in keys}, "bytes": path.stat().st_size}
 
     def _remove_other_cache(self, names: list[str]) -> None:
@@ -551,14 +625,17 @@ class CacheWriter:
             path = self.cache_dir / n
             if n == INDEX_NAME or RANK_INDEX_RE.match(n):
                 try:
-                    keep = CacheSpec.from_json(json.loads(path.read_text())["spec"], path) == self.spec
-                except (OSError, ValueError, KeyError, CacheError):
+                    doc = json.loads(path.read_text())
+                    keep = CacheSpec.from_json(doc["spec"], path) == self.spec
+                    keep = keep and int(doc["schema_version"]) == self.schema
+                except (OSError, ValueError, KeyError, TypeError, CacheError):
                     keep = False
                 if not keep:
                     _remove(path)
             elif SHARD_RE.match(n):
                 try:
-                    keep = CacheSpec.from_attrs(read_attrs(path), path) == self.spec
+                    attrs = read_attrs(path)
+                    keep = CacheSpec.from_attrs(attrs, path) == self.spec and shard_schema(attrs) == self.schema
                 except CacheError:
                     keep = False
                 if not keep:
@@ -645,7 +722,7 @@ class CacheWriter:
             return
         if self._open is None:
             j = self._queue[0]
-            self._open = _OpenShard(self.cache_dir / shard_name(j), self.spec, j, self.chunk_entries)
+            self._open = _OpenShard(self.cache_dir / shard_name(j), self.spec, j, self.chunk_entries, self.schema)
         self._open.append(_cat(self._buffer))
         self._buffer = []
         self._maybe_kill("mid_shard", self._finished_here + 1)
@@ -653,7 +730,7 @@ class CacheWriter:
     def _finish_shard(self) -> None:
         shard = self._open
         if shard is None:  # an empty shard cannot happen (shards hold >= 1 sequence); guard anyway
-            shard = _OpenShard(self.cache_dir / shard_name(self._queue[0]), self.spec, self._queue[0], 1)
+            shard = _OpenShard(self.cache_dir / shard_name(self._queue[0]), self.spec, self._queue[0], 1, self.schema)
         record = shard.finish()
         self._finished_here += 1
         self._maybe_kill("before_rename", self._finished_here)
@@ -666,7 +743,7 @@ class CacheWriter:
         fsync_dir(self.cache_dir)
         self._maybe_kill("after_rename", self._finished_here)
         self._records[shard.shard] = record
-        _write_index(self.index_path, index_document(self.spec, self._records, rank=self.rank,
+        _write_index(self.index_path, index_document(self.spec, self._records, self.schema, rank=self.rank,
                                                      world_size=self.world_size))  # fmt: skip
         self._maybe_kill("after_index", self._finished_here)
         self._done.add(shard.shard)
@@ -717,7 +794,7 @@ class CacheWriter:
             return self.index_path
         final = self.cache_dir / INDEX_NAME
         if not layout.final:
-            _write_index(final, index_document(self.spec, layout.shards, complete=True))
+            _write_index(final, index_document(self.spec, layout.shards, self.schema, complete=True))
         for n in os.listdir(self.cache_dir):
             if RANK_INDEX_RE.match(n):  # everything they list is in index.json now
                 (self.cache_dir / n).unlink(missing_ok=True)
