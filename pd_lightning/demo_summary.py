@@ -4,9 +4,9 @@
 
 The first run is the baseline (Δ% = ``100 · (L_first − L) / L_first``). Each folder is a fit's
 ``--trainer.default_root_dir``: its newest ``metrics.csv`` (CSVLogger) gives the validation curve, whose last point
-is the held-out loss (and its last ``val/bpb`` the held-out bits per byte); its ``config.yaml`` gives the seed, the student and the plug-ins; a ``bench.json`` in it
-(``pd-lightning validate --eval.output``) gives the benchmark average. The rows have the shape of
-``pd-lightning sweep``'s ``results.jsonl``, so the same table and figures apply.
+is the held-out loss (its last ``val/bpb`` the held-out bits per byte); its ``config.yaml`` gives the seed, the
+student and the plug-ins; a ``bench.json`` in it (``pd-lightning validate --eval.output``) gives the benchmark
+average. The rows have the shape of ``pd-lightning sweep``'s ``results.jsonl``, so the same table and figures apply.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ With ``loss=None`` (the default) and alpha = 0 this is plain LM pre-training.
 
 Logged: ``train/loss``, ``train/lm_loss``, ``train/kd_loss`` ... of each step; ``train/ppl`` = exp(token-weighted
 mean LM loss over the steps since the last logged one); ``val/loss`` = token-weighted mean LM loss over the whole
-validation set and ``val/ppl`` = exp(``val/loss``) (``TokenMeanLoss``); ``val/bpb`` = the same validation nats / ln 2 /
-the UTF-8 bytes of the target tokens (``pd_lightning.crosstok.bytes``), when the data names its tokenizer. Throughput figures come from
-``pd_lightning.throughput.TrainThroughput``, which ``pd-lightning fit`` adds to the trainer. A non-finite loss, or
-a step that makes the weights non-finite, stops the run (``NonFiniteLossError``) before any checkpoint holds them.
+validation set and ``val/ppl`` = exp(``val/loss``) (``TokenMeanLoss``); ``val/bpb`` = the same validation nats / ln 2
+/ the UTF-8 bytes of the target tokens (``pd_lightning.crosstok.bytes``), when the data names its tokenizer.
+Throughput figures come from ``pd_lightning.throughput.TrainThroughput``, which ``pd-lightning fit`` adds to the
+trainer. A non-finite loss, or a step that makes the weights non-finite, stops the run (``NonFiniteLossError``)
+before any checkpoint holds them.
 """
 
 from __future__ import annotations

@@ -79,11 +79,22 @@ def fit(cache: Path, prepared, root: Path, batch: int, *extra: str) -> list[str]
     )  # fmt: skip
 
 
+def val_bpb(root: Path) -> dict[int, float]:
+    """1-based step -> val/bpb (bits per byte: nats and bytes summed over the ranks, then divided)."""
+    with open(root / "log" / "version_0" / "metrics.csv") as f:
+        return {int(r["step"]) + 1: float(r["val/bpb"]) for r in csv.DictReader(f) if r.get("val/bpb")}
+
+
 @pytest.fixture(scope="module")
-def one_process(cache, prepared, tmp_path_factory) -> dict[int, float]:
+def one_process_root(cache, prepared, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("one")
     main(fit(cache, prepared, root, 8))
-    train, val = metrics(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_root) -> dict[int, float]:
+    train, val = metrics(one_process_root)
     assert sorted(train) == list(range(1, STEPS + 1)) and sorted(val) == [2, 4, 6]
     return val
 
@@ -95,9 +106,11 @@ STRATEGIES = {
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_two_process_fit_matches_one_process_and_resumes_exactly(strategy, cache, prepared, one_process, tmp_path):
-    """2 ranks (gloo) match 1 process's validation losses within ``REL_TOL``; a resume from the step-3 checkpoint
-    (a folder of shards under FSDP2) logs the uninterrupted run's train losses digit for digit."""
+def test_two_process_fit_matches_one_process_and_resumes_exactly(
+    strategy, cache, prepared, one_process, one_process_root, tmp_path
+):
+    """2 ranks (gloo) match 1 process's validation losses and bits per byte within ``REL_TOL``; a resume from the
+    step-3 checkpoint (a folder of shards under FSDP2) logs the uninterrupted run's train losses digit for digit."""
     flags = [*STRATEGIES[strategy], "--trainer.devices", "2"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run_fit(fit(cache, prepared, full, 4, *flags))
@@ -105,6 +118,10 @@ def test_two_process_fit_matches_one_process_and_resumes_exactly(strategy, cache
     assert sorted(train) == list(range(1, STEPS + 1))
     for step, loss in one_process.items():
         assert val[step] == pytest.approx(loss, rel=REL_TOL), (strategy, step, val[step], loss)
+    bpb_one, bpb_two = val_bpb(one_process_root), val_bpb(full)
+    assert sorted(bpb_two) == sorted(bpb_one) == [2, 4, 6]
+    for step, bpb in bpb_one.items():
+        assert bpb_two[step] == pytest.approx(bpb, rel=REL_TOL), (strategy, step, bpb_two[step], bpb)
     ckpt = next(full.rglob("step=3.ckpt"))
     if strategy == "fsdp2":  # a distributed checkpoint: one file of shards per rank + metadata
         assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2

@@ -86,3 +86,21 @@ def test_report_bad_table(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "report").exists()
+
+
+def test_report_shows_bits_per_byte_and_its_paired_delta(tmp_path, capsys):
+    """Rows with ``val_bpb`` (issue 20): the mean bits per byte over seeds and the paired Δ% of bits per byte against
+    a hand computation; a table without it shows neither column."""
+    bpb = {("lm-baseline", 1): 1.60, ("lm-baseline", 2): 1.50, ("kd", 1): 1.52, ("kd", 2): 1.47}
+    _write(tmp_path, [{**_row(n, s, 5.0), "val_bpb": v} for (n, s), v in bpb.items()])
+    main(["report", str(tmp_path)])
+    printed = capsys.readouterr().out
+    header = [c.strip() for c in printed.splitlines()[0].strip("|").split("|")]
+    line = next(x for x in printed.splitlines() if x.startswith("| kd "))
+    cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+    deltas = [100 * (1.60 - 1.52) / 1.60, 100 * (1.50 - 1.47) / 1.50]
+    assert cells["bits/byte"] == f"{(1.52 + 1.47) / 2:.4f}"
+    assert cells["Δ% bits/byte"] == f"{statistics.fmean(deltas):+.2f}"
+    _write(tmp_path / "old", [_row(n, s, 5.0) for (n, s) in bpb])
+    main(["report", str(tmp_path / "old")])
+    assert "bits/byte" not in capsys.readouterr().out
