@@ -39,7 +39,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pd_lightning.cache.format import DEFAULT_SHARD_TOKENS, CacheSpec, token_source_fingerprint
+from pd_lightning.cache.format import (
+    DEFAULT_SHARD_TOKENS,
+    SCHEMA_VERSION,
+    CacheSpec,
+    check_schema,
+    token_source_fingerprint,
+)
 from pd_lightning.cache.writer import BackgroundWriter, CacheWriter, WriterLock
 from pd_lightning.corpus.prepare import TokenFile
 from pd_lightning.distill.processors import LogitsProcessor, position_keys
@@ -258,13 +264,21 @@ class CacheWriterCallback(L.Callback):
         shard_tokens: positions per shard (whole sequences; the work a kill can lose). Default 2^23, about 1.3 GB
             at the paper's ~150 B/token.
         max_pending: batches queued for the writer thread before the teacher waits.
+        schema: the cache format: 3 (default; ~2.2 B per stored entry at a 151k vocabulary) or 2 (4 B per entry, read
+            by pd-lightning before schema 3). Both hold the same values.
     """
 
     def __init__(
-        self, output: str, overwrite: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS, max_pending: int = 4
+        self,
+        output: str,
+        overwrite: bool = False,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        max_pending: int = 4,
+        schema: int = SCHEMA_VERSION,
     ) -> None:
         if shard_tokens < 1:
             raise ValueError(f"--writer.shard_tokens must be >= 1, got {shard_tokens}")
+        self.schema = check_schema(schema)
         self.output, self.overwrite = output, overwrite
         self.shard_tokens, self.max_pending = shard_tokens, max_pending
         self.writer: BackgroundWriter | None = None
@@ -403,7 +417,12 @@ class CacheWriterCallback(L.Callback):
         # Constructing the writer applies the refusals and, when nothing is left (a rerun after a kill past the
         # last shard), writes the final index: the cache is finished even though the predict loop will not run.
         writer = CacheWriter(
-            self.output, spec, rank=trainer.global_rank, world_size=trainer.world_size, overwrite=self.overwrite
+            self.output,
+            spec,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            overwrite=self.overwrite,
+            schema=self.schema,
         )
         data.pending = writer.pending_sequences
         data.padding = _lockstep_padding(trainer, len(data.pending), data.batch_size)

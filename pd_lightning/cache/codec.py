@@ -1,6 +1,8 @@
 """A compact, exact-id coding of a teacher cache's (id, -log p) entries: ~2.1 B per entry, |error| < 1e-3.
 
-Not wired into the cache writer or reader yet (schema 2 stores 4 B per entry); this module is the codec only.
+The codec of schema-3 caches (:mod:`pd_lightning.cache.format`: one block per 2048 positions of a sequence, one
+:class:`IdTable` per shard; the writer codes the cache's 14-bit codes with :func:`encode_codes`, so schema 3 holds
+exactly schema 2's values). The figures below are for its default ``step``; a cache uses ``nlogp_max / 16383``.
 
 A *block* codes the entries of a run of consecutive positions (a few thousand: a reader's window) and decodes on
 its own, given the shard's :class:`IdTable`. Row layout as in the cache: ``counts[t]`` entries for position

@@ -1,4 +1,4 @@
-"""The on-disk format of a teacher-logits cache (schema 2): layout, entry encoding, metadata, index, errors.
+"""The on-disk format of a teacher-logits cache (schemas 2 and 3): layout, entry encoding, metadata, index, errors.
 
 A cache is a folder of self-contained HDF5 shards ``shard-{j:06d}.h5`` plus an index. Shard ``j`` holds the
 global sequences ``[j * S, min((j + 1) * S, N))`` (``S = spec.sequences_per_shard``, from ``--writer.shard_tokens``),
@@ -34,6 +34,22 @@ up to ``2^18`` in uint32 (4 B per entry) and up to ``2^50`` in uint64 (8 B). flo
 error <= 2^-11 (4.9e-4); ``tail`` below 6e-5 is stored as a float16 subnormal (absolute error <= 3e-8). Per
 position: 4 B token id + 1 B count + 6 B statistics + 2 B per gamma + 4 B (or 8 B) per kept entry, plus 20 B per
 sequence (index, offset, the extra label token).
+
+**Schema 3** (written by default) stores the same values in fewer bytes: ``entries`` is replaced by
+
+=====================  =================  ============================================================
+``blocks``             (B,) uint8         coded entry blocks back to back (:mod:`pd_lightning.cache.codec`)
+``block_offsets``      (S_j * nb + 1,)    byte offset of each block; ``nb = ceil(L / 2048)`` blocks per sequence,
+                       int64              block ``s * nb + b`` = positions ``[b * 2048, (b + 1) * 2048)`` of row ``s``
+``id_table``           (n,) uint8         the shard's :class:`~pd_lightning.cache.codec.IdTable` (ids by frequency
+                                          in its first ``ceil(2048 / L)`` sequences)
+=====================  =================  ============================================================
+
+A block codes, for its positions, the id ranks (through the table) and the differences of the 14-bit codes ``q``
+as zstd-compressed byte planes with their own checksums: ~2.2 B per entry at a 151k vocabulary instead of 4 (see
+``benchmarks/RESULTS.md``), the same ``q`` and so exactly the same decoded values. The table, and so every byte of
+a shard, depends only on the shard's content (not on batch sizes, writer ranks or interruptions). A folder holds
+one schema; ``pd-lightning cache-upgrade`` converts schema 2 (or 1) into 3.
 
 Every dataset is chunked with fletcher32 checksums. Root attributes are :class:`CacheSpec` (the identity of the
 content) plus ``shard``, ``first_sequence``, ``num_shard_sequences``, ``num_tokens``, ``num_entries``,

@@ -1,4 +1,10 @@
-"""``pd-lightning cache-upgrade``: a schema-1 teacher cache (one merged shard per writer rank) -> schema 2.
+"""``pd-lightning cache-upgrade``: an older teacher cache -> the current format (schema 3).
+
+Schema 2 -> 3: every shard's datasets are copied as they are (token rows, counts, statistics) and its entries are
+coded into schema 3's blocks from the same 14-bit codes, so the result is byte for byte what ``pd-lightning
+predict`` writes for the same teacher and data (same ``--writer.shard_tokens``), and reads back the same values.
+
+Schema 1 (one merged shard per writer rank) -> 3:
 
 Entries, token rows, std and entropy are copied exactly (the entries are re-encoded from their decoded values,
 which gives back the same 14-bit codes). Schema 1 stored neither the tail mass nor WTTM's ``U_gamma``: the tail is
@@ -20,27 +26,35 @@ from pd_lightning.cache.format import (
     DEFAULT_SHARD_TOKENS,
     FORMAT_NAME,
     NLOGP_MAX,
+    SCHEMA1_RE,
+    SCHEMA_VERSION,
     CacheCorruptError,
     CacheError,
+    CacheIncompleteError,
     CacheSpec,
+    EncodedSequences,
     decode,
     read_dataset,
+    read_layout,
 )
 from pd_lightning.cache.writer import CacheWriter
 from pd_lightning.distill.target import SparseTarget
 
+_COPY_SEQUENCES = 64  # schema 2 -> 3: sequences read and written at a time
 OLD_SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.h5$")
 _SPEC_FIELDS = ("teacher_fingerprint", "tokenizer_fingerprint", "source_fingerprint", "vocab_size", "seq_len",
                 "num_sequences", "max_entries", "processor", "capture_temperature")  # fmt: skip
 
 
-def upgrade_cache(path: str, output: str, shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True) -> Path:
-    """Copy the schema-1 cache ``path`` into a schema-2 cache at ``output`` (resumable: rerun after a kill).
+def upgrade_cache(path: str, output: str, shard_tokens: int | None = None, progress: bool = True) -> Path:
+    """Copy the schema-1 or schema-2 cache ``path`` into a schema-3 cache at ``output`` (resumable: rerun after a kill).
 
     Args:
-        path: the schema-1 cache folder (``shard-RRRRR-of-WWWWW.h5``); left unchanged.
+        path: the old cache folder (schema 1: ``shard-RRRRR-of-WWWWW.h5``; schema 2: ``shard-NNNNNN.h5`` + index);
+            left unchanged.
         output: the new cache folder (must not be ``path``).
-        shard_tokens: positions per new shard (``--writer.shard_tokens``).
+        shard_tokens: positions per new shard (``--writer.shard_tokens``); default: a schema-2 cache's own, 2^23
+            for schema 1.
         progress: show a progress bar.
 
     Returns:
@@ -49,8 +63,11 @@ def upgrade_cache(path: str, output: str, shard_tokens: int = DEFAULT_SHARD_TOKE
     src, out = Path(path), Path(output)
     if not src.is_dir():
         raise CacheError(f"cache-upgrade: {src} is not a cache folder")
-    if out.resolve() == src.resolve():
-        raise ValueError("cache-upgrade: --output must be another folder than the schema-1 cache")
+    if out.exists() and out.resolve() == src.resolve():
+        raise ValueError("cache-upgrade: --output must be another folder than the old cache")
+    if not any(SCHEMA1_RE.match(p.name) for p in src.iterdir()):
+        return _upgrade_schema2(src, out, shard_tokens, progress)
+    shard_tokens = DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens
     found = sorted((int(m[1]), int(m[2]), p) for p in src.iterdir() if (m := OLD_SHARD_RE.match(p.name)))
     if not found:
         raise CacheError(f"cache-upgrade: no schema-1 shards (shard-RRRRR-of-WWWWW.h5) in {src}")
@@ -116,17 +133,81 @@ def upgrade_cache(path: str, output: str, shard_tokens: int = DEFAULT_SHARD_TOKE
             f.close()
 
 
-def cache_upgrade_command(path: str, output: str | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> None:
-    """Convert a schema-1 teacher cache into the current format (the old folder is left unchanged).
+def _upgrade_schema2(src: Path, out: Path, shard_tokens: int | None, progress: bool) -> Path:
+    """Schema 2 -> 3, shard by shard, ``_COPY_SEQUENCES`` sequences at a time (bounded memory)."""
+    layout = read_layout(src)
+    if layout is None:
+        raise CacheError(f"cache-upgrade: no teacher cache in {src} (no index.json or index-*-of-*.json)")
+    if layout.schema == SCHEMA_VERSION:
+        raise CacheError(f"cache-upgrade: {src} is already a schema-{SCHEMA_VERSION} cache; nothing to convert")
+    if not layout.complete:
+        raise CacheIncompleteError(
+            f"cache-upgrade: {src} is unfinished ({len(layout.shards)} of {layout.spec.num_shards} shards); finish it "
+            "first by rerunning `pd-lightning predict` with the same arguments and --writer.schema 2"
+        )
+    spec = layout.spec
+    if shard_tokens is not None:
+        spec = CacheSpec(**{**spec.__dict__, "sequences_per_shard": max(1, shard_tokens // spec.seq_len)})
+    from pd_lightning.cache.reader import TeacherCache
+
+    TeacherCache(src)  # checks every shard's header against the index (one clear error if one is not of the cache)
+    writer = CacheWriter(out, spec)
+    pending = set(writer.pending_sequences.tolist())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), unit="seq", desc="cache-upgrade")
+    length = spec.seq_len
+    try:
+        for j in sorted(layout.shards):
+            start, stop = layout.spec.shard_range(j)
+            if not any(i in pending for i in range(start, stop)):
+                continue
+            file = layout.file(j)
+            with h5py.File(file, "r") as f:
+                offsets = read_dataset(file, f["sequence_offsets"])
+                for a in range(0, stop - start, _COPY_SEQUENCES):
+                    b = min(a + _COPY_SEQUENCES, stop - start)
+                    pos = slice(a * length, b * length)
+                    encoded = EncodedSequences(
+                        sequence_index=np.arange(start + a, start + b, dtype=np.int64),
+                        tokens=read_dataset(file, f["tokens"], slice(a, b)),
+                        counts=read_dataset(file, f["counts"], pos),
+                        entries=read_dataset(file, f["entries"], slice(int(offsets[a]), int(offsets[b]))),
+                        std=read_dataset(file, f["std"], pos),
+                        entropy=read_dataset(file, f["entropy"], pos),
+                        tail=read_dataset(file, f["tail"], pos),
+                        power_sum=read_dataset(file, f["power_sum"], pos),
+                    )
+                    writer.write_encoded(encoded)
+                    if bar is not None:
+                        bar.update(b - a)
+        return writer.finalize()
+    except BaseException:
+        writer.close()  # the partly written shard goes; a rerun resumes from the finished ones
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cache_upgrade_command(path: str, output: str | None = None, shard_tokens: int | None = None) -> None:
+    """Convert an older teacher cache (schema 1 or 2) into the current format, schema 3 (the old folder is left
+    unchanged).
 
     Args:
-        path: the schema-1 cache folder.
+        path: the old cache folder.
         output: the new cache folder.
-        shard_tokens: positions per new shard.
+        shard_tokens: positions per new shard (default: a schema-2 cache's own; 2^23 for schema 1).
     """
     if output is None:
-        raise ValueError("cache-upgrade needs --output NEW_FOLDER (the schema-1 cache is left unchanged)")
+        raise ValueError("cache-upgrade needs --output NEW_FOLDER (the old cache is left unchanged)")
+    schema1 = Path(path).is_dir() and any(SCHEMA1_RE.match(p.name) for p in Path(path).iterdir())
     index = upgrade_cache(path, output, shard_tokens)
+    if not schema1:
+        print(f"wrote {index}: schema {SCHEMA_VERSION}, the same values as {path}")
+        return
     print(
         f"wrote {index}; schema 1 stored no tail mass and no U_gamma: the tail is derived from the kept entries and "
         "WTTM approximates U_gamma (rewrite the cache with `pd-lightning predict` for both)"

@@ -686,10 +686,21 @@ class CacheWriter:
             positions = (rows[:, None] * length + torch.arange(length)[None, :]).reshape(-1)  # (B' * L,)
             target = target.select(positions.to(target.ids.device))
             tokens, index = tokens[rows.to(tokens.device)], index[rows]
-        encoded = encode(index, tokens, target, self.spec)
+        return self.write_encoded(encode(index, tokens, target, self.spec))
+
+    def write_encoded(self, encoded: EncodedSequences) -> int:
+        """:meth:`write` for sequences already in the storage representation (``cache-upgrade`` copies a schema-2
+        shard's datasets this way: the new shards hold what a fresh ``predict`` would write). Returns how many
+        sequences were accepted."""
+        keep = self._wanted(encoded.sequence_index)
+        if not keep.any():
+            return 0
         length = self.spec.seq_len
         bounds = np.concatenate([[0], np.cumsum(encoded.sequence_entries(length))])
+        accepted = 0
         for r, seq in enumerate(encoded.sequence_index.tolist()):  # one piece per sequence, kept until its turn
+            if not keep[r]:
+                continue
             pos = slice(r * length, (r + 1) * length)
             self._held[seq] = EncodedSequences(
                 sequence_index=encoded.sequence_index[r : r + 1],
@@ -701,10 +712,11 @@ class CacheWriter:
                 tail=encoded.tail[pos],
                 power_sum=encoded.power_sum[pos],
             )
+            accepted += 1
         self._drain()
         if self.progress is not None:
-            self.progress(len(encoded.sequence_index))
-        return len(encoded.sequence_index)
+            self.progress(accepted)
+        return accepted
 
     def _drain(self) -> None:
         """Move held sequences that are next in line into the open shard; finish shards that are full."""

@@ -45,9 +45,11 @@ import torch
 
 from pd_lightning.cache.format import (
     DEFAULT_SHARD_TOKENS,
+    SCHEMA_VERSION,
     CacheError,
     CacheMismatchError,
     CacheSpec,
+    check_schema,
     fsync_dir,
     read_layout,
     token_source_fingerprint,
@@ -85,6 +87,7 @@ class LogitRecorder(L.Callback):
         power_gammas: gammas whose ``U_gamma = sum_v p_v^gamma`` is stored (default ``[0.5]``, as predict).
         shard_tokens: positions per cache shard (as ``--writer.shard_tokens``).
         overwrite: replace another cache found in ``output``.
+        schema: the cache format written (3, the default, or 2; see ``pd-lightning predict --writer.schema``).
     """
 
     def __init__(
@@ -98,7 +101,9 @@ class LogitRecorder(L.Callback):
         power_gammas: list[float] | None = None,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         overwrite: bool = False,
+        schema: int = SCHEMA_VERSION,
     ) -> None:
+        self.schema = check_schema(schema)
         steps = start_step if start_step is not None else end_step
         bounds = (("start_step/end_step", steps), ("last_tokens", last_tokens), ("first_tokens", first_tokens))
         given = [name for name, value in bounds if value is not None]
@@ -271,7 +276,7 @@ class LogitRecorder(L.Callback):
                 "it again"
             )
         if not layout.final:  # killed after the last shard, before index.json: the writer's idempotent finish
-            CacheWriter(self.output, layout.spec).close()
+            CacheWriter(self.output, layout.spec, schema=layout.schema).close()
         return True
 
     def _read_marker(self) -> dict | None:
@@ -337,7 +342,7 @@ class LogitRecorder(L.Callback):
         if self.overwrite:  # replace whatever cache output holds, also one of the same spec (another run's logits)
             for name in _cache_files(self.output):
                 (self.output / name).unlink(missing_ok=True)
-        writer = CacheWriter(self.output, spec, overwrite=self.overwrite)
+        writer = CacheWriter(self.output, spec, overwrite=self.overwrite, schema=self.schema)
         parts: dict[int, dict] = {}
         try:
             self._write_map(sequences)  # before any shard: no complete cache without its map
