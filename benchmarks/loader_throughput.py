@@ -46,10 +46,27 @@ def synthetic_counts(rng: np.random.Generator, n: int, mode: str) -> np.ndarray:
     return np.where(kind > 0.88, K, counts)
 
 
+def zipf_ids(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Ids with a teacher-like frequency skew: density ~ 1/rank over the whole vocabulary, ranks mapped to ids by a
+    fixed permutation (no id locality)."""
+    ranks = np.floor(np.exp(rng.random(shape) * np.log(VOCAB))).astype(np.int64) - 1
+    return _PERM[ranks]
+
+
+_PERM = np.random.default_rng(12345).permutation(VOCAB)
+
+
 def build(
-    folder: Path, mode: str, sequences: int, seq_len: int, chunk_entries: int, seed: int = 0, shards: int = 1
+    folder: Path,
+    mode: str,
+    sequences: int,
+    seq_len: int,
+    chunk_entries: int,
+    seed: int = 0,
+    shards: int = 1,
+    schema: int = 2,
 ) -> Path:
-    """Write a synthetic cache with the real writer (``shards`` shards) and return its folder."""
+    """Write a synthetic cache with the real writer (``shards`` shards, ``schema``) and return its folder."""
     rng = np.random.default_rng(seed)
     spec = CacheSpec.for_processor(
         TopPK(0.95, K),
@@ -61,17 +78,17 @@ def build(
         source_fingerprint=f"synthetic-{mode}",
         shard_tokens=-(-sequences // shards) * seq_len,
     )
-    writer = CacheWriter(folder, spec, chunk_entries=chunk_entries)
+    writer = CacheWriter(folder, spec, chunk_entries=chunk_entries, schema=schema)
     for i in range(sequences):
         counts = torch.from_numpy(synthetic_counts(rng, seq_len, mode))
         valid = torch.arange(K)[None, :] < counts[:, None]  # (L, K)
-        ids = torch.from_numpy(rng.integers(0, VOCAB, (seq_len, K)))
+        ids = torch.from_numpy(zipf_ids(rng, (seq_len, K)))
         logprobs = -torch.from_numpy(rng.exponential(3.0, (seq_len, K))).float().cumsum(-1) / 10
         target = SparseTarget(
             ids=ids.masked_fill(~valid, 0),
             logprobs=logprobs.masked_fill(~valid, -float("inf")),
-            std=torch.rand(seq_len) * 3,
-            entropy=torch.rand(seq_len) * 5,
+            std=torch.from_numpy(rng.random(seq_len)).float() * 3,
+            entropy=torch.from_numpy(rng.random(seq_len)).float() * 5,
         )
         writer.write(torch.tensor([i]), torch.from_numpy(rng.integers(0, VOCAB, (1, seq_len + 1))), target)
     writer.finalize()
@@ -129,33 +146,45 @@ def run(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[float, float, f
     sequences, reps, windows, seq_len = args.sequences, args.reps, args.windows, args.seq_len
     folder = build(tmp / mode, mode, sequences, seq_len, args.chunk_entries)
     cache = TeacherCache(folder)
+    v3 = TeacherCache(build(tmp / f"{mode}-v3", mode, sequences, seq_len, args.chunk_entries, schema=3))
     memmap = MemmapCache(cache.files[0], tmp / f"{mode}-npy", seq_len)
     many = None
     if mode == "mixed":  # the same data (same seed) in many shards
         many = TeacherCache(build(tmp / "many", mode, sequences, seq_len, args.chunk_entries, shards=args.many_shards))
-    for i in range(sequences):  # warm the page cache (and the file handles)
-        cache.read(i)
+    for i in range(sequences):  # warm the page cache (and the file handles); the two schemas read the same values
+        a, b = cache.read(i), v3.read(i)
+        assert all(torch.equal(a[key], b[key]) for key in a), f"schema 2 and 3 differ at sequence {i}"
         memmap.read(i, 0, seq_len)
         if many is not None:
             many.read(i)
     rng = np.random.default_rng(1)
-    results = {"cache": [], "memmap": [], "many": []}
-    for _ in range(reps):
+    results = {"cache": [], "v3": [], "memmap": [], "many": []}
+    for r in range(reps):
         order = random_windows(rng, sequences, seq_len, windows)
-        results["cache"].append(tokens_per_s(cache.read, order))
-        results["memmap"].append(tokens_per_s(memmap.read, order))
-        if many is not None:
-            results["many"].append(tokens_per_s(many.read, order))
+        arms = [("cache", cache.read), ("v3", v3.read), ("memmap", memmap.read)]
+        arms += [("many", many.read)] if many is not None else []
+        for name, read in arms[r % len(arms) :] + arms[: r % len(arms)]:  # rotated order
+            results[name].append(tokens_per_s(read, order))
     if args.profile:
-        prof = cProfile.Profile()
-        prof.runcall(tokens_per_s, cache.read, random_windows(rng, sequences, seq_len, windows))
-        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        for name, reader in (("schema 2", cache), ("schema 3", v3)):
+            print(f"profile, {name}:")
+            prof = cProfile.Profile()
+            prof.runcall(tokens_per_s, reader.read, random_windows(rng, sequences, seq_len, windows))
+            pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     c, m = statistics.median(results["cache"]), statistics.median(results["memmap"])
+    c3 = statistics.median(results["v3"])
     size = sum(f.stat().st_size for f in cache.files)
+    size3 = sum(f.stat().st_size for f in v3.files)
     print(
         f"{mode:>5}: {sequences * seq_len / 1e6:.2f}M tokens, {size / 1e6:.0f} MB "
         f"({size / (sequences * seq_len):.1f} B/token); cache {c / 1e6:.2f}M tok/s, memmap {m / 1e6:.2f}M tok/s, "
         f"ratio {c / m:.2f}  (median of {reps} x {windows} windows)"
+    )
+    paired3 = [a / b for a, b in zip(results["v3"], results["cache"])]
+    print(
+        f"{mode:>5}: schema 3 {size3 / 1e6:.0f} MB ({size3 / (sequences * seq_len):.1f} B/token) "
+        f"{c3 / 1e6:.2f}M tok/s; schema 3 ÷ schema 2: median {statistics.median(paired3):.3f} "
+        f"(min {min(paired3):.3f}, max {max(paired3):.3f})"
     )
     n = 0.0
     if many is not None:
@@ -165,7 +194,7 @@ def run(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[float, float, f
             f"{mode:>5}: {len(many.files)} shards {n / 1e6:.2f}M tok/s; many ÷ one shard: median "
             f"{statistics.median(paired):.3f} (min {min(paired):.3f}, max {max(paired):.3f})"
         )
-    return c, m, n
+    return c, m, n, c3, statistics.median(paired3)
 
 
 def main() -> None:
@@ -184,10 +213,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         full = run(args, "full", Path(tmp))
         mixed = run(args, "mixed", Path(tmp))
-    print(f"full k=100: cache_tokens_per_s={full[0]:.0f} memmap_tokens_per_s={full[1]:.0f}")
+    print(
+        f"full k=100: cache_tokens_per_s={full[0]:.0f} memmap_tokens_per_s={full[1]:.0f} "
+        f"v3_cache_tokens_per_s={full[3]:.0f} v3_ratio={full[4]:.3f}"
+    )
     print(
         f"RESULT cache_tokens_per_s={mixed[0]:.0f} memmap_tokens_per_s={mixed[1]:.0f} ratio={mixed[0] / mixed[1]:.3f} "
-        f"many_shards_tokens_per_s={mixed[2]:.0f} many_shards_ratio={mixed[2] / mixed[0]:.3f}"
+        f"many_shards_tokens_per_s={mixed[2]:.0f} many_shards_ratio={mixed[2] / mixed[0]:.3f} "
+        f"v3_cache_tokens_per_s={mixed[3]:.0f} v3_ratio={mixed[4]:.3f} full_v3_cache_tokens_per_s={full[3]:.0f} "
+        f"full_v3_ratio={full[4]:.3f}"
     )
 
 

@@ -490,8 +490,11 @@ def decompress_planes(
     return h, planes
 
 
-def decode_block(data: bytes | memoryview, counts: np.ndarray, table: IdTable) -> tuple[np.ndarray, np.ndarray]:
-    """A block -> ``ids`` ``(E,)`` int64 (exact) and ``nlogp`` ``(E,)`` float32 (``-log p``, within ``step / 2``).
+def decode_block(
+    data: bytes | memoryview, counts: np.ndarray, table: IdTable, logprobs: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """A block -> ``ids`` ``(E,)`` int64 (exact) and ``nlogp`` ``(E,)`` float32 (``-log p``, within ``step / 2``;
+    with ``logprobs``, ``log p`` itself).
 
     Args:
         data: the block's bytes (:func:`encode_block`).
@@ -506,14 +509,19 @@ def decode_block(data: bytes | memoryview, counts: np.ndarray, table: IdTable) -
     # the planes go to a per-thread buffer: fresh ~MB arrays per call cost page faults (glibc returns freed heap
     # tops to the OS) that took as long as the decompression on the 2-core test machine
     h, planes = decompress_planes(data, counts, table, out=_workspace("planes", np.uint8, n))
-    return assemble(h, planes, table)
+    return assemble(h, planes, table, logprobs)
 
 
-def assemble(h: BlockHeader, planes: list[np.ndarray], table: IdTable) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`decompress_planes`' planes -> ``ids`` ``(E,)`` int64 and ``nlogp`` ``(E,)`` float32 (numpy)."""
+def assemble(
+    h: BlockHeader, planes: list[np.ndarray], table: IdTable, logprobs: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`decompress_planes`' planes -> ``ids`` ``(E,)`` int64 and ``nlogp`` ``(E,)`` float32 (numpy; with
+    ``logprobs``, ``log p = -nlogp`` instead, exactly: the product with the negated step)."""
     e = h.n_entries
     if e == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    import torch
+
     # ranks: low 5 bits | the plane above (| the escaped ranks' planes). Temporaries live in per-thread buffers.
     esc = h.n_escaped > 0  # ranks up to 2^31 (else < 8160)
     ranks = _workspace("ranks32" if esc else "ranks16", np.uint32 if esc else np.uint16, e)
@@ -546,9 +554,11 @@ def assemble(h: BlockHeader, planes: list[np.ndarray], table: IdTable) -> tuple[
         np.bitwise_or(delta, vp[k], out=delta)
     # the differences modulo 2^w read as signed: every partial sum is a code (< 2^(w-1)), so int32 sums are exact
     codes = _workspace("codes", np.int32, e)
-    np.cumsum(delta.view(np.int16 if h.value_planes == 2 else np.int32), dtype=np.int32, out=codes)
-    nlogp = np.multiply(codes, np.float32(h.step), dtype=np.float32)
-    return ids, nlogp
+    # torch's CPU cumsum is 3-6x numpy's (one thread); the result is written into the workspace
+    torch.cumsum(torch.from_numpy(delta.view(np.int16 if h.value_planes == 2 else np.int32)), 0, dtype=torch.int32,
+                 out=torch.from_numpy(codes))  # fmt: skip
+    values = np.multiply(codes, np.float32(-h.step if logprobs else h.step), dtype=np.float32)
+    return ids, values
 
 
 def assemble_torch(h: BlockHeader, planes: list, table_ids, table_gaps) -> tuple:

@@ -370,26 +370,26 @@ class TeacherCache(Dataset):
         offsets = shard.offsets[r * nb + b0 : r * nb + b1 + 1]  # (b1 - b0 + 1,) byte offsets
         data = shard.entries[int(offsets[0]) : int(offsets[-1])]  # one read of the blocks' bytes
         view = memoryview(data)
-        ids, nlogp = [], []
+        ids, logprobs = [], []
         for b in range(b0, b1):
             a = b * BLOCK_POSITIONS - p0
             c = counts[a : a + BLOCK_POSITIONS]
             lo, hi = int(offsets[b - b0] - offsets[0]), int(offsets[b - b0 + 1] - offsets[0])
             try:
-                block_ids, block_nlogp = decode_block(view[lo:hi], c, shard.table)
+                block_ids, block_logprobs = decode_block(view[lo:hi], c, shard.table, logprobs=True)
             except ValueError as err:
                 raise CacheCorruptError(
                     f"cache shard {self.layout.file(j)} is corrupt (sequence {i}, entry block {b}): {err}; delete the "
                     f"shard and {RESUME}"
                 ) from err
             ids.append(block_ids)
-            nlogp.append(block_nlogp)
+            logprobs.append(block_logprobs)
         ids_flat = ids[0] if len(ids) == 1 else np.concatenate(ids)
-        nlogp_flat = nlogp[0] if len(nlogp) == 1 else np.concatenate(nlogp)
+        lp_flat = logprobs[0] if len(logprobs) == 1 else np.concatenate(logprobs)
         skip = int(counts[: start - p0].sum(dtype=np.int64))  # entries of the first block before the window
         counts = counts[start - p0 : stop - p0]
         keep = slice(skip, skip + int(counts.sum(dtype=np.int64)))
-        return counts, ids_flat[keep], np.negative(nlogp_flat[keep])
+        return counts, ids_flat[keep], lp_flat[keep]
 
     def close(self) -> None:
         """Close this process's file handles."""
