@@ -58,6 +58,10 @@ class DistillLoss(nn.Module, ABC):
             combinable with a transform that sets its own student temperature (NormKD).
     """
 
+    # Whether the loss reads the student beyond its log-probabilities at the kept ids (ULD sorts its distribution);
+    # such a loss takes the objective's generic route, which gives it the chunk's full logits.
+    full_student = False
+
     def __init__(self, tail_bucket: bool = False, hinton: bool = False) -> None:
         super().__init__()
         self.tail_bucket = tail_bucket
@@ -345,3 +349,80 @@ class TVD(DistillLoss):
 
     def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
         return 0.5 * (t_logp.exp() - s_logp.exp()).abs()
+
+
+class ULD(DistillLoss):
+    """Universal Logit Distillation (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit
+    Distillation Loss for LLMs", arXiv 2402.12030, eq. 3): the L1 distance between the student's and the teacher's
+    probability vectors, each sorted in descending order and zero-padded to the same length,
+
+        ULD_i = sum_r | q_(r) - F_(r) |
+
+    (``q_(r)`` the student's r-th largest probability over its full vocabulary, ``F_(r)`` the teacher target's).
+    Only ranks are compared, not ids, so the two vocabularies need not match: the vocabulary-free path for a teacher
+    with another tokenizer (at the aligned positions of ``pd_lightning.crosstok.align``), and usable with any target.
+
+    With a sparse teacher of ``k_i`` kept entries the teacher vector is 0 beyond rank ``k_i``, so those ranks add the
+    student's mass outside its own top ``k_i``: ``ULD_i = sum_{r<=k_i} |q_(r) - F_(r)| + (1 - sum_{r<=k_i} q_(r))``,
+    which needs the student's top-``k`` (``torch.topk``) and not a full sort. ``F`` is the kept set renormalised at
+    the teacher temperature, as for every loss here.
+
+    Args:
+        tail_bucket: [D] the teacher's kept part is ``(1 - tail) F`` and its tail mass (whose shape beyond rank
+            ``k_i`` is not stored) is compared as one bucket with the student's mass beyond its top ``k_i``:
+            ``|tail - (1 - sum_{r<=k_i} q_(r))|``, the smallest L1 over those ranks that any shape of the tail allows.
+        hinton: see ``DistillLoss``.
+
+    [D] The paper sums over positions and averages per sequence; here, like every ``DistillLoss``, the mean over
+    counted positions. It reads the student's full distribution (its top-k), so ``lm_kd_loss`` takes its generic
+    route (``full_student``).
+    """
+
+    full_student = True  # reads the student's top-k, not only the kept ids: the objective's generic route
+
+    def divergence(self, s_logp: Tensor, t_logp: Tensor) -> Tensor:
+        """``|q_(r) - F_(r)|`` per rank, for rank-aligned (sorted) log-probabilities."""
+        return (t_logp.exp() - s_logp.exp()).abs()
+
+    def kept_losses(self, s_logp, target, counted, temps, s_tail=None) -> Tensor:  # noqa: D102
+        raise NotImplementedError("ULD compares sorted distributions: it needs the student's logits (token_losses)")
+
+    def token_losses(
+        self,
+        logits: Tensor,
+        target: SparseTarget,
+        counted: Tensor,
+        transform: TargetTransform | None = None,
+        context: Tensor | None = None,
+        student_logp: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        logits = upcast(logits)  # (n, V)
+        dtype = logits.dtype
+        temps = self.temperatures(logits, target, counted, transform, context)
+        if temps.student is None:
+            s_full = student_logp if student_logp is not None else F.log_softmax(logits, dim=-1)  # (n, V)
+        else:
+            s_full = F.log_softmax(logits / temps.student[:, None], dim=-1)  # (n, V)
+        n, vocab = logits.shape
+        k = target.ids.shape[1]
+        s_top = s_full.topk(min(k, vocab), dim=-1).values  # (n, min(K, V)) sorted descending
+        if k > vocab:  # more kept entries than student ids (a teacher with a larger vocabulary): zero-padded ranks
+            s_top = torch.cat([s_top, s_top.new_full((n, k - vocab), float("-inf"))], dim=-1)
+        t_raw = target.logprobs.to(dtype).sort(dim=-1, descending=True).values  # (n, K), padding (-inf) last
+        valid = torch.isfinite(t_raw) & counted[:, None]  # (n, K): the first k_i ranks of a counted row
+        t_logp = torch.log_softmax(t_raw / temps.teacher[:, None], dim=-1)  # (n, K); NaN on empty rows (masked)
+        if self.tail_bucket:
+            if target.tail is not None:
+                tail = target.tail.to(dtype).clamp(0.0, 1.0)  # (n,)
+            else:
+                tail = (1.0 - torch.where(torch.isfinite(t_raw), t_raw.exp(), 0.0).sum(-1)).clamp(0.0, 1.0)
+            t_logp = t_logp + torch.log1p(-tail)[:, None]  # (1 - tail) F
+        q_top = torch.where(valid, s_top, float("-inf")).exp()  # (n, K) student's top-k_i probabilities, 0 beyond
+        ranks = torch.where(valid, self.divergence(torch.where(valid, s_top, 0.0), torch.where(valid, t_logp, 0.0)),
+                            0.0).sum(-1)  # fmt: skip
+        s_rest = (1.0 - q_top.sum(-1)).clamp(min=0.0)  # (n,) student mass beyond its top k_i
+        rest = (tail - s_rest).abs() if self.tail_bucket else s_rest
+        per_token = torch.where(counted, ranks + rest, 0.0)
+        if temps.weight is not None:
+            per_token = per_token * temps.weight
+        return per_token, temps.teacher.detach()

@@ -16,8 +16,9 @@
     in place. Peak extra memory: ``d weight`` + ``d hidden`` + one ``(chunk, V)`` fp32 buffer. [D] The transform's
     teacher temperature and weight are taken as constants w.r.t. the student here (true of every transform in
     ``temperature.py``; only a student temperature depends on the student, and it takes the generic route).
-  - generic (a student temperature -- NormKD, ``hinton`` -- or the tail bucket): autograd through the chunk's
-    ``(chunk, V)`` computation, a few ``(chunk, V)`` buffers.
+  - generic (a student temperature -- NormKD, ``hinton`` --, the tail bucket, or a loss that reads the student's
+    whole distribution, ``DistillLoss.full_student``: ULD): autograd through the chunk's ``(chunk, V)`` computation,
+    a few ``(chunk, V)`` buffers.
 
   On CPU (2 cores, 2,048 tokens, V = 151,552, H = 512) the fused path takes ~0.10x the naive peak memory at
   ~1.1-1.2x its time (``benchmarks/loss_memory.py``): the matmuls on 83-row chunks run below BLAS's large-matrix
@@ -238,7 +239,7 @@ def _fused_loop(
             if kd is not None:
                 target, counted = kd.target.select(rows), kd.counted[rows]
                 temps = kd.loss.temperatures(logits, target, counted, kd.transform, kd.context)
-            if kd is None or (temps.student is None and not kd.loss.tail_bucket):
+            if kd is None or (temps.student is None and not kd.loss.tail_bucket and not kd.loss.full_student):
                 chunk = _sparse_chunk(logits, labels[rows], kd, temps, rows, scale_lm, scale_kd, grad)
             else:
                 chunk = _generic_chunk(logits, labels[rows], kd, rows, scale_lm, scale_kd, grad)
