@@ -32,6 +32,7 @@ import socket
 import sys
 import time
 import warnings
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -274,7 +275,7 @@ class CacheWriterCallback(L.Callback):
         overwrite: bool = False,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         max_pending: int = 4,
-        schema: int = SCHEMA_VERSION,
+        schema: Literal[2, 3] = SCHEMA_VERSION,
     ) -> None:
         if shard_tokens < 1:
             raise ValueError(f"--writer.shard_tokens must be >= 1, got {shard_tokens}")
