@@ -843,7 +843,8 @@ def test_bad_input(case: Case, env: Env, capsys, monkeypatch):
 
 # ---- later cases (issue items 3, 12, 13, 14), run by the same checks as the catalogue above -----------------------
 def _flipped_cache(e: Env) -> Path:
-    """A copy of the catalogue's cache (outside the inputs) with one bit flipped in a shard's 'entries' chunk."""
+    """A copy of the catalogue's cache (outside the inputs) with one bit flipped in a shard's first chunk of entries
+    (schema 3's coded 'blocks'; schema 2's packed 'entries')."""
     import shutil
 
     import h5py
@@ -853,7 +854,7 @@ def _flipped_cache(e: Env) -> Path:
         shutil.copytree(e.cache, copy)
         shard = sorted(copy.glob("shard-*.h5"))[0]
         with h5py.File(shard) as f:
-            offset = f["entries"].id.get_chunk_info(0).byte_offset
+            offset = f["blocks" if "blocks" in f else "entries"].id.get_chunk_info(0).byte_offset
         with open(shard, "r+b") as fh:
             fh.seek(offset + 17)
             byte = fh.read(1)

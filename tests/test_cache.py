@@ -134,22 +134,32 @@ def write_synthetic(
     return refs
 
 
+SCHEMAS = pytest.mark.parametrize("schema", [2, 3])  # format invariants both schemas keep
+
+
+@SCHEMAS
 @pytest.mark.parametrize("vocab", [151_552, 2**24 - 1])
-def test_round_trip_bounds_large_vocabularies(tmp_path: Path, vocab: int) -> None:
-    refs = write_synthetic(tmp_path, vocab, seq_len=32, num=12, k=8, shard_tokens=5 * 32, chunk_entries=512)
+def test_round_trip_bounds_large_vocabularies(tmp_path: Path, vocab: int, schema: int) -> None:
+    refs = write_synthetic(
+        tmp_path, vocab, seq_len=32, num=12, k=8, shard_tokens=5 * 32, chunk_entries=512, schema=schema
+    )
     cache = TeacherCache(tmp_path)
     assert len(cache) == 12 and cache.max_entries == 8
     for i, (tokens, target) in refs.items():
         assert_matches(cache[i], tokens, target, tol=5e-4)  # quantisation step / 2 = 4.2e-4
     info = cache_info(tmp_path)
+    assert info["schema_version"] == schema
+    if schema == 3:  # (its size, on data of a realistic skew: tests/test_cache_schema3.py)
+        return
     size = 4 if vocab <= 2**18 else 8
     # + fletcher32 per chunk, + the padded last chunk of each shard (the size is not known while streaming)
     assert info["bytes_per_entry"] * info["entries"] <= size * info["entries"] * (1 + 4 / 512) + 3 * 512 * size
     assert info["bytes_per_entry"] >= size
 
 
-def test_round_trip_top_p_k_from_logits(tmp_path: Path) -> None:
-    refs = write_cache(tmp_path, TopPK(0.9, 20), shard_tokens=3 * 16)
+@SCHEMAS
+def test_round_trip_top_p_k_from_logits(tmp_path: Path, schema: int) -> None:
+    refs = write_cache(tmp_path, TopPK(0.9, 20), shard_tokens=3 * 16, schema=schema)
     cache = TeacherCache(tmp_path)
     for i, (tokens, target) in refs.items():
         assert_matches(cache[i], tokens, target)
@@ -158,21 +168,23 @@ def test_round_trip_top_p_k_from_logits(tmp_path: Path) -> None:
     assert torch.equal(item["labels"], refs[4][0][6:12])
 
 
-def test_unlimited_top_p_and_sampled_caches(tmp_path: Path) -> None:
-    refs = write_cache(tmp_path / "p", TopPK(0.8, None), vocab=200)
+@SCHEMAS
+def test_unlimited_top_p_and_sampled_caches(tmp_path: Path, schema: int) -> None:
+    refs = write_cache(tmp_path / "p", TopPK(0.8, None), vocab=200, schema=schema)
     cache = TeacherCache(tmp_path / "p")
     assert cache.spec.max_entries is None
     assert cache.max_entries == max(int(t.valid.sum(-1).max()) for _, t in refs.values())
     for i, (tokens, target) in refs.items():
         assert_matches(cache[i], tokens, target)
-    write_cache(tmp_path / "s", Sampled(n=12), vocab=200)
+    write_cache(tmp_path / "s", Sampled(n=12), vocab=200, schema=schema)
     item = TeacherCache(tmp_path / "s")[3]
     assert item["teacher_ids"].shape[1] == 12
     torch.testing.assert_close(item["teacher_logprobs"].exp().sum(-1), torch.ones(16), atol=12e-3, rtol=0)
 
 
 def test_storage_bounds_for_small_vocabularies(tmp_path: Path) -> None:
-    write_synthetic(tmp_path, vocab=2**18, seq_len=64, num=40, k=40, chunk_entries=2048)
+    """Schema 2's packed entries (schema 3's size: tests/test_cache_schema3.py)."""
+    write_synthetic(tmp_path, vocab=2**18, seq_len=64, num=40, k=40, chunk_entries=2048, schema=2)
     info = cache_info(tmp_path)
     with h5py.File(TeacherCache(tmp_path).files[0]) as f:
         entries = f["entries"]
@@ -187,8 +199,9 @@ def test_storage_bounds_for_small_vocabularies(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- shards and readers
-def test_multi_shard_any_reader_layout(tmp_path: Path) -> None:
-    refs = write_cache(tmp_path, TopPK(0.9, 12), num=11, world=3, shard_tokens=2 * 16)  # 6 shards of <= 2
+@SCHEMAS
+def test_multi_shard_any_reader_layout(tmp_path: Path, schema: int) -> None:
+    refs = write_cache(tmp_path, TopPK(0.9, 12), num=11, world=3, shard_tokens=2 * 16, schema=schema)  # 6 shards
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["index.json"] + [f"shard-00000{j}.h5" for j in range(6)]  # rank indexes replaced
     with h5py.File(tmp_path / "shard-000002.h5") as f:
@@ -211,9 +224,9 @@ def test_multi_shard_any_reader_layout(tmp_path: Path) -> None:
         cache_reader.MAX_OPEN_SHARDS = limit
     assert verify(tmp_path) == {"shards": 6, "sequences": 11, "tokens": 11 * 16, "entries": verify(tmp_path)["entries"]}
     # the content does not depend on the number of writer ranks
-    write_cache(tmp_path / "one", TopPK(0.9, 12), num=11, world=1, shard_tokens=2 * 16)
+    write_cache(tmp_path / "one", TopPK(0.9, 12), num=11, world=1, shard_tokens=2 * 16, schema=schema)
     assert content_checksum(tmp_path / "one") == content_checksum(tmp_path)
-    refs = write_cache(tmp_path / "sparse", TopPK(0.9, 12), num=2, world=3)  # more ranks than shards
+    refs = write_cache(tmp_path / "sparse", TopPK(0.9, 12), num=2, world=3, schema=schema)  # more ranks than shards
     cache = TeacherCache(tmp_path / "sparse")
     for i in range(2):
         assert_matches(cache[i], *refs[i])
@@ -299,7 +312,8 @@ def test_partial_snapshot_is_checkpointed_and_a_resume_reads_it(tmp_path: Path, 
         bad.load_state_dict(state)
 
 
-def test_resume_with_another_number_of_writer_ranks(tmp_path: Path) -> None:
+@SCHEMAS
+def test_resume_with_another_number_of_writer_ranks(tmp_path: Path, schema: int) -> None:
     """Started on 3 ranks (only rank 1 finished its shards), finished on 2: same content as one writer."""
     proc = TopPK(0.9, 12)
     spec = make_spec(proc, 300, 16, 10, shard_tokens=2 * 16)  # 5 shards
@@ -309,14 +323,14 @@ def test_resume_with_another_number_of_writer_ranks(tmp_path: Path) -> None:
         for i in range(10):
             writer.write(torch.tensor([i]), data[i][0], proc(data[i][1]))
 
-    feed(CacheWriter(tmp_path, spec, rank=1, world_size=3))  # shards 1 and 4
+    feed(CacheWriter(tmp_path, spec, rank=1, world_size=3, schema=schema))  # shards 1 and 4
     for rank in (0, 1):
-        writer = CacheWriter(tmp_path, spec, rank=rank, world_size=2)
+        writer = CacheWriter(tmp_path, spec, rank=rank, world_size=2, schema=schema)
         assert writer.pending_sequences.tolist() == ([0, 1, 4, 5] if rank == 0 else [6, 7])  # shards 0, 2 / 3
         feed(writer)
         writer.finalize()
     assert (tmp_path / "index.json").exists() and not list(tmp_path.glob("index-*.json"))
-    write_cache(tmp_path / "one", proc, num=10, shard_tokens=2 * 16)
+    write_cache(tmp_path / "one", proc, num=10, shard_tokens=2 * 16, schema=schema)
     assert content_checksum(tmp_path) == content_checksum(tmp_path / "one")
 
 
@@ -349,8 +363,9 @@ def test_check_compatible_names_both_sides(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- damage and refusals
-def test_truncated_file_is_detected(tmp_path: Path) -> None:
-    write_cache(tmp_path, TopPK(0.9, 12), num=6)
+@SCHEMAS
+def test_truncated_file_is_detected(tmp_path: Path, schema: int) -> None:
+    write_cache(tmp_path, TopPK(0.9, 12), num=6, schema=schema)
     shard = tmp_path / "shard-000000.h5"
     with open(shard, "r+b") as fh:
         fh.truncate(shard.stat().st_size * 6 // 10)
@@ -359,17 +374,19 @@ def test_truncated_file_is_detected(tmp_path: Path) -> None:
             action(tmp_path)
 
 
-def test_flipped_byte_is_detected(tmp_path: Path) -> None:
-    write_cache(tmp_path, TopPK(0.9, 12), num=6, chunk_entries=256)
+@SCHEMAS
+def test_flipped_byte_is_detected(tmp_path: Path, schema: int) -> None:
+    write_cache(tmp_path, TopPK(0.9, 12), num=6, chunk_entries=256, schema=schema)
     shard = tmp_path / "shard-000000.h5"
+    dataset = "entries" if schema == 2 else "blocks"  # the packed entries / the coded entry blocks
     with h5py.File(shard) as f:
-        offset = f["entries"].id.get_chunk_info(0).byte_offset
+        offset = f[dataset].id.get_chunk_info(0).byte_offset
     with open(shard, "r+b") as fh:
         fh.seek(offset + 17)
         byte = fh.read(1)
         fh.seek(offset + 17)
         fh.write(bytes([byte[0] ^ 0x10]))
-    with pytest.raises(CacheCorruptError, match=r"shard-000000\.h5.*'/entries'"):
+    with pytest.raises(CacheCorruptError, match=rf"shard-000000\.h5.*'/{dataset}'"):
         verify(tmp_path)
     with pytest.raises(CacheCorruptError, match=r"shard-000000\.h5.*sequence 0"):
         TeacherCache(tmp_path)[0]
@@ -459,36 +476,38 @@ def test_incomplete_and_inconsistent_caches_are_refused(tmp_path: Path) -> None:
         TeacherCache(full / "index.json")
 
 
-def test_other_parameters_are_refused_same_are_complete(tmp_path: Path) -> None:
-    write_cache(tmp_path, TopPK(0.9, 8), num=4)
+@SCHEMAS
+def test_other_parameters_are_refused_same_are_complete(tmp_path: Path, schema: int) -> None:
+    write_cache(tmp_path, TopPK(0.9, 8), num=4, schema=schema)
     before = content_checksum(tmp_path)
     listing = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(
         CacheMismatchError, match=r"other parameters \(max_entries: 8 != 9; processor.*--writer\.overwrite true"
     ):  # noqa: E501
-        CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4))
+        CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4), schema=schema)
     with pytest.raises(CacheMismatchError, match=r"teacher_fingerprint: 'teacher-a' != 'teacher-b'"):
-        CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4, teacher="teacher-b"))
+        CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4, teacher="teacher-b"), schema=schema)
     assert sorted(p.name for p in tmp_path.iterdir()) == listing and content_checksum(tmp_path) == before
-    same = CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4))
+    same = CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4), schema=schema)
     assert same.complete and len(same.pending_sequences) == 0  # a producer has nothing to compute
     tokens, logits = sequence_data(0, 300, 16)
     assert same.write(torch.tensor([0]), tokens, TopPK(0.9, 8)(logits)) == 0
     assert same.finalize() == tmp_path / "index.json" and content_checksum(tmp_path) == before
-    other = CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4), overwrite=True)
+    other = CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4), overwrite=True, schema=schema)
     assert not other.complete and not list(tmp_path.iterdir())
     # an interrupted run of other parameters is refused as well
-    other = CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4, shard_tokens=16))
+    other = CacheWriter(tmp_path, make_spec(TopPK(0.9, 9), 300, 16, 4, shard_tokens=16), schema=schema)
     other.write(torch.tensor([0]), tokens, TopPK(0.9, 9)(logits))
     other.close()
     with pytest.raises(CacheMismatchError, match=r"holds a teacher cache written with other parameters"):
-        CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4))
+        CacheWriter(tmp_path, make_spec(TopPK(0.9, 8), 300, 16, 4), schema=schema)
 
 
-def test_writer_skips_foreign_repeated_and_finished_sequences(tmp_path: Path) -> None:
+@SCHEMAS
+def test_writer_skips_foreign_repeated_and_finished_sequences(tmp_path: Path, schema: int) -> None:
     proc = TopPK(0.9, 8)
     spec = make_spec(proc, 300, 16, 8, shard_tokens=2 * 16)  # rank 1 of 2 writes shards 1, 3: {2, 3}, {6, 7}
-    writer = CacheWriter(tmp_path, spec, rank=1, world_size=2)
+    writer = CacheWriter(tmp_path, spec, rank=1, world_size=2, schema=schema)
     data = [sequence_data(i, 300, 16) for i in range(8)]
 
     def batch(idx: list[int]) -> tuple:
@@ -504,22 +523,23 @@ def test_writer_skips_foreign_repeated_and_finished_sequences(tmp_path: Path) ->
     assert writer.write(*batch([6, 5])) == 1
     writer.finalize()
     cache_dir = tmp_path / "ref"
-    write_cache(cache_dir, proc, num=8, world=2, shard_tokens=2 * 16)
+    write_cache(cache_dir, proc, num=8, world=2, shard_tokens=2 * 16, schema=schema)
     for name in ("shard-000001.h5", "shard-000003.h5"):
         assert content_checksum(tmp_path / name) == content_checksum(cache_dir / name)
 
 
-def test_checksum_independent_of_order_and_layout(tmp_path: Path) -> None:
+@SCHEMAS
+def test_checksum_independent_of_order_and_layout(tmp_path: Path, schema: int) -> None:
     proc = TopPK(0.95, 10)
-    write_cache(tmp_path / "a", proc, num=9)
+    write_cache(tmp_path / "a", proc, num=9, schema=schema)
     spec = make_spec(proc, 300, 16, 9)
-    writer = CacheWriter(tmp_path / "b", spec, write_sequences=4, chunk_entries=100)
+    writer = CacheWriter(tmp_path / "b", spec, write_sequences=4, chunk_entries=100, schema=schema)
     for i in [5, 2, 8, 0, 1, 7, 3, 6, 4]:
         tokens, logits = sequence_data(i, 300, 16)
         writer.write(torch.tensor([i]), tokens, proc(logits, torch.arange(16) + i * 16))
     writer.finalize()
     assert content_checksum(tmp_path / "a") == content_checksum(tmp_path / "b")
-    write_cache(tmp_path / "c", TopPK(0.95, 11), num=9)
+    write_cache(tmp_path / "c", TopPK(0.95, 11), num=9, schema=schema)
     assert content_checksum(tmp_path / "a") != content_checksum(tmp_path / "c")
 
 

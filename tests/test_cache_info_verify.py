@@ -15,8 +15,10 @@ from pd_lightning.distill.processors import TopPK
 from tests.test_cache import write_cache
 
 
-def _flip(shard: Path, dataset: str = "entries") -> None:
+def _flip(shard: Path, dataset: str | None = None) -> None:
+    """One bit flipped in the first chunk of ``dataset`` (default: the entries, 'blocks' or 'entries')."""
     with h5py.File(shard) as f:
+        dataset = dataset or _entries(f)
         offset = f[dataset].id.get_chunk_info(0).byte_offset
     with open(shard, "r+b") as fh:
         fh.seek(offset + 17)
@@ -36,9 +38,13 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    write_cache(tmp_path / "c", TopPK(0.9, 12), num=6, shard_tokens=2 * 16, chunk_entries=256)
+def _entries(f: h5py.File) -> str:
+    return "blocks" if "blocks" in f else "entries"  # schema 3's coded blocks, schema 2's packed entries
+
+
+@pytest.fixture(params=[2, 3], ids=["schema2", "schema3"])
+def cache(tmp_path: Path, request) -> Path:
+    write_cache(tmp_path / "c", TopPK(0.9, 12), num=6, shard_tokens=2 * 16, chunk_entries=256, schema=request.param)
     return tmp_path / "c"
 
 
@@ -56,7 +62,9 @@ def test_a_bit_flip_is_reported_by_shard_name_with_exit_2(cache, capsys):
     lines = [s for s in err.splitlines() if s.strip()]
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("pd-lightning: error: cache-info: 1 of 3 shards of ")
-    assert "shard-000001.h5" in lines[0] and "'/entries'" in lines[0] and "shard-000000.h5" not in lines[0]
+    with h5py.File(cache / "shard-000001.h5") as f:
+        name = _entries(f)
+    assert "shard-000001.h5" in lines[0] and f"'/{name}'" in lines[0] and "shard-000000.h5" not in lines[0]
     assert "complete: True" not in out
     _flip(cache / "shard-000002.h5", "counts")  # every damaged shard is named, not only the first
     code, _, err = _run(["cache-info", str(cache), "--json", "true"], capsys)

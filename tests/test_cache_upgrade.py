@@ -46,7 +46,7 @@ def test_upgrade_keeps_the_data(tmp_path, capsys) -> None:
     proc = TopPK(0.9, 12)
     spec = CacheSpec.for_processor(proc, vocab_size=300, seq_len=16, num_sequences=7, teacher_fingerprint="t",
                                    tokenizer_fingerprint="k", source_fingerprint="s")  # fmt: skip
-    writer = CacheWriter(tmp_path / "new", spec)
+    writer = CacheWriter(tmp_path / "new", spec, schema=2)  # schema1_cache copies its packed 'entries'
     for i in range(7):
         g = torch.Generator().manual_seed(i)
         writer.write(torch.tensor([i]), torch.randint(0, 300, (1, 17), generator=g),

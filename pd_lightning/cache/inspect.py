@@ -66,7 +66,7 @@ def _verify_shard(file: Path, length: int, vocab_size: int) -> tuple[int, int, i
         offsets = read_dataset(file, f["sequence_offsets"])
         num_seq = len(offsets) - 1
         num_entries = int(offsets[-1]) if schema == 3 else f["entries"].shape[0]
-        read_dataset(file, f["sequence_index"])
+        index = read_dataset(file, f["sequence_index"])  # global sequence numbers (for the messages)
         if offsets[0] != 0 or offsets[-1] != num_entries or (np.diff(offsets) < 0).any():
             raise CacheCorruptError(f"cache shard {file}: sequence_offsets inconsistent with 'entries'")
         if f["tokens"].shape != (num_seq, length + 1) or f["counts"].shape[0] != num_seq * length:
@@ -106,8 +106,9 @@ def _verify_shard(file: Path, length: int, vocab_size: int) -> tuple[int, int, i
                     try:
                         ids, _ = decode_block(data[x:y], c, table)
                     except ValueError as err:
+                        seq = int(index[s]) if s < len(index) else s  # the reader's numbering, not the shard's row
                         raise CacheCorruptError(
-                            f"cache shard {file}: entry block {blk} (sequence {s}) is corrupt ({err})"
+                            f"cache shard {file}: entry block {blk} (sequence {seq}) is corrupt ({err})"
                         ) from err
                     if ids.size:
                         max_id = max(max_id, int(ids.max()))
