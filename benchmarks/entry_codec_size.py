@@ -2,6 +2,11 @@
 schema 2 (``id << 14 | q`` in a uint32, "v2") and a Megatron-like coding (fp16 log p + bit-packed ids, zstd), on
 the same real teacher entries.
 
+This is the exploration that chose schema 3's coding: the codec at its own default step (1.99e-3) on
+2,048-position blocks. The cache itself codes the schema-2 codes (step ``nlogp_max / 16383`` = 8.4e-4) in blocks
+of at most 2,048 positions of one sequence; ``benchmarks/cache_size.py`` measures that through the real writer and
+reader.
+
 Inputs (real data, not synthetic):
 
 - a schema-2 cache written by ``pd-lightning predict`` (``--cache``): its entries, already quantised to 8.4e-4;
@@ -183,7 +188,7 @@ def alternatives(counts, ids, nlogp, vocab, bounds) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # Defaults: the demo's artefacts (`make demo`) and the held-out cache benchmarks/cache_size.py writes.
-    ap.add_argument("--cache", default="data/bench/cache-val-top-0.95-100", help="a schema-2 cache (predict)")
+    ap.add_argument("--cache", default="data/bench/cache-val-top-0.95-100-schema2", help="a schema-2 cache (predict)")
     ap.add_argument("--fp32", default="data/bench/fp32-val.npz", help="fp32 entries (.npz); made when missing")
     ap.add_argument("--teacher", default="runs/demo/teacher/teacher.ckpt")
     ap.add_argument("--tokens", default="data/demo/tokens.h5")

@@ -18,6 +18,8 @@ from pd_lightning.cache.format import (
     DEFAULT_SHARD_TOKENS,
     MAX_VOCAB,
     Q_BITS,
+    SCHEMA_VERSION,
+    SCHEMAS,
     SMALL_VOCAB,
     STAT_DATASETS,
     CacheCorruptError,
@@ -31,6 +33,9 @@ from pd_lightning.cache.format import (
 from pd_lightning.cache.reader import RESUME, TeacherCache, open_layout
 
 _BLOCK_TOKENS = 1 << 20  # positions scanned per step
+# Schema 3's bytes per stored entry without a sample: `benchmarks/cache_size.py`'s v3_bytes_per_entry_151k (the demo
+# teacher's held-out top-0.95-100 entries, ids mapped one-to-one into a 151,552 vocabulary; benchmarks/RESULTS.md).
+SCHEMA3_BYTES_PER_ENTRY = 2.32
 
 
 def _blocks(offsets: np.ndarray, length: int) -> list[tuple[int, int]]:
@@ -326,14 +331,19 @@ def cache_plan(
     seq_len: int = 4096,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     power_gammas: int = 1,
+    schema: int = SCHEMA_VERSION,
 ) -> dict[str, Any]:
     """Expected size, shards, disk and write bandwidth of a cache, on paper (``pd-lightning cache-plan``).
 
     Bytes per token follow the format (``cache_format``): 4 (token id) + 1 or 2 (count) + 6 (std, entropy, tail)
-    + 2 per stored gamma + 20 / ``seq_len`` (per-sequence tables) + entries/token x (4 B, or 8 B above 2^18 ids)
-    x (1 + 4 / 16384) (fletcher32 per 16k-entry chunk). Entries/token come from a sample cache (``from_cache``, the
-    measured mean of a cache written with the same processor) or, without one, are assumed to be ``k`` (an upper
-    bound for top-p-k: the nucleus often stops earlier). Per-file HDF5 overhead (a few KB per shard) is ignored.
+    + 2 per stored gamma + 20 / ``seq_len`` (per-sequence tables) + entries/token x bytes per entry. Schema 2: 4 B
+    (8 B above 2^18 ids) x (1 + 4 / 16384) (fletcher32 per 16k-entry chunk). Schema 3 (the default): the bytes per
+    entry of a schema-3 sample cache (``from_cache``: its coding on your teacher's entries), else
+    ``SCHEMA3_BYTES_PER_ENTRY`` (measured on the demo teacher's held-out top-0.95-100 entries at a 151,552-entry
+    vocabulary, ``benchmarks/cache_size.py``), plus 8 B per 2,048 positions (block offsets). Entries/token come
+    from a sample cache (``from_cache``, the measured mean of a cache written with the same processor) or, without
+    one, are assumed to be ``k`` (an upper bound for top-p-k: the nucleus often stops earlier). Per-file HDF5
+    overhead (a few KB per shard) is ignored.
 
     Args:
         tokens: tokens to cache (e.g. ``100e9``).
@@ -347,7 +357,10 @@ def cache_plan(
         seq_len: sequence length (for the per-sequence bookkeeping).
         shard_tokens: ``--writer.shard_tokens``.
         power_gammas: number of stored WTTM gammas (``--model.power_gammas``; default one, 0.5).
+        schema: the cache format planned (``--writer.schema``): 3 (default) or 2.
     """
+    if schema not in SCHEMAS:
+        raise ValueError(f"cache-plan: --schema {schema} must be one of {list(SCHEMAS)}")
     sample = cache_info(from_cache) if from_cache is not None else None
     if sample is not None:
         args = (sample.get("processor") or {}).get("init_args", {})
@@ -367,9 +380,17 @@ def cache_plan(
     else:
         entries_per_token = float(k)
         source = f"assumed = k = {k} (upper bound; pass --from_cache SAMPLE for a measured figure)"
-    entry_bytes = 4 if vocab <= SMALL_VOCAB else 8
     fixed = 4 + (1 if k <= 255 else 2) + 6 + 2 * power_gammas + 20 / seq_len
-    per_token = fixed + entries_per_token * entry_bytes * (1 + 4 / 16384)
+    if schema == 2:
+        entry_bytes, entry_source = (4 if vocab <= SMALL_VOCAB else 8) * (1 + 4 / 16384), "schema 2: packed entries"
+    elif sample is not None and sample["schema_version"] == 3:
+        entry_bytes, entry_source = float(sample["bytes_per_entry"]), f"schema 3, measured in {from_cache}"
+    else:
+        entry_bytes = SCHEMA3_BYTES_PER_ENTRY
+        entry_source = "schema 3, measured on the demo teacher at a 151,552 vocabulary (pass a schema-3 --from_cache)"
+    if schema == 3:
+        fixed += 8 / BLOCK_POSITIONS  # block offsets
+    per_token = fixed + entries_per_token * entry_bytes
     total = tokens * per_token
     shard_tokens_eff = max(1, shard_tokens // seq_len) * seq_len
     shards = math.ceil(tokens / shard_tokens_eff)
@@ -380,6 +401,9 @@ def cache_plan(
         "processor": f"top-{p}-{k}",
         "entries_per_token": entries_per_token,
         "entries_per_token_source": source,
+        "schema": schema,
+        "bytes_per_entry": entry_bytes,
+        "bytes_per_entry_source": entry_source,
         "bytes_per_token": per_token,
         "total_bytes": total,
         "total_TB": total / 1e12,
@@ -439,6 +463,7 @@ def cache_plan_command(
     seq_len: int = 4096,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     power_gammas: int = 1,
+    schema: int = SCHEMA_VERSION,
     json: bool = False,
 ) -> None:
     """Plan a teacher cache on paper: expected size, shards, disk and write bandwidth per GPU.
@@ -454,18 +479,22 @@ def cache_plan_command(
         seq_len: sequence length.
         shard_tokens: positions per shard (--writer.shard_tokens).
         power_gammas: number of stored WTTM gammas.
+        schema: the cache format (3, the default, or 2: ``predict --writer.schema``).
         json: print one JSON object.
     """
     import json as json_lib
 
     if tokens is None or vocab is None:
         raise ValueError("cache-plan needs --tokens (e.g. 100e9) and --vocab (the teacher's vocabulary size)")
-    plan = cache_plan(tokens, vocab, p, k, from_cache, teacher_tokens_per_s, gpus, seq_len, shard_tokens, power_gammas)
+    plan = cache_plan(
+        tokens, vocab, p, k, from_cache, teacher_tokens_per_s, gpus, seq_len, shard_tokens, power_gammas, schema
+    )
     if json:
         print(json_lib.dumps(plan))
         return
     print(f"cache plan: {plan['processor']} of a {vocab}-entry teacher over {tokens:.4g} tokens on {gpus} GPUs")
     print(f"  entries/token        {plan['entries_per_token']:.2f} ({plan['entries_per_token_source']})")
+    print(f"  bytes/entry          {plan['bytes_per_entry']:.2f} ({plan['bytes_per_entry_source']})")
     print(f"  bytes/token          {plan['bytes_per_token']:.1f}")
     print(f"  total size           {plan['total_TB']:.2f} TB")
     print(f"  shards               {plan['shards']} of {plan['shard_tokens']} tokens (~{plan['shard_GB']:.2f} GB)")
