@@ -121,6 +121,14 @@ class TeacherLogits(L.LightningModule):
         trust_remote_code: let transformers run the folder's own modelling code (off unless you set it).
         power_gammas: gammas for which WTTM's per-token weight ``U_gamma = sum_v p_v^gamma`` is computed from the
             full distribution and stored (2 B per position each; default the WTTM default gamma 0.5; ``[]``: none).
+        cross_tokenizer: ``auto`` (default): a teacher whose tokenizer differs from the token file's (fingerprints)
+            reads the student's text through its own tokenizer, and its targets are aligned and mapped onto the
+            student's ids (README "Cross-tokenizer distillation"); a teacher with the student's tokenizer reads the
+            student's ids. ``always``: align and map even when the tokenizers are equal (an exactness check; rows
+            whose text re-tokenizes differently at their cut ends lose those positions).
+        cross_tokenizer_rule: where a teacher token's probability goes when no student token has its bytes:
+            ``tail`` (default: into the tail mass, which the tail-bucket losses match and the others renormalise
+            away) or ``prefix`` (to the longest student token that is a byte prefix of it). Recorded in the cache.
     """
 
     def __init__(
@@ -130,8 +138,17 @@ class TeacherLogits(L.LightningModule):
         dtype: str = "float32",
         trust_remote_code: bool = False,
         power_gammas: list[float] | None = None,
+        cross_tokenizer: Literal["auto", "always"] = "auto",
+        cross_tokenizer_rule: Literal["tail", "prefix"] = "tail",
     ) -> None:
         super().__init__()
+        from pd_lightning.crosstok.pair import check_rule
+
+        if cross_tokenizer not in ("auto", "always"):
+            raise ValueError(f"--model.cross_tokenizer must be auto or always, got {cross_tokenizer!r}")
+        self.cross_tokenizer = cross_tokenizer
+        self.cross_tokenizer_rule = check_rule(cross_tokenizer_rule, "--model.cross_tokenizer_rule")
+        self.pair = None  # a crosstok.pair.TokenizerPair when the teacher reads its own tokens (use_tokenizers)
         self.teacher_path, self.processor = teacher, processor
         self.power_gammas = tuple(float(g) for g in ([0.5] if power_gammas is None else power_gammas))
         if any(not g > 0 for g in self.power_gammas) or len(set(self.power_gammas)) != len(self.power_gammas):
@@ -164,12 +181,35 @@ class TeacherLogits(L.LightningModule):
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
 
+    def teacher_tokenizer_folder(self) -> str | None:
+        """The teacher's tokenizer folder: the HF folder itself, or the one a pd-lightning checkpoint records."""
+        from pathlib import Path
+
+        return self.teacher_path if Path(self.teacher_path).is_dir() else self.teacher.tokenizer_path
+
+    def use_tokenizers(self, tokens: TokenFile, split: str, data_flag: str = "--data.path") -> None:
+        """Read the student's text through the teacher's own tokenizer (``cross_tokenizer``): load both tokenizers,
+        build the vocabulary map, and refuse tokenizers that do not round-trip the text of the split's first rows
+        (one line naming the flag and the row)."""
+        from pd_lightning.crosstok.pair import CHECK_ROWS, TokenizerPair
+
+        student_flag, teacher_flag = f"{data_flag} {str(tokens.path)!r}", f"--model.teacher {self.teacher_path!r}"
+        self.pair = TokenizerPair.load(
+            tokens.tokenizer_path, tokens.vocab_size, self.teacher_tokenizer_folder(), self.teacher.vocab_size,
+            self.cross_tokenizer_rule, student_flag=student_flag, teacher_flag=teacher_flag,
+            rule_flag="--model.cross_tokenizer_rule",
+        )  # fmt: skip
+        rows = tokens.rows(split, slice(0, min(CHECK_ROWS, tokens.lengths[split]))).tolist()
+        self.pair.check_round_trip(rows, student_flag, teacher_flag, what=f"{split} sequence")
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict | None:
         tokens = batch["tokens"]  # (B, L + 1)
         seq_index = batch["sequence_index"]  # (B,)
         L_ = tokens.shape[1] - 1
         if self.skip_padding_forward and not bool((seq_index >= 0).any()):
             return None  # an idle rank's lockstep batch (CacheWriterCallback)
+        if self.pair is not None:
+            return self._cross_tokenizer_step(tokens, seq_index)
         logits = self.model(tokens[:, :-1])  # (B, L, V)
         real = seq_index >= 0  # lockstep padding rows (CacheWriterCallback) have index -1
         if not bool(real.all()):
@@ -179,16 +219,39 @@ class TeacherLogits(L.LightningModule):
         try:
             target = self.processor(logits, position_keys(seq_index, L_), gammas=self.power_gammas)
         except ValueError as e:
-            m = re.search(r"at row (\d+)", str(e))
-            if not m:
-                raise
-            row = int(m.group(1))
-            seq, pos = int(seq_index[row // L_]), row % L_
-            raise ValueError(
-                f"teacher {self.teacher_path!r} produced NaN/Inf logits at sequence {seq}, position {pos}"
-            ) from None
+            raise self._named_row(e, seq_index, L_) from None
         # The target stays on the device: the writer thread compacts it there (only kept entries cross to host).
         return {"sequence_index": seq_index.cpu(), "tokens": tokens.cpu(), "target": target}
+
+    def _cross_tokenizer_step(self, tokens: Tensor, seq_index: Tensor) -> dict | None:
+        """``predict_step`` for a teacher with its own tokenizer (``crosstok.pair``): align each row's text with the
+        teacher's tokenization, run the teacher over that, map its targets onto the student's positions and ids."""
+        L_ = tokens.shape[1] - 1
+        real = seq_index >= 0
+        if not bool(real.any()):
+            self.model(tokens[:, :-1])  # a sharded teacher's lockstep batch: join its collectives
+            return None
+        tokens, seq_index = tokens[real], seq_index[real]
+        try:
+            ids, positions = self.pair.teacher_batch(tokens.tolist(), L_, [f"sequence {int(s)}" for s in seq_index])
+        except ValueError as e:
+            raise ValueError(f"--model.teacher {self.teacher_path!r}: {e}") from None
+        logits = self.model(ids.to(self.device))  # (B, T, V_t)
+        try:
+            mapped = self.pair.targets(logits, positions, self.processor, position_keys(seq_index, L_),
+                                       self.power_gammas)  # fmt: skip
+        except ValueError as e:
+            raise self._named_row(e, seq_index, L_) from None
+        return {"sequence_index": seq_index.cpu(), "tokens": tokens.cpu(), "target": mapped.target}
+
+    def _named_row(self, err: ValueError, seq_index: Tensor, length: int) -> ValueError:
+        """The processor's refusal of non-finite logits ("at row N") as the sequence and position it is."""
+        m = re.search(r"at row (\d+)", str(err))
+        if not m:
+            return err
+        row = int(m.group(1))
+        seq, pos = int(seq_index[row // length]), row % length
+        return ValueError(f"teacher {self.teacher_path!r} produced NaN/Inf logits at sequence {seq}, position {pos}")
 
 
 def threading_main() -> bool:
@@ -392,20 +455,23 @@ class CacheWriterCallback(L.Callback):
             )
         data: TokenSequences = trainer.datamodule
         teacher: Teacher = pl_module.teacher
-        if teacher.tokenizer_fingerprint is not None and teacher.tokenizer_fingerprint != data.tokens.fingerprint:
-            raise ValueError(
-                f"--data.path {data.path!r} was tokenized with tokenizer {data.tokens.fingerprint}, but the teacher "
-                f"{pl_module.teacher_path!r} uses tokenizer {teacher.tokenizer_fingerprint}: prepare the token file "
-                "with --tokenizer <the teacher's folder>"
-            )
-        if data.tokens.vocab_size > teacher.vocab_size:
+        cross = pl_module.cross_tokenizer == "always" or (
+            teacher.tokenizer_fingerprint is not None and teacher.tokenizer_fingerprint != data.tokens.fingerprint
+        )
+        teacher_tokenizer, vocab = "", teacher.vocab_size
+        if cross:  # the teacher reads the text with its own tokenizer; the cache holds student ids
+            from pd_lightning.corpus.tokenizer import tokenizer_fingerprint
+
+            pl_module.use_tokenizers(data.tokens, data.split)
+            teacher_tokenizer, vocab = tokenizer_fingerprint(pl_module.pair.teacher_tok), data.tokens.vocab_size
+        elif data.tokens.vocab_size > teacher.vocab_size:
             raise ValueError(
                 f"--data.path {data.path!r} has vocabulary {data.tokens.vocab_size} > "
                 f"the teacher's {teacher.vocab_size}"
             )
         spec = CacheSpec.for_processor(
             pl_module.processor,
-            vocab_size=teacher.vocab_size,
+            vocab_size=vocab,
             seq_len=data.tokens.seq_len,
             num_sequences=data.num_sequences,
             teacher_fingerprint=teacher.fingerprint,
@@ -413,6 +479,8 @@ class CacheWriterCallback(L.Callback):
             source_fingerprint=token_source_fingerprint(data.path, data.split),
             shard_tokens=self.shard_tokens,
             power_gammas=pl_module.power_gammas,
+            teacher_tokenizer_fingerprint=teacher_tokenizer,
+            vocab_map_rule=pl_module.cross_tokenizer_rule if cross else "",
         )
         self._lock(trainer)  # before anything is written in the folder
         # Constructing the writer applies the refusals and, when nothing is left (a rerun after a kill past the

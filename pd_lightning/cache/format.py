@@ -171,6 +171,12 @@ class CacheSpec:
         sequences_per_shard: ``S``, sequences per shard (from ``--writer.shard_tokens``).
         nlogp_max: the stored ``-log p`` range (the processor's ``nlogp_max``).
         power_gammas: the gammas whose ``U_gamma`` is stored per position (WTTM).
+        teacher_tokenizer_fingerprint: a cross-tokenizer cache (issue 20): the teacher's tokenizer, whose targets
+            were aligned with the student's text and mapped onto the student's ids (``tokenizer_fingerprint`` and
+            ``vocab_size`` are then the student's); ``""`` for a teacher that reads the student's own tokens. Absent
+            from the attributes and index of such caches (and of every cache written before it existed).
+        vocab_map_rule: a cross-tokenizer cache's rule for teacher tokens without an exact student match
+            (``tail`` or ``prefix``, :mod:`pd_lightning.crosstok.vocab_map`); ``""`` otherwise.
     """
 
     teacher_fingerprint: str
@@ -185,6 +191,8 @@ class CacheSpec:
     sequences_per_shard: int = 1 << 12
     nlogp_max: float = NLOGP_MAX
     power_gammas: tuple[float, ...] = ()
+    teacher_tokenizer_fingerprint: str = ""
+    vocab_map_rule: str = ""
 
     def __post_init__(self) -> None:
         entry_dtype(self.vocab_size)
@@ -200,6 +208,16 @@ class CacheSpec:
         if any(not g > 0 or math.isinf(g) for g in gammas) or len(set(gammas)) != len(gammas):
             raise ValueError(f"power_gammas must be distinct finite values > 0, got {list(self.power_gammas)}")
         object.__setattr__(self, "power_gammas", gammas)
+        if bool(self.teacher_tokenizer_fingerprint) != (self.vocab_map_rule in ("tail", "prefix")):
+            raise ValueError(
+                "a cross-tokenizer cache records both the teacher's tokenizer fingerprint and the vocab_map_rule "
+                f"(tail or prefix), got {self.teacher_tokenizer_fingerprint!r} and {self.vocab_map_rule!r}"
+            )
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the teacher's targets were aligned from another tokenization (``teacher_tokenizer_fingerprint``)."""
+        return bool(self.teacher_tokenizer_fingerprint)
 
     @classmethod
     def for_processor(
@@ -214,6 +232,8 @@ class CacheSpec:
         source_fingerprint: str,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         power_gammas: tuple[float, ...] | list[float] = (),
+        teacher_tokenizer_fingerprint: str = "",
+        vocab_map_rule: str = "",
     ) -> CacheSpec:
         """The spec of a cache written with ``processor`` (arguments as the attributes of the same name).
 
@@ -234,6 +254,8 @@ class CacheSpec:
             sequences_per_shard=max(1, shard_tokens // seq_len),
             nlogp_max=processor.nlogp_max(vocab_size),
             power_gammas=tuple(power_gammas),
+            teacher_tokenizer_fingerprint=teacher_tokenizer_fingerprint,
+            vocab_map_rule=vocab_map_rule,
         )
 
     # ------------------------------------------------------------------------------------- layout
@@ -253,8 +275,16 @@ class CacheSpec:
         return np.arange(rank, self.num_shards, world_size, dtype=np.int64)
 
     # ------------------------------------------------------------------------------------- (de)serialising
+    def _fields(self) -> dict[str, Any]:
+        """``asdict`` without the cross-tokenizer fields of a same-tokenizer cache, whose attributes and index are
+        then exactly those of the caches written before the fields existed."""
+        values = asdict(self)
+        if not self.cross_tokenizer:
+            del values["teacher_tokenizer_fingerprint"], values["vocab_map_rule"]
+        return values
+
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "power_gammas": list(self.power_gammas)}
+        return {**self._fields(), "power_gammas": list(self.power_gammas)}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], path: Path | str) -> CacheSpec:
@@ -266,7 +296,7 @@ class CacheSpec:
     def to_attrs(self, schema: int = SCHEMA_VERSION) -> dict[str, Any]:
         """Root attributes (including format name, schema version and the encoding constants)."""
         check_schema(schema)
-        attrs = {"format": FORMAT_NAME, "schema_version": schema, **asdict(self)}
+        attrs = {"format": FORMAT_NAME, "schema_version": schema, **self._fields()}
         attrs["max_entries"] = self.max_entries or 0
         attrs["power_gammas"] = json.dumps(list(self.power_gammas))
         attrs.update(quant_bits=Q_BITS)
@@ -288,6 +318,8 @@ class CacheSpec:
             raise CacheMismatchError(unknown_schema_message(path, schema))
         values = {}
         for f in fields(cls):
+            if f.name in _OPTIONAL_FIELDS and f.name not in attrs:
+                continue  # a same-tokenizer cache (or one written before the field existed): the default
             value = attrs[f.name]
             values[f.name] = value.item() if isinstance(value, np.generic) else value
         values["max_entries"] = values["max_entries"] or None
@@ -301,6 +333,9 @@ class CacheSpec:
             for f in fields(self)
             if getattr(self, f.name) != getattr(other, f.name)
         )
+
+
+_OPTIONAL_FIELDS = ("teacher_tokenizer_fingerprint", "vocab_map_rule")  # absent from same-tokenizer caches
 
 
 def check_schema(schema: int) -> int:

@@ -281,6 +281,10 @@ def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards
         "sampled_tokens": scanned,
         "sampled_shards": len(files),
     }
+    if cache.spec.cross_tokenizer:  # a teacher with another tokenizer (issue 20): its coverage of the text
+        from pd_lightning.crosstok.cache_figures import cross_tokenizer_figures
+
+        info.update(cross_tokenizer_figures(files, cache.spec))
     if not layout.complete:
         info["reason"] = (
             f"{layout.finished_sequences} of {layout.spec.num_sequences} sequences in finished shards; {RESUME}"

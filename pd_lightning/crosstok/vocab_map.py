@@ -195,8 +195,18 @@ def student_targets(
         raise ValueError(
             f"student_targets: {teacher_rows.ids.shape[0]} teacher rows for {len(alignment.teacher_ids)} teacher tokens"
         )
-    aligned = pos >= 0
-    picked = teacher_rows.select(pos.clamp(min=0))
+    return masked_targets(teacher_rows.select(pos.clamp(min=0)), pos >= 0, vmap, rule)
+
+
+def masked_targets(picked: SparseTarget, aligned: Tensor, vmap: VocabMap, rule: Rule = "tail") -> MappedTarget:
+    """Teacher rows already in student order (row ``i`` is the teacher's row for student position ``i``, anything
+    where ``aligned[i]`` is False) mapped onto student ids, the unaligned rows emptied (as ``student_targets``).
+
+    Args:
+        picked: ``(n, K)`` teacher target, one row per student position.
+        aligned: ``(n,)`` bool.
+    """
+    aligned = aligned.to(picked.ids.device)
     out = map_target(picked, vmap, rule)
     t = out.target
 
