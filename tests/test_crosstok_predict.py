@@ -337,3 +337,27 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, case, other_teac
     assert want in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------- fit
+@pytest.mark.parametrize("loss", ["KLD", "ULD"])
+def test_fit_from_a_cross_tokenizer_cache(tmp_path, other_cache, prepared, loss):
+    """A student trains from the cross-tokenizer cache like from any cache (the spec's tokenizer is the student's):
+    3 steps of 0.1 LM + 0.9 KD, finite and as combined; ``val/bpb`` is logged next to ``val/loss``."""
+    import csv
+
+    from tests.test_predict import fit_from_cache
+
+    args = fit_from_cache(other_cache, prepared["tokens"], tmp_path, 3, "--model.loss",
+                          f"pd_lightning.distill.losses.{loss}", "--trainer.val_check_interval", "3")  # fmt: skip
+    main(args)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r.get("train/loss")]
+    assert len(train) == 3
+    for r in train:
+        total, lm, kd = (float(r[k]) for k in ("train/loss", "train/lm_loss", "train/kd_loss"))
+        assert math.isfinite(kd) and kd > 0
+        assert total == pytest.approx(0.1 * lm + 0.9 * kd, rel=1e-5)
+    val = [r for r in rows if r.get("val/bpb")]
+    assert val and math.isfinite(float(val[-1]["val/bpb"]))
