@@ -15,6 +15,7 @@ before any checkpoint holds them.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
@@ -113,6 +114,12 @@ class DistillationModule(L.LightningModule):
         teacher_processor: truncation of the in-step / co-trained teacher's logits (default TopPK(0.95, 100)).
         teacher_power_gammas: gammas whose ``U_gamma`` the in-step targets carry (default [0.5], as predict).
         teacher_dtype: weights dtype of ``teacher`` (float32, bfloat16, float16).
+        teacher_cross_tokenizer: ``auto`` (default): an in-step ``teacher`` whose tokenizer differs from the data's
+            reads each batch's text with its own tokenizer, its targets aligned and mapped onto the student's ids
+            (README "Cross-tokenizer distillation"); ``always``: also when the tokenizers are equal (an exactness
+            check).
+        teacher_cross_tokenizer_rule: such a teacher's tokens without an exact student match: ``tail`` (default) or
+            ``prefix`` (as ``predict --model.cross_tokenizer_rule``).
     """
 
     def __init__(
@@ -136,8 +143,18 @@ class DistillationModule(L.LightningModule):
         teacher_processor: LogitsProcessor | None = None,
         teacher_power_gammas: list[float] | None = None,
         teacher_dtype: str = "float32",
+        teacher_cross_tokenizer: Literal["auto", "always"] = "auto",
+        teacher_cross_tokenizer_rule: Literal["tail", "prefix"] = "tail",
     ) -> None:
         super().__init__()
+        from pd_lightning.crosstok.pair import check_rule
+
+        if teacher_cross_tokenizer not in ("auto", "always"):
+            raise ValueError(f"--model.teacher_cross_tokenizer must be auto or always, got {teacher_cross_tokenizer!r}")
+        self.teacher_cross_tokenizer = teacher_cross_tokenizer
+        self.teacher_cross_tokenizer_rule = check_rule(
+            teacher_cross_tokenizer_rule, "--model.teacher_cross_tokenizer_rule"
+        )
         if lr <= 0:
             raise ValueError(f"--model.lr must be positive, got {lr}")
         if loss_chunk_size < 0:
@@ -401,22 +418,26 @@ class DistillationModule(L.LightningModule):
         self.token_byte_lengths = byte_lengths(str(Path(folder).resolve()))
 
     def _check_online_teacher(self, data) -> None:
-        """The in-step teacher must read the student's tokens: same vocabulary, same tokenizer."""
+        """The in-step teacher reads the student's tokens (same vocabulary, same tokenizer), or, with another
+        tokenizer (``teacher_cross_tokenizer``), the student's text through its own
+        (``FrozenTeacher.use_tokenizers``)."""
         teacher = self.frozen_teacher
         if teacher is None:
             return
         where = f"--model.teacher {teacher.path!r}"
+        data_fp = getattr(data, "tokenizer_fingerprint", None)
+        teacher_fp = teacher.teacher.tokenizer_fingerprint
+        if self.teacher_cross_tokenizer == "always" or (data_fp and teacher_fp and data_fp != teacher_fp):
+            tokens = getattr(data, "tokens", None)
+            teacher.use_tokenizers(
+                tokenizer_folder(data) if data is not None else None, self.student_config.vocab_size,
+                self.teacher_cross_tokenizer_rule, tokens if hasattr(tokens, "rows") else None,
+            )  # fmt: skip
+            return
         if teacher.vocab_size != self.student_config.vocab_size:
             raise ValueError(
                 f"{where} has vocabulary {teacher.vocab_size}, the student's data has "
                 f"{self.student_config.vocab_size}: use a teacher trained on the same tokenizer"
-            )
-        data_fp = getattr(data, "tokenizer_fingerprint", None)
-        teacher_fp = teacher.teacher.tokenizer_fingerprint
-        if data_fp and teacher_fp and data_fp != teacher_fp:
-            raise ValueError(
-                f"{where} uses tokenizer {teacher_fp}, --data was tokenized with {data_fp}: prepare the data with "
-                "the teacher's tokenizer (--tokenizer <the teacher's folder>)"
             )
 
     # ---- checkpoints --------------------------------------------------------------------------------------------

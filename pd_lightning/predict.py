@@ -197,7 +197,7 @@ class TeacherLogits(L.LightningModule):
         self.pair = TokenizerPair.load(
             tokens.tokenizer_path, tokens.vocab_size, self.teacher_tokenizer_folder(), self.teacher.vocab_size,
             self.cross_tokenizer_rule, student_flag=student_flag, teacher_flag=teacher_flag,
-            rule_flag="--model.cross_tokenizer_rule",
+            rule_flag="--model.cross_tokenizer_rule", teacher_fingerprint=self.teacher.tokenizer_fingerprint,
         )  # fmt: skip
         rows = tokens.rows(split, slice(0, min(CHECK_ROWS, tokens.lengths[split]))).tolist()
         self.pair.check_round_trip(rows, student_flag, teacher_flag, what=f"{split} sequence")

@@ -97,6 +97,7 @@ class TokenizerPair:
         student_flag: str,
         teacher_flag: str,
         rule_flag: str,
+        teacher_fingerprint: str | None = None,
     ) -> TokenizerPair:
         """Load both tokenizers and build the tables; every refusal is one ``ValueError`` line naming the flag.
 
@@ -107,8 +108,10 @@ class TokenizerPair:
             teacher_vocab: the teacher model's vocabulary size (its logits' width).
             rule: ``tail`` or ``prefix``.
             student_flag, teacher_flag, rule_flag: the flags error messages name.
+            teacher_fingerprint: the tokenizer the teacher records (a pd-lightning checkpoint's); the folder's must
+                be that one.
         """
-        from pd_lightning.corpus.tokenizer import load_tokenizer
+        from pd_lightning.corpus.tokenizer import load_tokenizer, tokenizer_fingerprint
 
         check_rule(rule, rule_flag)
         if teacher_folder is None or not _has_tokenizer(teacher_folder):
@@ -124,6 +127,12 @@ class TokenizerPair:
             )
         student_tok = load_tokenizer(student_folder, flag=student_flag)
         teacher_tok = load_tokenizer(teacher_folder, flag=teacher_flag)
+        found = tokenizer_fingerprint(teacher_tok)
+        if teacher_fingerprint is not None and found != teacher_fingerprint:
+            raise ValueError(
+                f"{teacher_flag} was trained with tokenizer {teacher_fingerprint}, but its tokenizer folder "
+                f"{teacher_folder} holds tokenizer {found}: restore the teacher's own tokenizer folder"
+            )
         for tok, flag, who in ((student_tok, student_flag, "student"), (teacher_tok, teacher_flag, "teacher")):
             if not is_byte_level(tok):
                 raise ValueError(

@@ -62,6 +62,7 @@ class FrozenTeacher:
         self.path = path
         self.teacher: Teacher = load_teacher(path, dtype, trust_remote_code, flag="--model.teacher")
         self.teacher.model.requires_grad_(False).eval()
+        self.pair = None  # a crosstok.pair.TokenizerPair when the teacher reads its own tokens (use_tokenizers)
 
     @property
     def vocab_size(self) -> int:
@@ -104,16 +105,45 @@ class FrozenTeacher:
         sys.stdout.flush()
         return local, total
 
+    def use_tokenizers(self, student_folder: str | None, student_vocab: int, rule: str, tokens=None) -> None:
+        """Read each batch's text through the teacher's own tokenizer (``crosstok.pair``): load both tokenizers,
+        build the vocabulary map, and refuse (one line) tokenizers that do not round-trip the text of the token
+        file's first rows (``tokens``, a ``TokenFile``, when the data has one).
+
+        Args:
+            student_folder: the data's tokenizer folder.
+            student_vocab: the student's vocabulary size.
+            rule: ``tail`` or ``prefix``.
+        """
+        from pathlib import Path
+
+        from pd_lightning.crosstok.pair import CHECK_ROWS, TokenizerPair
+
+        flag = f"--model.teacher {self.path!r}"
+        folder = self.path if Path(self.path).is_dir() else self.teacher.tokenizer_path
+        self.pair = TokenizerPair.load(
+            student_folder, student_vocab, folder, self.vocab_size, rule, student_flag="--data",
+            teacher_flag=flag, rule_flag="--model.teacher_cross_tokenizer_rule",
+            teacher_fingerprint=self.teacher.tokenizer_fingerprint,
+        )  # fmt: skip
+        if tokens is not None:
+            split = "train" if tokens.lengths["train"] else "val"
+            rows = tokens.rows(split, slice(0, min(CHECK_ROWS, tokens.lengths[split]))).tolist()
+            self.pair.check_round_trip(rows, f"--data {str(tokens.path)!r}", flag, what=f"{split} sequence")
+
     @torch.no_grad()
     def targets(
         self, batch: dict[str, Tensor], processor: LogitsProcessor, gammas: tuple[float, ...], chunk_size: int = 0
     ) -> SparseTarget:
-        """The teacher's sparse target for every position of ``batch`` (``(B * T)`` rows, sequence-major)."""
+        """The teacher's sparse target for every position of ``batch`` (``(B * T)`` rows, sequence-major); over
+        the student's ids (aligned and mapped, unaligned rows empty) for a teacher with its own tokenizer."""
         model = self.teacher.model
         device = batch["input_ids"].device
         if next(model.parameters()).device != device:
             model.to(device)
-        if isinstance(model, Transformer):  # chunked: the (N, V) logits never exist
+        if self.pair is not None:
+            target = self._cross_tokenizer_targets(batch, processor, gammas)
+        elif isinstance(model, Transformer):  # chunked: the (N, V) logits never exist
             target = transformer_targets(model, batch, processor, gammas, chunk_size)[1]
         else:
             logits = model(batch["input_ids"])  # (B, T, V); HF models return full logits anyway
@@ -121,3 +151,21 @@ class FrozenTeacher:
         if isinstance(model, FSDPModule):  # FSDP2 keeps the root unit gathered after its forward; free it (no backward)
             model.reshard()
         return target
+
+    def _cross_tokenizer_targets(
+        self, batch: dict[str, Tensor], processor: LogitsProcessor, gammas: tuple[float, ...]
+    ) -> SparseTarget:
+        """Each row (its inputs and last label) aligned with the teacher's tokenization of its text; the teacher run
+        over that (rows right-padded); its targets at the aligned positions mapped onto student ids."""
+        inputs, labels = batch["input_ids"], batch["labels"]  # (B, T)
+        length = inputs.shape[1]
+        last = labels[:, -1].tolist()
+        rows = [r + ([t] if t >= 0 else []) for r, t in zip(inputs.tolist(), last)]
+        index = batch.get("sequence_index")
+        names = [f"sequence {int(i)}" for i in index] if index is not None else None
+        try:
+            ids, positions = self.pair.teacher_batch(rows, length, names)
+        except ValueError as e:
+            raise ValueError(f"--model.teacher {self.path!r}: {e}") from None
+        logits = self.teacher.model(ids.to(inputs.device))  # (B, T_t, V_t)
+        return self.pair.targets(logits, positions, processor, batch_keys(batch), gammas).target
