@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pd_lightning.cache import CacheSpec, CacheWriter, cache_info
+from pd_lightning.cache.inspect import SCHEMA3_BYTES_PER_ENTRY
 from pd_lightning.cli import main
 from pd_lightning.distill.processors import TopPK
 
@@ -18,40 +19,57 @@ def plan(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_paper_setting_by_hand(capsys) -> None:
+@pytest.mark.parametrize("schema", [2, 3])
+def test_paper_setting_by_hand(capsys, schema: int) -> None:
     got = plan(capsys, "--tokens", "100e9", "--vocab", "151552", "--p", "0.95", "--k", "100",
-               "--teacher-tokens-per-s", "20000", "--gpus", "8")  # fmt: skip
-    # 4 token + 1 count + 6 (std, entropy, tail) + 2 (one gamma) + 20 / 4096 + 100 entries x 4 B x (1 + 4 / 16384)
-    per_token = 4 + 1 + 6 + 2 + 20 / 4096 + 100 * 4 * (1 + 4 / 16384)
+               "--teacher-tokens-per-s", "20000", "--gpus", "8", "--schema", str(schema))  # fmt: skip
+    if schema == 2:
+        # 4 token + 1 count + 6 (std, entropy, tail) + 2 (one gamma) + 20 / 4096 + 100 entries x 4 B x (1 + 4 / 16384)
+        per_token = 4 + 1 + 6 + 2 + 20 / 4096 + 100 * 4 * (1 + 4 / 16384)
+    else:  # the same + 8 B of block offsets per 2,048 positions + 100 entries x the measured schema-3 bytes/entry
+        per_token = 4 + 1 + 6 + 2 + 20 / 4096 + 8 / 2048 + 100 * SCHEMA3_BYTES_PER_ENTRY
+        assert SCHEMA3_BYTES_PER_ENTRY <= 3.0 and "151,552" in got["bytes_per_entry_source"]
+    assert got["schema"] == schema
     assert got["bytes_per_token"] == pytest.approx(per_token)
     assert got["total_TB"] == pytest.approx(100e9 * per_token / 1e12)
     assert got["shards"] == math.ceil(100e9 / 8388608) and got["shard_tokens"] == 8388608
     assert got["disk_per_gpu_TB"] == pytest.approx(got["total_TB"] / 8)
     assert got["write_MB_per_s_per_gpu"] == pytest.approx(20000 * per_token / 1e6)
     assert got["hours"] == pytest.approx(100e9 / 8 / 20000 / 3600)
-    main(["cache-plan", "--tokens", "1e9", "--vocab", "300000"])  # the table; ids above 2^18 take 8 B
+    main(["cache-plan", "--tokens", "1e9", "--vocab", "300000", "--schema", str(schema)])  # the table
     out = capsys.readouterr().out
     assert "total size" in out and "write per GPU" in out and "assumed = k = 100" in out
+    if schema == 2:  # ids above 2^18 take 8 B
+        assert plan(capsys, "--tokens", "1e9", "--vocab", "300000", "--schema", "2")["bytes_per_entry"] > 8
 
 
-def sample_cache(path, sequences: int) -> None:
+def sample_cache(path, sequences: int, schema: int = 3) -> None:
     """A small real top-0.9-20 cache (300-entry vocabulary, 16-token sequences of random logits) at ``path``."""
     proc = TopPK(0.9, 20)
     spec = CacheSpec.for_processor(proc, vocab_size=300, seq_len=16, num_sequences=sequences, teacher_fingerprint="t",
                                    tokenizer_fingerprint="k", source_fingerprint="s")  # fmt: skip
-    writer = CacheWriter(path, spec)
+    writer = CacheWriter(path, spec, schema=schema)
     for i in range(sequences):
         g = torch.Generator().manual_seed(i)
         writer.write(torch.tensor([i]), torch.zeros(1, 17, dtype=torch.long), proc(torch.randn(16, 300, generator=g)))
     writer.finalize()
 
 
-def test_from_a_sample_cache(tmp_path, capsys) -> None:
-    sample_cache(tmp_path, 6)  # written with top-0.9-20
-    measured = cache_info(tmp_path)["mean_entries_per_token"]
-    got = plan(capsys, "--tokens", "1e9", "--vocab", "300", "--k", "20", "--from-cache", str(tmp_path))
+@pytest.mark.parametrize("schema", [2, 3])
+def test_from_a_sample_cache(tmp_path, capsys, schema: int) -> None:
+    sample_cache(tmp_path, 6, schema)  # written with top-0.9-20
+    info = cache_info(tmp_path)
+    measured = info["mean_entries_per_token"]
+    got = plan(capsys, "--tokens", "1e9", "--vocab", "300", "--k", "20", "--from-cache", str(tmp_path),
+               "--schema", str(schema))  # fmt: skip
     assert got["entries_per_token"] == pytest.approx(measured) and str(tmp_path) in got["entries_per_token_source"]
-    assert got["bytes_per_token"] == pytest.approx(4 + 1 + 6 + 2 + 20 / 4096 + measured * 4 * (1 + 4 / 16384))
+    if schema == 2:
+        assert got["bytes_per_token"] == pytest.approx(4 + 1 + 6 + 2 + 20 / 4096 + measured * 4 * (1 + 4 / 16384))
+    else:  # the sample's own schema-3 coding of this teacher's entries
+        assert got["bytes_per_entry"] == pytest.approx(info["bytes_per_entry"])
+        assert str(tmp_path) in got["bytes_per_entry_source"]
+        per_token = 4 + 1 + 6 + 2 + 20 / 4096 + 8 / 2048 + measured * info["bytes_per_entry"]
+        assert got["bytes_per_token"] == pytest.approx(per_token)
     with pytest.raises(SystemExit) as e:
         main(["cache-plan", "--vocab", "300"])
     assert e.value.code == 2 and "--tokens" in capsys.readouterr().err

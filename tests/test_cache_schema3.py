@@ -205,6 +205,29 @@ def test_random_round_trip_equals_schema2(tmp_path: Path, vocab, seq_len, num, k
         assert verify(folder)["entries"] == int(target.valid.sum())
 
 
+def test_positions_and_blocks_without_entries(tmp_path: Path) -> None:
+    """Rows of 0 entries (a sampled or filtered teacher): a position, a whole sequence (two empty blocks), a last
+    block; the empty blocks still code (a header and empty frames) and read back as padding."""
+    vocab, seq_len, num, k = 1000, 2100, 3, 5
+    g = torch.Generator().manual_seed(8)
+    target, ref = random_target(g, num * seq_len, k, vocab)
+    empty = torch.zeros(num * seq_len, dtype=torch.bool)
+    empty[7] = True
+    empty[seq_len : 2 * seq_len] = True
+    empty[2 * seq_len + BLOCK_POSITIONS :] = True
+    target.logprobs = target.logprobs.masked_fill(empty[:, None], -math.inf)
+    target.ids = target.ids.masked_fill(~target.valid, 0)
+    tokens = torch.randint(0, vocab, (num, seq_len + 1), generator=g)
+    spec = make_spec(vocab, seq_len, num, k, gammas=(0.5,))
+    c2, c3 = both_schemas(tmp_path, spec, tokens, target)
+    for i in range(num):
+        for start, stop in ((0, None), (0, 2048), (2000, 2100), (2048, 2100)):
+            assert_same_reads(c2, c3, i, start, stop)
+        assert_within_bound(c3[i], target, ref, torch.arange(i * seq_len, (i + 1) * seq_len))
+    assert torch.isneginf(c3[1]["teacher_logprobs"]).all() and torch.isneginf(c3[0]["teacher_logprobs"][7]).all()
+    assert verify(tmp_path / "s3")["entries"] == verify(tmp_path / "s2")["entries"] == int(target.valid.sum())
+
+
 @pytest.mark.parametrize("vocab", [2048, 151_552])
 def test_realistic_round_trip_equals_schema2(tmp_path: Path, vocab: int) -> None:
     """A real softmax of skewed logits, top-0.95-64, over 2 shards of 2 sequences of 1024 positions."""
