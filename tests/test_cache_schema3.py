@@ -452,6 +452,34 @@ def test_corrupt_coded_stream_is_refused(tmp_path: Path, damage: str) -> None:
         verify(folder)
 
 
+def test_swapped_blocks_of_equal_counts_are_refused(tmp_path: Path) -> None:
+    """Every position keeps exactly k entries, so two sequences' blocks have equal counts: swapped (offsets kept
+    consistent), each still decodes as a sound block of the right size. The block's place (its global number) is in
+    its counts checksum, so the read of either sequence, and verify, refuse it."""
+    folder = tmp_path / "cache"
+    seq_len, num, k = 16, 4, 8
+    proc = TopPK(1.0, k)
+    logits = torch.randn(num * seq_len, 300, generator=torch.Generator().manual_seed(5)) * 2
+    target = proc(logits)
+    tokens = torch.randint(0, 300, (num, seq_len + 1), generator=torch.Generator().manual_seed(6))
+    spec = make_spec(300, seq_len, num, k, shard_tokens=2 * seq_len)
+    writer = CacheWriter(folder, spec, schema=3)
+    writer.write(torch.arange(num), tokens, target)
+    writer.finalize()
+    shard = folder / "shard-000001.h5"  # sequences 2 and 3
+    with h5py.File(shard) as f:
+        assert (f["counts"][:] == k).all()
+        offsets = f["block_offsets"][:]
+    assert offsets[1] - offsets[0] > 0
+    rewrite_blocks(shard, _swap_blocks)
+    cache = TeacherCache(folder)
+    for i in (2, 3):
+        with pytest.raises(CacheCorruptError, match=rf"sequence {i}, entry block 0\): the entry block is not the one"):
+            cache[i]
+    with pytest.raises(CacheCorruptError, match=r"shard-000001\.h5: entry block 0 \(sequence 2\) is corrupt"):
+        verify(folder)
+
+
 def test_truncated_blocks_dataset_is_refused(tmp_path: Path) -> None:
     """The 'blocks' dataset shortened (its offsets left as written): verify names the inconsistency, a read the
     truncated block."""

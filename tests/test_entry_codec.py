@@ -161,8 +161,14 @@ def test_counts_or_table_other_than_the_blocks_raise():
     i = int(np.flatnonzero(moved > 1)[0])
     moved[i] -= 1
     moved[i + 1] += 1  # same total, other rows: a decode would run past a row
-    with pytest.raises(ValueError, match="counts checksum"):
+    with pytest.raises(ValueError, match="counts/position checksum"):
         ec.decode_block(block, moved, table)
+    with pytest.raises(ValueError, match="counts/position checksum"):  # the same rows, another place
+        ec.decode_block(block, counts, table, position=1)
+    placed = ec.encode_codes(counts, ids, np.rint(nlogp / ec.DEFAULT_STEP), table, ec.DEFAULT_STEP, position=7)
+    assert ec.decode_block(placed, counts, table, position=7)[0].tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="counts/position checksum"):
+        ec.decode_block(placed, counts, table)
     other = ec.build_id_table(ids[:10], 512)
     with pytest.raises(ValueError, match="id table"):
         ec.decode_block(block, counts, other)

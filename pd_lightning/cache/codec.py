@@ -37,7 +37,8 @@ Block layout (little-endian)::
     n_positions u32 | n_entries u64 | n_escaped u64 | vocab_size u32 | step f64 | table_crc u32 | counts_crc u32
     frame_lengths u32 x (2 + rank_ext_planes + value_planes) | header_crc u32 | frames...
 
-``table_crc`` ties the block to its id table, ``counts_crc`` to the counts it was written with, ``header_crc``
+``table_crc`` ties the block to its id table, ``counts_crc`` to the counts it was written with and to its place (the
+``position`` given to the encoder: the cache passes the block's global number), ``header_crc``
 covers the header and every frame has a zstd content checksum: a truncated, corrupt or mismatched block raises a
 ``ValueError`` naming the problem. Vocabularies up to ``2^31``.
 """
@@ -310,9 +311,17 @@ def encode_block(
 
 
 def encode_codes(
-    counts: np.ndarray, ids: np.ndarray, codes: np.ndarray, table: IdTable, step: float, level: int = ZSTD_LEVEL
+    counts: np.ndarray,
+    ids: np.ndarray,
+    codes: np.ndarray,
+    table: IdTable,
+    step: float,
+    level: int = ZSTD_LEVEL,
+    position: int = 0,
 ) -> bytes:
     """:func:`encode_block` from integer codes: ``-log p = codes * step`` exactly as given (no re-rounding).
+    ``position`` (e.g. the block's number in the cache) is folded into the counts checksum: decoding needs the same
+    value, so a block moved to another place, even one with equal counts, is refused.
 
     The cache writer codes the schema-2 quantised values (``q``, ``0 <= q < 2^14``) this way, so a schema-3 cache
     decodes to exactly the values a schema-2 cache of the same teacher holds.
@@ -330,10 +339,17 @@ def encode_codes(
         raise ValueError(f"ids must lie in [0, vocab_size={v}), got [{int(ids.min())}, {int(ids.max())}]")
     if e and (int(q.min()) < 0 or int(q.max()) >= 1 << 31):
         raise ValueError(f"codes must lie in [0, 2^31), got [{int(q.min())}, {int(q.max())}]")
-    return _encode(c, ids, q, table, step, level)
+    return _encode(c, ids, q, table, step, level, position)
 
 
-def _encode(c: np.ndarray, ids: np.ndarray, q: np.ndarray, table: IdTable, step: float, level: int) -> bytes:
+def _counts_crc(c: np.ndarray, position: int) -> int:
+    """The checksum tying a block to its rows' counts and to its place (``position``, e.g. the block's number)."""
+    return zlib.crc32(c.astype("<u4").tobytes(), zlib.crc32(struct.pack("<Q", int(position) & (2**64 - 1))))
+
+
+def _encode(
+    c: np.ndarray, ids: np.ndarray, q: np.ndarray, table: IdTable, step: float, level: int, position: int = 0
+) -> bytes:
     e = q.size
     wide = bool(e) and int(q.max()) >= 1 << 15  # 16-bit differences, read as int16, need codes below 2^15
     vdtype = np.uint32 if wide else np.uint16
@@ -348,7 +364,7 @@ def _encode(c: np.ndarray, ids: np.ndarray, q: np.ndarray, table: IdTable, step:
     planes += _planes(delta, delta.itemsize)
     comp = _compressor(level)
     frames = [comp.compress(p) for p in planes]
-    counts_crc = zlib.crc32(c.astype("<u4").tobytes())
+    counts_crc = _counts_crc(c, position)
     head = _FIXED.pack(
         MAGIC,
         VERSION,
@@ -451,7 +467,7 @@ def _workspace(name: str, dtype: type, n: int) -> np.ndarray:
 
 
 def decompress_planes(
-    data: bytes | memoryview, counts: np.ndarray, table: IdTable, out: np.ndarray | None = None
+    data: bytes | memoryview, counts: np.ndarray, table: IdTable, out: np.ndarray | None = None, position: int = 0
 ) -> tuple[BlockHeader, list[np.ndarray]]:
     """The checks and the zstd part of :func:`decode_block`: the block's header and its uint8 planes.
 
@@ -473,8 +489,11 @@ def decompress_planes(
             f"counts do not match the entry block: {c.size} positions / {e} entries given, "
             f"the block holds {h.n_positions} / {h.n_entries}"
         )
-    if zlib.crc32(c.astype("<u4").tobytes()) != h.counts_crc:
-        raise ValueError("counts do not match the entry block (same total, other rows: counts checksum mismatch)")
+    if _counts_crc(c, position) != h.counts_crc:
+        raise ValueError(
+            "the entry block is not the one of these rows (same total, other counts, or a block of another place: "
+            "counts/position checksum mismatch)"
+        )
     if table.crc != h.table_crc or table.vocab_size != h.vocab_size:
         raise ValueError(
             f"the id table (vocab_size {table.vocab_size}, crc {table.crc:#010x}) is not the block's "
@@ -501,7 +520,7 @@ def decompress_planes(
 
 
 def decode_block(
-    data: bytes | memoryview, counts: np.ndarray, table: IdTable, logprobs: bool = False
+    data: bytes | memoryview, counts: np.ndarray, table: IdTable, logprobs: bool = False, position: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """A block -> ``ids`` ``(E,)`` int64 (exact) and ``nlogp`` ``(E,)`` float32 (``-log p``, within ``step / 2``;
     with ``logprobs``, ``log p`` itself).
@@ -518,7 +537,7 @@ def decode_block(
     n = (h.value_planes + 2) * h.n_entries + h.rank_ext_planes * h.n_escaped
     # the planes go to a per-thread buffer: fresh ~MB arrays per call cost page faults (glibc returns freed heap
     # tops to the OS) that took as long as the decompression on the 2-core test machine
-    h, planes = decompress_planes(data, counts, table, out=_workspace("planes", np.uint8, n))
+    h, planes = decompress_planes(data, counts, table, out=_workspace("planes", np.uint8, n), position=position)
     return assemble(h, planes, table, logprobs)
 
 

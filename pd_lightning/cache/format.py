@@ -661,7 +661,7 @@ def shard_id_table(entries: np.ndarray, vocab_size: int):
 
 
 def encode_sequence_blocks(
-    counts: np.ndarray, entries: np.ndarray, seq_len: int, table, nlogp_max: float
+    counts: np.ndarray, entries: np.ndarray, seq_len: int, table, nlogp_max: float, first_sequence: int = 0
 ) -> list[bytes]:
     """Schema 3: the coded blocks of whole sequences (packed schema-2 entries in, the same values out).
 
@@ -671,6 +671,8 @@ def encode_sequence_blocks(
         seq_len: ``L``.
         table: the shard's id table.
         nlogp_max: the cache's ``-log p`` range (the step is :func:`code_step`).
+        first_sequence: the global index of the first sequence: block ``b`` of sequence ``s`` is coded at position
+            :func:`block_position` ``(s, b)``, which its reader must give back (a misplaced block is refused).
     """
     from pd_lightning.cache.codec import encode_codes
 
@@ -682,12 +684,23 @@ def encode_sequence_blocks(
     first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[edges]  # entry offset of every block edge
     ids = (entries >> Q_BITS).astype(np.int64)
     codes = (entries & Q_MAX).astype(np.int64)
+    nb = len(starts)
     return [
         encode_codes(
-            counts[edges[b] : edges[b + 1]], ids[first[b] : first[b + 1]], codes[first[b] : first[b + 1]], table, step
+            counts[edges[b] : edges[b + 1]],
+            ids[first[b] : first[b + 1]],
+            codes[first[b] : first[b + 1]],
+            table,
+            step,
+            position=block_position(first_sequence + b // nb, b % nb, seq_len),
         )  # fmt: skip
         for b in range(len(bounds))
     ]
+
+
+def block_position(sequence: int, block: int, seq_len: int) -> int:
+    """Schema 3: the place a block is coded at (its global number): block ``block`` of global sequence ``sequence``."""
+    return sequence * blocks_per_sequence(seq_len) + block
 
 
 def read_attrs(path: Path) -> dict[str, Any]:

@@ -80,6 +80,7 @@ def _verify_shard(file: Path, length: int, vocab_size: int) -> tuple[int, int, i
             from pd_lightning.cache.codec import IdTable, decode_block
 
             nb = blocks_per_sequence(length)
+            first_sequence = int(f.attrs["first_sequence"])
             block_offsets = read_dataset(file, f["block_offsets"])
             if (
                 len(block_offsets) != num_seq * nb + 1
@@ -108,8 +109,8 @@ def _verify_shard(file: Path, length: int, vocab_size: int) -> tuple[int, int, i
                     p0 = s * length + q * BLOCK_POSITIONS
                     c = counts[p0 - a * length : min(p0 + BLOCK_POSITIONS, (s + 1) * length) - a * length]
                     x, y = int(block_offsets[blk]) - lo, int(block_offsets[blk + 1]) - lo
-                    try:
-                        ids, _ = decode_block(data[x:y], c, table)
+                    try:  # the block's place: its global sequence by the shard's position in the cache
+                        ids, _ = decode_block(data[x:y], c, table, position=(first_sequence + s) * nb + q)
                     except ValueError as err:
                         seq = int(index[s]) if s < len(index) else s  # the reader's numbering, not the shard's row
                         raise CacheCorruptError(

@@ -376,7 +376,9 @@ class TeacherCache(Dataset):
             c = counts[a : a + BLOCK_POSITIONS]
             lo, hi = int(offsets[b - b0] - offsets[0]), int(offsets[b - b0 + 1] - offsets[0])
             try:
-                block_ids, block_logprobs = decode_block(view[lo:hi], c, shard.table, logprobs=True)
+                block_ids, block_logprobs = decode_block(
+                    view[lo:hi], c, shard.table, logprobs=True, position=i * nb + b
+                )
             except ValueError as err:
                 raise CacheCorruptError(
                     f"cache shard {self.layout.file(j)} is corrupt (sequence {i}, entry block {b}): {err}; delete the "

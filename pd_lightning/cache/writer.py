@@ -374,7 +374,8 @@ class _OpenShard:
         if self.table is None:
             first = int(counts[: table_sequences(length) * length].sum(dtype=np.int64))
             self.table = shard_id_table(entries[:first], self.spec.vocab_size)
-        blocks = encode_sequence_blocks(counts, entries, length, self.table, self.spec.nlogp_max)
+        first = self.start + len(self.block_sizes) // blocks_per_sequence(length)  # the first pending sequence
+        blocks = encode_sequence_blocks(counts, entries, length, self.table, self.spec.nlogp_max, first)
         data = np.frombuffer(b"".join(blocks), dtype=np.uint8)
         if data.size:
             self.entries.resize((self.entry_bytes + data.size,))
