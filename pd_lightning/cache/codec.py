@@ -286,28 +286,22 @@ def encode_block(
     Raises:
         ValueError: shapes, ids outside ``[0, V)``, non-finite or negative ``-log p``, codes beyond ``2^32``.
     """
-    c = _counts(counts)
     ids = np.asarray(ids).reshape(-1)
     nlogp = np.asarray(nlogp).reshape(-1)
-    e = int(c.sum(dtype=np.int64))
+    e = int(_counts(counts).sum(dtype=np.int64))
     if ids.size != e or nlogp.size != e:
         raise ValueError(f"counts sum to {e} entries but ids has {ids.size} and nlogp {nlogp.size}")
     if not (np.isfinite(step) and step > 0):
         raise ValueError(f"step must be a positive finite number, got {step!r}")
-    v = table.vocab_size
     if e and not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
-    ids = ids.astype(np.int64, copy=False)
-    if e and (int(ids.min()) < 0 or int(ids.max()) >= v):
-        raise ValueError(f"ids must lie in [0, vocab_size={v}), got [{int(ids.min())}, {int(ids.max())}]")
     q = np.rint(nlogp.astype(np.float64) / step)  # (E,)
     if e and not np.isfinite(q).all():
         raise ValueError("-log p must be finite (an entry is NaN or inf)")
     if e and (q.min() < 0 or q.max() >= 2.0**31):
         bad = float(nlogp[np.argmin(q)] if q.min() < 0 else nlogp[np.argmax(q)])
         raise ValueError(f"-log p must lie in [0, {step * (2**31 - 1):.4g}] (step {step}), got {bad:.6g}")
-    q = q.astype(np.int64)
-    return _encode(c, ids, q, table, step, level)
+    return encode_codes(counts, ids, q.astype(np.int64), table, step, level)
 
 
 def encode_codes(
