@@ -265,6 +265,35 @@ def test_map_target_against_a_naive_reference(toks, rule):
         assert merged_somewhere and float(out.prefixed.sum()) > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_map_target_without_merges_equals_the_merging_path(toks, dtype):
+    """Rows where no two entries map to one student id take a shortcut (one stable sort by probability); it gives
+    the general path's result bit for bit: the same rows mapped beside a row with a duplicate id (which sends the
+    whole batch down the general, merging path), with ties, unmatched entries, padding and a p = 1 row."""
+    t_tok, s_tok = toks["cjk"], toks["student"]
+    vmap = build_vocab_map(token_bytes(t_tok), token_bytes(s_tok), special_pairs_by_content(t_tok, s_tok))
+    g = torch.Generator().manual_seed(3)
+    n, k = 30, 16
+    lp, ids = torch.log_softmax((torch.randn(n, len(t_tok), generator=g) * 3).round(), -1).topk(k)  # ties
+    lp[::4, 11:], ids[::4, 11:] = float("-inf"), 0
+    lp[1], ids[1] = float("-inf"), 0
+    lp[1, 0], ids[1, 0] = 0.0, int(vmap.exact.argmax())  # p = 1
+    lp = lp.to(dtype)
+    dup_ids, dup_lp = ids[:1].clone(), lp[:1].clone()
+    dup_ids[0, :2] = int(vmap.exact.argmax())  # a matched teacher id twice: its entries merge
+    for tail in (None, (1 - lp.double().exp().sum(-1)).clamp(min=0).to(dtype)):
+        alone = map_target(SparseTarget(ids, lp, tail=tail), vmap, "tail")
+        both_tail = None if tail is None else torch.cat([tail, tail[:1]])
+        both = map_target(SparseTarget(torch.cat([ids, dup_ids]), torch.cat([lp, dup_lp]), tail=both_tail), vmap)
+        assert torch.equal(alone.target.ids, both.target.ids[:n])
+        as_int = torch.int16 if dtype == torch.bfloat16 else torch.int32  # bit for bit, the sign of 0 included
+        assert torch.equal(alone.target.logprobs.view(as_int), both.target.logprobs[:n].view(as_int))
+        assert torch.equal(alone.target.tail, both.target.tail[:n])
+        assert torch.equal(alone.matched, both.matched[:n]) and torch.equal(alone.prefixed, both.prefixed[:n])
+        matched_entries = int((torch.isfinite(dup_lp[0]) & (vmap.exact[dup_ids[0]] >= 0)).sum())
+        assert int(torch.isfinite(both.target.logprobs[n]).sum()) < matched_entries  # the duplicate merged
+
+
 def test_prefix_rule_hand_computed(toks):
     """Hand case: a teacher token of Chinese text (no student match; the English student has only the single bytes of
     Chinese characters) -> the student's token of its first byte (the longest student prefix of its bytes); ' the'
