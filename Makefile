@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-seeds test test-slow lint format bench gpu-check clean
+.PHONY: setup demo demo-seeds crosstok-demo test test-slow lint format bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -118,6 +118,57 @@ demo-seeds: $(CACHE)/index.json $(CACHE50)/index.json
 		--data_dir $(DATA) --teacher $(RUNS)/teacher/teacher.ckpt --output $(RUNS)/seeds --fit_args "$(FIT_ARGS)"
 	$(BIN)/pd-lightning report $(RUNS)/seeds
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/demo_seeds.py $(RUNS)/seeds --data $(DATA)/tokens.h5
+
+# Cross-tokenizer worked example (README: Cross-tokenizer distillation; benchmarks/RESULTS.md), after `make demo`:
+# a teacher with its own XTOK_VOCAB-entry BPE (`prepare` of the same corpus; the demo teacher's config, preset and
+# 1,200 steps) writes top-0.95-100 caches over the student's 4,096-entry token file (`predict` aligns the two
+# tokenizations and maps the teacher's entries onto student ids; mapping rules tail and prefix); then LM-only, vanilla
+# PD from the demo teacher (same tokenizer) and vanilla PD from each other-tokenizer cache over seeds 1234, 1, 2,
+# paired by seed in held-out bits per byte (benchmarks/crosstok_demo.py prints the table with the caches' aligned
+# fraction and mapped mass). Files: $(DATA)/crosstok/ (the teacher's token file + tokenizer),
+# $(RUNS)/crosstok/teacher/, $(DATA)/cache/crosstok-*/, $(RUNS)/crosstok/seeds/ (the sweep, report/, crosstok.md).
+# On a machine busy with other work, OMP_NUM_THREADS=1 make crosstok-demo (torch's threads otherwise wait on each
+# other: the teacher ran 5x slower with 2 threads than with 1 on a loaded 2-core machine).
+# Fixed: configs/crosstok/student_vanilla_pd_crosstok.yaml names the cache by it.
+XTOK_VOCAB := 8192
+XCACHE := $(DATA)/cache/crosstok-$(XTOK_VOCAB)-top-0.95-100
+XCACHE_PREFIX := $(DATA)/cache/crosstok-$(XTOK_VOCAB)-prefix-top-0.95-100
+
+$(DATA)/crosstok/tokens.h5: | $(BIN)/.installed
+	$(BIN)/pd-lightning prepare --input $(CORPUS) --output $(DATA)/crosstok/tokens.h5 --seq_len $(SEQ_LEN) \
+		--vocab_size $(XTOK_VOCAB)
+
+$(RUNS)/crosstok/teacher/done: $(DATA)/crosstok/tokens.h5
+	@echo "== teacher with its own $(XTOK_VOCAB)-entry tokenizer: configs/demo/teacher.yaml on $(DATA)/crosstok/tokens.h5"
+	$(BIN)/pd-lightning fit --config configs/demo/teacher.yaml --data.init_args.path $(DATA)/crosstok/tokens.h5 \
+		--trainer.default_root_dir $(RUNS)/crosstok/teacher --trainer.callbacks.init_args.dirpath $(RUNS)/crosstok/teacher \
+		$(if $(wildcard $(RUNS)/crosstok/teacher/last.ckpt),--ckpt_path last) $(FIT_ARGS)
+	touch $@
+
+$(XCACHE)/index.json: $(RUNS)/crosstok/teacher/done $(DATA)/tokens.h5
+	@echo "== its top-0.95-100 logits over the student's $(DATA)/tokens.h5 (aligned, mapped onto the student's ids)"
+	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml \
+		--model.teacher $(RUNS)/crosstok/teacher/teacher.ckpt --data.path $(DATA)/tokens.h5 --writer.output $(XCACHE) \
+		--writer.overwrite true --trainer.enable_progress_bar false --trainer.default_root_dir $(RUNS)/crosstok/predict
+	$(BIN)/pd-lightning cache-info $(XCACHE)
+
+$(XCACHE_PREFIX)/index.json: $(RUNS)/crosstok/teacher/done $(DATA)/tokens.h5
+	@echo "== the same under the mapping rule prefix (unmatched teacher tokens to their longest student prefix token)"
+	$(BIN)/pd-lightning predict --config configs/cache/top-0.95-100.yaml --model.cross_tokenizer_rule prefix \
+		--model.teacher $(RUNS)/crosstok/teacher/teacher.ckpt --data.path $(DATA)/tokens.h5 \
+		--writer.output $(XCACHE_PREFIX) --writer.overwrite true --trainer.enable_progress_bar false \
+		--trainer.default_root_dir $(RUNS)/crosstok/predict
+	$(BIN)/pd-lightning cache-info $(XCACHE_PREFIX)
+
+crosstok-demo: $(XCACHE)/index.json $(XCACHE_PREFIX)/index.json $(CACHE)/index.json
+	$(BIN)/pd-lightning sweep configs/demo/student_lm.yaml configs/demo/student_vanilla_pd.yaml \
+		configs/crosstok/student_vanilla_pd_crosstok.yaml configs/crosstok/student_vanilla_pd_crosstok_prefix.yaml \
+		--scale none --baseline configs/demo/student_lm.yaml \
+		--seeds 1234 1 2 --jobs 2 --data_dir $(DATA) --teacher $(RUNS)/teacher/teacher.ckpt \
+		--output $(RUNS)/crosstok/seeds --fit_args "$(FIT_ARGS)"
+	$(BIN)/pd-lightning report $(RUNS)/crosstok/seeds
+	$(BIN)/python benchmarks/crosstok_demo.py $(RUNS)/crosstok/seeds --cross_cache $(XCACHE) --same_cache $(CACHE) \
+		--prefix_cache $(XCACHE_PREFIX) --teachers $(RUNS)/teacher $(RUNS)/crosstok/teacher --output $(RUNS)/crosstok/seeds/crosstok.md
 
 test: setup
 	$(BIN)/pytest -q --durations=25
