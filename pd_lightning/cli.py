@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "cache-upgrade":
             from pd_lightning.cache.upgrade import cache_upgrade_command
 
-            _function_cli(cache_upgrade_command, argv[1:])
+            _interruptible(command, lambda: _function_cli(cache_upgrade_command, argv[1:]))
         elif command == "export-hf":
             from pd_lightning.export import export_checkpoint, export_hf_argv
 
@@ -127,6 +127,33 @@ def main(argv: list[str] | None = None) -> None:
         if message is None:
             raise
         _fail(message)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the work's cleanup runs (the partly written shard is removed)."""
+
+
+def _interruptible(command: str, work) -> None:
+    """Run ``work``; Ctrl-C (exit 130) or SIGTERM (exit 143) end it with one line saying that a rerun resumes."""
+    import signal
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        work()
+    except (KeyboardInterrupt, _Terminated) as e:
+        how, code = ("SIGTERM", 143) if isinstance(e, _Terminated) else ("SIGINT (Ctrl-C)", 130)
+        print(
+            f"pd-lightning: {command} stopped by {how}; the finished shards are kept: rerun the same command to "
+            f"resume (exit code {code})",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(code) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str) -> None:

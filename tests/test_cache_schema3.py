@@ -250,7 +250,7 @@ def test_realistic_round_trip_equals_schema2(tmp_path: Path, vocab: int) -> None
     i2, i3 = cache_info(tmp_path / "s2"), cache_info(tmp_path / "s3")
     assert (i2["schema_version"], i3["schema_version"]) == (2, 3)
     assert i3["entries"] == i2["entries"] == int(target.valid.sum())
-    assert i3["max_abs_logprob_error"] == pytest.approx(STEP / 2) and i3["max_abs_logprob_error"] <= 1e-3
+    assert i3["max_abs_logprob_error_bound"] == pytest.approx(STEP / 2) and i3["max_abs_logprob_error_bound"] <= 1e-3
     for key in ("entries_histogram", "mean_entries_per_token", "mean_kept_mass"):
         assert i3[key] == i2[key], key
 

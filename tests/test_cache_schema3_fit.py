@@ -5,6 +5,8 @@ trained from either cache is the same student (the two schemas hold the same qua
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +45,7 @@ def test_predict_writes_schema_3_by_default_with_the_values_of_schema_2(caches):
     info2, info3 = cache_info(caches["v2"]), cache_info(caches["v3"])
     assert (info2["schema_version"], info3["schema_version"]) == (2, 3)
     assert info2["entries"] == info3["entries"] and info2["tokens"] == info3["tokens"]
-    assert info3["max_abs_logprob_error"] == info2["max_abs_logprob_error"] < 4.3e-4
+    assert info3["max_abs_logprob_error_bound"] == info2["max_abs_logprob_error_bound"] < 4.3e-4
     # a 512-entry vocabulary, k = 20: ids cost ~1 B instead of 2.25 in the packed uint32, values < 1 B
     assert info3["bytes_per_entry"] < 0.75 * info2["bytes_per_entry"], (info3["bytes_per_entry"], info2)
 
@@ -76,3 +78,70 @@ def test_a_schema_the_writer_does_not_know_is_one_line(hf_teacher, prepared, tmp
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--writer.schema" in lines[0] and "[2, 3]" in lines[0], run.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def _error_line(capsys) -> str:
+    """The one line the command printed about why it stopped (besides a progress bar), with no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "pd-lightning:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0][lines[0].index("pd-lightning:") :]
+
+
+def test_cache_upgrade_refuses_what_it_cannot_do_in_one_line_naming_its_own_flags(caches, tmp_path, capsys):
+    cases = {
+        "shard_tokens": (["--output", str(tmp_path / "a"), "--shard_tokens", "0"], "--shard_tokens must be >= 1"),
+        "inside": (["--output", str(caches["v2"] / "sub")], "outside the old cache"),
+        "a file": (["--output", str(tmp_path / "notes.txt")], "is a file"),
+        "schema-2 there": (["--output", str(caches["v2"])], "outside the old cache"),
+        # the same teacher cache in other shards: not what this upgrade writes
+        "another cache": (["--output", str(caches["v3"]), "--shard_tokens", "4096"], "holds another teacher cache"),
+    }
+    (tmp_path / "notes.txt").write_text("not a folder")
+    other = tmp_path / "other-v2"  # a schema-2 cache that is not the source
+    shutil.copytree(caches["v2"], other)
+    cases["other schema-2"] = (["--output", str(other)], "holds a schema-2 cache")
+    v3_before = content_checksum(caches["v3"])
+    for name, (args, says) in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            main(["cache-upgrade", str(caches["v2"]), *args])
+        assert exit_.value.code == 2, name
+        line = _error_line(capsys)
+        assert says in line and "--writer." not in line, (name, line)
+    assert not (tmp_path / "a").exists() and not (caches["v2"] / "sub").exists()
+    assert content_checksum(caches["v3"]) == v3_before
+
+
+def test_cache_upgrade_stopped_by_a_signal_says_so_and_a_rerun_resumes(caches, tmp_path, capsys, monkeypatch):
+    from pd_lightning.cache.writer import CacheWriter
+
+    out = tmp_path / "up"
+    real, calls = CacheWriter.write_encoded, []
+
+    def write_then_signal(self, encoded):
+        calls.append(1)
+        if len(calls) == 3:  # a few sequences in: shards finished before, one in progress
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, encoded)
+
+    monkeypatch.setattr(CacheWriter, "write_encoded", write_then_signal)
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache-upgrade", str(caches["v2"]), "--output", str(out)])
+    assert exit_.value.code == 143
+    assert "stopped by SIGTERM" in _error_line(capsys) and not list(out.glob("*.tmp"))
+    monkeypatch.setattr(CacheWriter, "write_encoded", real)
+    main(["cache-upgrade", str(caches["v2"]), "--output", str(out)])
+    assert content_checksum(out) == content_checksum(caches["v3"])
+
+
+def test_cache_plan_uses_a_sample_s_bytes_per_entry_only_at_its_vocabulary(caches):
+    from pd_lightning.cache.inspect import SCHEMA3_BYTES_PER_ENTRY, cache_plan
+
+    own = cache_info(caches["v3"])
+    same = cache_plan(1e9, own["vocab_size"], from_cache=str(caches["v3"]))
+    assert same["bytes_per_entry"] == pytest.approx(own["bytes_per_entry"])
+    other = cache_plan(1e9, 151_552, from_cache=str(caches["v3"]))
+    assert (
+        other["bytes_per_entry"] == SCHEMA3_BYTES_PER_ENTRY and "not --vocab 151552" in other["bytes_per_entry_source"]
+    )
+    assert other["entries_per_token"] == same["entries_per_token"]  # the sample's entries/token still apply

@@ -145,7 +145,7 @@ def test_cache_info_json(reference_cache, prepared, capsys):
     # schema 3 codes the same quantised values as schema 2's 4 B packed entries, in fewer bytes even on a tiny cache
     # (the teacher's real distributions; the per-shard id table and per-block headers included)
     assert info["bytes_per_entry"] < 4.0
-    assert info["max_abs_logprob_error"] == pytest.approx(math.log(1e6) / (2**14 - 1) / 2)
+    assert info["max_abs_logprob_error_bound"] == pytest.approx(math.log(1e6) / (2**14 - 1) / 2)
 
 
 def test_rerun_of_complete_cache_and_other_parameters(reference_cache, hf_teacher, prepared, capsys, recwarn):

@@ -268,8 +268,9 @@ def cache_info(path: str | Path, sample_tokens: int | None = None, sample_shards
         "bytes": total_bytes + index_bytes,
         "bytes_per_token": (total_bytes + index_bytes) / max(tokens, 1),
         "bytes_per_entry": entry_storage / max(entries, 1),
-        # the stored -log p are q * step (both schemas): |error| <= step / 2 for p >= 1e-6 (smaller p are clamped)
-        "max_abs_logprob_error": code_step(cache.spec.nlogp_max) / 2,
+        # a bound, not a measurement (a cache holds no fp32 reference): the stored -log p are q * step (both
+        # schemas), |error| <= step / 2 for p >= 1e-6 (smaller p are clamped up to 1e-6)
+        "max_abs_logprob_error_bound": code_step(cache.spec.nlogp_max) / 2,
         "bookkeeping_bytes_per_token": sum(storage[n] for n in ("counts", "sequence_index", "sequence_offsets"))
         / max(tokens, 1),
         "stats_bytes_per_token": sum(storage[n] for n in STAT_DATASETS) / max(tokens, 1),
@@ -388,11 +389,16 @@ def cache_plan(
     fixed = 4 + (1 if k <= 255 else 2) + 6 + 2 * power_gammas + 20 / seq_len
     if schema == 2:
         entry_bytes, entry_source = (4 if vocab <= SMALL_VOCAB else 8) * (1 + 4 / 16384), "schema 2: packed entries"
-    elif sample is not None and sample["schema_version"] == 3:
+    elif sample is not None and sample["schema_version"] == 3 and sample["vocab_size"] == vocab:
         entry_bytes, entry_source = float(sample["bytes_per_entry"]), f"schema 3, measured in {from_cache}"
     else:
         entry_bytes = SCHEMA3_BYTES_PER_ENTRY
         entry_source = "schema 3, measured on the demo teacher at a 151,552 vocabulary (pass a schema-3 --from_cache)"
+        if sample is not None and sample["schema_version"] == 3:  # ids cost more bits in a larger vocabulary
+            entry_source = (
+                f"schema 3, measured on the demo teacher at a 151,552 vocabulary: the sample's vocabulary "
+                f"({sample['vocab_size']}) is not --vocab {vocab}, so its own bytes/entry do not apply"
+            )
     if schema == 3:
         fixed += 8 / BLOCK_POSITIONS  # block offsets
     per_token = fixed + entries_per_token * entry_bytes

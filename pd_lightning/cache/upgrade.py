@@ -63,8 +63,11 @@ def upgrade_cache(path: str, output: str, shard_tokens: int | None = None, progr
     src, out = Path(path), Path(output)
     if not src.is_dir():
         raise CacheError(f"cache-upgrade: {src} is not a cache folder")
-    if out.exists() and out.resolve() == src.resolve():
-        raise ValueError("cache-upgrade: --output must be another folder than the old cache")
+    if shard_tokens is not None and (isinstance(shard_tokens, bool) or shard_tokens < 1):
+        raise ValueError(f"cache-upgrade: --shard_tokens must be >= 1, got {shard_tokens}")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(f"cache-upgrade: --output {out} must be a folder outside the old cache {src}")
+    _check_output(out)
     if not any(SCHEMA1_RE.match(p.name) for p in src.iterdir()):
         return _upgrade_schema2(src, out, shard_tokens, progress)
     shard_tokens = DEFAULT_SHARD_TOKENS if shard_tokens is None else shard_tokens
@@ -99,7 +102,7 @@ def upgrade_cache(path: str, output: str, shard_tokens: int | None = None, progr
             where[idx, 0], where[idx, 1] = s, np.arange(len(idx))
         if (where[:, 0] < 0).any():
             raise CacheCorruptError(f"cache-upgrade: {src} lacks {(where[:, 0] < 0).sum()} sequences")
-        writer = CacheWriter(out, spec)
+        writer = _writer(out, spec)
         k = spec.max_entries or max(int(a["max_count"]) for a in attrs) or 1
         length = spec.seq_len
         pending = writer.pending_sequences
@@ -133,6 +136,32 @@ def upgrade_cache(path: str, output: str, shard_tokens: int | None = None, progr
             f.close()
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an ``--output`` that is a file or holds another cache (an unfinished upgrade into it is resumed)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cache-upgrade: --output {out} is a file, not a folder; name a new folder")
+    try:
+        layout = read_layout(out, check_files=False) if out.is_dir() else None
+    except CacheError as err:
+        raise CacheError(f"cache-upgrade: --output {out} holds something else ({err}); name a new folder") from err
+    if layout is not None and layout.schema != SCHEMA_VERSION:
+        raise CacheError(
+            f"cache-upgrade: --output {out} holds a schema-{layout.schema} cache; name a new folder (cache-upgrade "
+            "never replaces a cache)"
+        )
+
+
+def _writer(out: Path, spec: CacheSpec) -> CacheWriter:
+    """The schema-3 writer of ``out``; a cache of other parameters there is refused naming ``--output``."""
+    try:
+        return CacheWriter(out, spec)
+    except CacheError as err:
+        raise type(err)(
+            f"cache-upgrade: --output {out} holds another teacher cache; name a new folder (cache-upgrade never "
+            "replaces a cache)"
+        ) from err
+
+
 def _upgrade_schema2(src: Path, out: Path, shard_tokens: int | None, progress: bool) -> Path:
     """Schema 2 -> 3, shard by shard, ``_COPY_SEQUENCES`` sequences at a time (bounded memory)."""
     layout = read_layout(src)
@@ -151,7 +180,7 @@ def _upgrade_schema2(src: Path, out: Path, shard_tokens: int | None, progress: b
     from pd_lightning.cache.reader import TeacherCache
 
     TeacherCache(src)  # checks every shard's header against the index (one clear error if one is not of the cache)
-    writer = CacheWriter(out, spec)
+    writer = _writer(out, spec)
     pending = set(writer.pending_sequences.tolist())
     bar = None
     if progress:
